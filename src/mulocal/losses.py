@@ -1,0 +1,49 @@
+"""Output losses and their gradient with respect to the output f (closed form, no autograd).
+
+Per sample: cross-entropy  l = -log softmax(f)_y,       dl/df = softmax(f) - onehot(y)
+            MSE            l = 1/2 ||f - onehot(y)||^2,  dl/df = f - onehot(y)
+Reported losses are batch means per replica, shape (K,).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+LOSSES = ("ce", "mse")
+
+
+def check_loss(kind: str) -> str:
+    if kind not in LOSSES:
+        raise ConfigError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
+    return kind
+
+
+def _labels(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Labels as (K, B) int64, accepting shared (B,) labels."""
+    y = y.to(f.device)
+    return y.unsqueeze(0).expand(f.shape[0], -1) if y.dim() == 1 else y
+
+
+def loss_and_grad(f: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-mean loss per replica (K,) and the per-sample gradient dl/df (K, B, C)."""
+    y = _labels(f, y)
+    onehot = F.one_hot(y, f.shape[-1]).to(f.dtype)
+    if kind == "ce":
+        logp = torch.log_softmax(f, -1)
+        loss = -(logp * onehot).sum(-1).mean(-1)
+        return loss, logp.exp_().sub_(onehot)
+    if kind == "mse":
+        diff = f - onehot
+        return 0.5 * diff.pow(2).sum(-1).mean(-1), diff
+    raise ConfigError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
+
+
+def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed (not averaged) loss per replica (K,), for evaluation."""
+    y = _labels(f, y)
+    if kind == "ce":
+        return F.cross_entropy(f.transpose(1, 2), y, reduction="none").sum(-1)
+    onehot = F.one_hot(y, f.shape[-1]).to(f.dtype)
+    return 0.5 * (f - onehot).pow(2).sum((-1, -2))

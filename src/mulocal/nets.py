@@ -1,0 +1,322 @@
+"""Networks whose every weight carries a leading replica dimension K.
+
+K replicas are K independent models (own seed, own learning rate) computed in one batched
+call: dense layers use ``bmm`` over (K, B, features), conv layers a grouped convolution.
+Activations are laid out (K, B, ...) everywhere.
+
+Notation (as in the paper): value / pre-activation of layer l is ``u_l``; the activity the
+next layer reads is ``a_l = post_l(u_l)`` (phi, and for the CNN pooling / flattening);
+``a_0`` is the input (no activation on the input). Layer l computes
+
+    u_l = mult_l * W_l a_{l-1} + b_l,      f = u_L.
+
+Each layer exposes the three local operations every learning rule needs, without autograd:
+``forward`` (W a), ``backward_input`` (W^T delta) and ``grads`` (delta a^T averaged over the
+batch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .errors import CheckpointError, ConfigError
+from .param import Parameterization, check_width, layer_roles
+
+ACTIVATIONS = ("tanh", "relu", "linear")
+
+
+def act_fn(name: str):
+    """(phi, phi') for an activation name."""
+    if name == "tanh":
+        return torch.tanh, lambda u: 1 - torch.tanh(u) ** 2
+    if name == "relu":
+        return torch.relu, lambda u: (u > 0).to(u.dtype)
+    if name == "linear":
+        return (lambda u: u), (lambda u: torch.ones_like(u))
+    raise ConfigError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+
+
+class Dense:
+    """u = mult * a W^T + b with W of shape (K, out, in)."""
+
+    def __init__(self, role, fan_in, fan_out, K, bias, rule, dtype, device):
+        self.role, self.fan_in, self.fan_out, self.rule = role, fan_in, fan_out, rule
+        self.mult = rule.multiplier
+        self.weight = torch.zeros(K, fan_out, fan_in, dtype=dtype, device=device)
+        self.bias = torch.zeros(K, fan_out, dtype=dtype, device=device) if bias else None
+
+    def forward(self, a, weight=None, bias=None):
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
+        if b is None:
+            out = torch.bmm(a, w.transpose(1, 2))
+            return out.mul_(self.mult) if self.mult != 1 else out
+        return torch.baddbmm(b.unsqueeze(1), a, w.transpose(1, 2), alpha=self.mult)
+
+    def backward_input(self, delta):
+        out = torch.bmm(delta, self.weight)
+        return out.mul_(self.mult) if self.mult != 1 else out
+
+    def grads(self, delta, a):
+        """Batch-mean gradient of sum(delta * u) w.r.t. (W, b)."""
+        gw = torch.bmm(delta.transpose(1, 2), a).mul_(self.mult / delta.shape[1])
+        gb = delta.mean(1) if self.bias is not None else None
+        return gw, gb
+
+
+class Conv:
+    """Same-padded 2-D convolution per replica, as one grouped convolution."""
+
+    def __init__(self, role, c_in, c_out, k, K, bias, rule, dtype, device):
+        self.role, self.fan_in, self.fan_out, self.rule, self.k = role, c_in * k * k, c_out, rule, k
+        self.c_in, self.c_out, self.K, self.mult = c_in, c_out, K, rule.multiplier
+        self.weight = torch.zeros(K, c_out, c_in, k, k, dtype=dtype, device=device)
+        self.bias = torch.zeros(K, c_out, dtype=dtype, device=device) if bias else None
+
+    def _group(self, a):  # (K, B, C, H, W) -> (B, K*C, H, W)
+        K, B = a.shape[:2]
+        return a.transpose(0, 1).reshape(B, K * a.shape[2], *a.shape[3:])
+
+    def _ungroup(self, y):  # (B, K*C, H, W) -> (K, B, C, H, W)
+        B = y.shape[0]
+        return y.reshape(B, self.K, -1, *y.shape[2:]).transpose(0, 1)
+
+    def forward(self, a, weight=None, bias=None):
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
+        y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, padding=self.k // 2, groups=self.K)
+        y = self._ungroup(y)
+        if self.mult != 1:
+            y = y * self.mult
+        return y if b is None else y + b[:, None, :, None, None]
+
+    def backward_input(self, delta):
+        K, B, _, H, W = delta.shape
+        g = conv2d_input((B, K * self.c_in, H, W), self.weight.reshape(-1, self.c_in, self.k, self.k),
+                         self._group(delta), padding=self.k // 2, groups=self.K)
+        return self._ungroup(g) * self.mult
+
+    def grads(self, delta, a):
+        B = delta.shape[1]
+        gw = conv2d_weight(self._group(a), (self.K * self.c_out, self.c_in, self.k, self.k), self._group(delta),
+                           padding=self.k // 2, groups=self.K)
+        gw = gw.reshape(self.weight.shape) * (self.mult / B)
+        gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
+        return gw, gb
+
+
+class Net:
+    """Base class: a stack of layers with per-replica initialisation and local operations."""
+
+    kind = "net"
+
+    def __init__(self, param: Parameterization, width: int, K: int, activation: str, bias: bool, dtype, device):
+        if not isinstance(param, Parameterization):
+            raise ConfigError(f"param must be a Parameterization, got {type(param).__name__}")
+        self.param, self.width = param, check_width(width)
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ConfigError(f"number of replicas K must be a positive integer, got {K!r}")
+        self.K, self.activation, self.use_bias = K, activation, bool(bias)
+        self.phi, self.dphi = act_fn(activation)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layers: list = []
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def params(self) -> list[torch.Tensor]:
+        """All trainable tensors, layer by layer: W_1, b_1, W_2, ..."""
+        out = []
+        for layer in self.layers:
+            out.append(layer.weight)
+            if layer.bias is not None:
+                out.append(layer.bias)
+        return out
+
+    def param_info(self) -> list[tuple[int, str]]:
+        """(layer index, "weight" | "bias") of each entry of :meth:`params`."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            out.append((i, "weight"))
+            if layer.bias is not None:
+                out.append((i, "bias"))
+        return out
+
+    def init(self, seeds: Sequence[int]) -> "Net":
+        """Draw every replica's weights from its own generator (seed k -> replica k).
+
+        Weights are drawn on the CPU in float64 then cast, so a replica's weights do not depend
+        on K, dtype of the batch, or device.
+        """
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != self.K:
+            raise ConfigError(f"need one seed per replica: got {len(seeds)} seeds for K = {self.K}")
+        for k, seed in enumerate(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            for layer in self.layers:
+                w = torch.randn(layer.weight.shape[1:], generator=gen, dtype=torch.float64) * layer.rule.init_std
+                layer.weight[k].copy_(w)
+                if layer.bias is not None:
+                    layer.bias[k].zero_()
+        return self
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- computation
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Accept (B, ...) shared by all replicas or (K, B, ...) per replica."""
+        x = torch.as_tensor(x)
+        shape, n = tuple(self.input_shape), len(self.input_shape)
+        if x.dim() == n + 1 and tuple(x.shape[1:]) == shape:
+            x = x.unsqueeze(0).expand(self.K, *x.shape)
+        elif not (x.dim() == n + 2 and x.shape[0] == self.K and tuple(x.shape[2:]) == shape):
+            raise ConfigError(f"input of shape {tuple(x.shape)} does not fit this {self.kind} (input shape {shape}, "
+                              f"K = {self.K}): expected (B, {', '.join(map(str, shape))}) or (K, B, ...)")
+        return self.post(0, x.to(self.device, self.dtype))
+
+    def post(self, l: int, u: torch.Tensor) -> torch.Tensor:
+        """Activity a_l fed to layer l+1 from the value u_l (l = 0 is the input)."""
+        raise NotImplementedError
+
+    def post_vjp(self, l: int, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(d a_l / d u_l)^T g for 1 <= l < L."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Feed-forward pass: ``us`` (u_1..u_L, with us[0] = a_0) and ``acts`` (a_0..a_{L-1})."""
+        a = self.prepare_input(x)
+        us, acts = [a], [a]
+        for l, layer in enumerate(self.layers, start=1):
+            u = layer.forward(a)
+            us.append(u)
+            if l < self.depth:
+                a = self.post(l, u)
+                acts.append(a)
+        return us, acts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Output f of shape (K, B, C)."""
+        return self.forward(x)[0][-1]
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().cpu().clone() for p in self.params()]
+
+    def load_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        mine = self.params()
+        if len(tensors) != len(mine):
+            raise CheckpointError(f"checkpoint has {len(tensors)} tensors, this {self.kind} has {len(mine)}")
+        for i, (p, t) in enumerate(zip(mine, tensors)):
+            if tuple(p.shape) != tuple(t.shape):
+                layer, what = self.param_info()[i]
+                raise CheckpointError(f"checkpoint {what} of layer {layer + 1} has shape {tuple(t.shape)}, "
+                                      f"this {self.kind} needs {tuple(p.shape)}")
+        for p, t in zip(mine, tensors):
+            p.copy_(t)
+
+
+class MLP(Net):
+    """``depth`` weight layers: in_dim -> width -> ... -> width -> out_dim."""
+
+    kind = "mlp"
+
+    def __init__(self, in_dim: int | Sequence[int], width: int, out_dim: int, depth: int = 3,
+                 param: Parameterization | None = None,
+                 activation: str = "tanh", bias: bool = True, K: int = 1, seeds: Sequence[int] | None = None,
+                 dtype=torch.float32, device="cpu"):
+        super().__init__(param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
+        self.input_shape = (int(in_dim),) if isinstance(in_dim, int) else tuple(int(d) for d in in_dim)
+        self.in_dim, self.out_dim = math.prod(self.input_shape), int(out_dim)
+        dims = [self.in_dim] + [self.width] * (depth - 1) + [self.out_dim]
+        for i, role in enumerate(layer_roles(depth)):
+            rule = self.param.rule(role, dims[i], self.width)
+            self.layers.append(Dense(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
+        self.init(seeds if seeds is not None else range(K))
+
+    def post(self, l, u):
+        if l == 0:
+            return u.reshape(*u.shape[:2], -1)
+        return self.phi(u)
+
+    def post_vjp(self, l, u, g):
+        return self.dphi(u) * g
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim, depth=self.depth,
+                    activation=self.activation, bias=self.use_bias, K=self.K)
+
+
+class CNN(Net):
+    """conv(k) -> phi -> pool2 -> [conv(k) -> phi -> pool2] * (depth - 2) -> flatten -> linear readout.
+
+    The channel count is the scaled width; the first conv is the input layer, the readout the
+    output layer (fan-in width * spatial size).
+    """
+
+    kind = "cnn"
+
+    def __init__(self, in_shape: Sequence[int], width: int, out_dim: int, depth: int = 3,
+                 param: Parameterization | None = None, activation: str = "tanh", bias: bool = True, K: int = 1,
+                 seeds: Sequence[int] | None = None, kernel: int = 3, pool: str = "max", dtype=torch.float32,
+                 device="cpu"):
+        super().__init__(param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
+        if len(in_shape) != 3:
+            raise ConfigError(f"CNN needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        if pool not in ("max", "avg"):
+            raise ConfigError(f"unknown pooling '{pool}'; choose max or avg")
+        self.input_shape = tuple(int(s) for s in in_shape)
+        self.out_dim, self.kernel, self.pool = int(out_dim), int(kernel), pool
+        roles = layer_roles(depth)
+        c, h, w = self.input_shape
+        for role in roles[:-1]:
+            rule = self.param.rule(role, c * kernel * kernel, self.width)
+            self.layers.append(Conv(role, c, self.width, kernel, K, bias, rule, dtype, self.device))
+            c, h, w = self.width, h // 2, w // 2
+            if h == 0 or w == 0:
+                raise ConfigError(f"CNN of depth {depth} pools a {self.input_shape} image to nothing; use less depth")
+        self.spatial = (h, w)
+        rule = self.param.rule("output", c * h * w, self.width)
+        self.layers.append(Dense("output", c * h * w, self.out_dim, K, bias, rule, dtype, self.device))
+        self.init(seeds if seeds is not None else range(K))
+
+    def _pool(self, a):
+        K, B = a.shape[:2]
+        flat = a.reshape(K * B, *a.shape[2:])
+        y = F.max_pool2d(flat, 2) if self.pool == "max" else F.avg_pool2d(flat, 2)
+        return y.reshape(K, B, *y.shape[1:])
+
+    def post(self, l, u):
+        if l == 0:
+            return u
+        a = self._pool(self.phi(u))
+        return a.flatten(2) if l == self.depth - 1 else a
+
+    def post_vjp(self, l, u, g):
+        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
+        return vjp(g)[0]
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,
+                    depth=self.depth, activation=self.activation, bias=self.use_bias, K=self.K, kernel=self.kernel,
+                    pool=self.pool)
+
+
+ARCHS = ("mlp", "cnn")
+
+
+def build(arch: str, input_shape: Sequence[int], out_dim: int, width: int, param: Parameterization, *,
+          depth: int = 3, activation: str = "tanh", bias: bool = True, K: int = 1,
+          seeds: Sequence[int] | None = None, dtype=torch.float32, device="cpu") -> Net:
+    """Build an MLP (inputs are flattened) or a CNN for a dataset's input shape."""
+    if arch == "mlp":
+        return MLP(tuple(input_shape), width, out_dim, depth, param, activation, bias, K, seeds, dtype, device)
+    if arch == "cnn":
+        return CNN(input_shape, width, out_dim, depth, param, activation, bias, K, seeds, dtype=dtype, device=device)
+    raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")

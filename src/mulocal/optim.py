@@ -1,0 +1,115 @@
+"""Per-layer SGD / Adam driven by a Parameterization, with a base learning rate per replica.
+
+The learning rate of tensor p in layer l, replica k is ``lr[k] * m^{-c_l}`` (``LayerRule.lr_scale``,
+``bias_lr_scale`` for biases): one tensor of shape (K, 1, ...) per parameter, applied with
+in-place fused updates. Gradients are *descent* directions' negatives (as autograd gives).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .nets import Net
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def replica_lrs(lr, K: int) -> torch.Tensor:
+    """Base learning rates as a float64 tensor of shape (K,) (a scalar is broadcast)."""
+    lrs = torch.as_tensor(lr, dtype=torch.float64).flatten()
+    if lrs.numel() == 1:
+        lrs = lrs.expand(K).clone()
+    if lrs.numel() != K:
+        raise ConfigError(f"need one learning rate per replica: got {lrs.numel()} for K = {K}")
+    if not torch.isfinite(lrs).all() or (lrs < 0).any():
+        raise ConfigError(f"learning rates must be finite and non-negative, got {lrs.tolist()}")
+    return lrs
+
+
+class LayerwiseOptimizer:
+    """SGD (optional momentum, weight decay) or Adam over ``params`` with per-layer, per-replica LRs."""
+
+    def __init__(self, params: Sequence[torch.Tensor], scales: Sequence[float], lr, kind: str = "sgd",
+                 momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if kind not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+        self.params, self.kind = list(params), kind
+        self.K = self.params[0].shape[0]
+        self.base_lr = replica_lrs(lr, self.K)
+        self.scales = [float(s) for s in scales]
+        self.momentum, self.betas, self.eps, self.weight_decay = momentum, betas, eps, weight_decay
+        self.t = 0
+        self.active = torch.ones(self.K, dtype=torch.bool)
+        self.lrs = []
+        self._set_lrs()
+        self.bufs = [torch.zeros_like(p) for p in self.params] if (kind == "adam" or momentum) else None
+        self.sq = [torch.zeros_like(p) for p in self.params] if kind == "adam" else None
+
+    @classmethod
+    def for_net(cls, net: Net, lr, kind: str = "sgd", **kw) -> "LayerwiseOptimizer":
+        scales = [net.layers[i].rule.lr_scale if what == "weight" else net.layers[i].rule.bias_lr_scale
+                  for i, what in net.param_info()]
+        return cls(net.params(), scales, lr, kind, **kw)
+
+    def _set_lrs(self) -> None:
+        base = self.base_lr * self.active.to(torch.float64)
+        self.lrs = [(base * s).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+                    for p, s in zip(self.params, self.scales)]
+
+    def freeze(self, replicas: torch.Tensor) -> None:
+        """Stop updating the replicas where ``replicas`` is True (e.g. diverged ones)."""
+        self.active &= ~replicas.cpu()
+        self._set_lrs()
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        self.t += 1
+        for i, (p, g, lr) in enumerate(zip(self.params, grads, self.lrs)):
+            if g is None:
+                continue
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.kind == "sgd":
+                if self.momentum:
+                    g = self.bufs[i].mul_(self.momentum).add_(g)
+                p.addcmul_(lr, g, value=-1.0)
+            else:
+                b1, b2 = self.betas
+                m, v = self.bufs[i], self.sq[i]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+                p.addcmul_(lr, m / denom, value=-1.0 / (1 - b1 ** self.t))
+
+    def state_dict(self) -> dict:
+        return dict(kind=self.kind, t=self.t, base_lr=self.base_lr.clone(), active=self.active.clone(),
+                    bufs=[b.cpu().clone() for b in self.bufs] if self.bufs else None,
+                    sq=[b.cpu().clone() for b in self.sq] if self.sq else None)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ConfigError(f"optimizer state is for '{state.get('kind')}', not '{self.kind}'")
+        self.t, self.base_lr, self.active = state["t"], state["base_lr"], state["active"]
+        for mine, theirs in ((self.bufs, state["bufs"]), (self.sq, state["sq"])):
+            if mine is not None and theirs is not None:
+                for b, s in zip(mine, theirs):
+                    b.copy_(s)
+        self._set_lrs()
+
+
+def lr_table(net: Net, lr: float) -> list[dict]:
+    """Per-tensor learning rates of ``net`` for base learning rate ``lr`` (for describe / tests)."""
+    out = []
+    for i, what in net.param_info():
+        rule = net.layers[i].rule
+        scale = rule.lr_scale if what == "weight" else rule.bias_lr_scale
+        out.append(dict(layer=i + 1, tensor=what, role=rule.role, lr=lr * scale))
+    return out
+
+
+__all__ = ["LayerwiseOptimizer", "replica_lrs", "lr_table", "OPTIMIZERS"]

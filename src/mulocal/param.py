@@ -1,0 +1,231 @@
+"""abc-parameterizations anchored at a base width.
+
+A network has L weight layers with three *roles*: the input layer (fan-in fixed,
+fan-out = width M), hidden layers (M -> M) and the output layer (M -> C fixed).
+Each role r carries width exponents
+
+* ``b[r]`` - init std of W ~ M^{-b}      (SP: b = (0, 1/2, 1/2))
+* ``c[r]`` - learning rate eta * M^{-c}   (SP: c = (0, 0, 0))
+* ``a[r]`` - forward multiplier M^{-a}    (SP: a = (0, 0, 0); abc-symmetry makes it optional)
+
+Everything is anchored at a base width M_0 (as microsoft/mup does) with m = M / M_0:
+
+    init std      sigma / sqrt(fan_in) * m^{-(b - b_SP)}
+    multiplier    m^{-(a - a_SP)}
+    learning rate eta * m^{-c}
+
+so at M = M_0 every parameterization builds exactly the standard model with the same
+learning rates. ``describe(width)`` prints the resolved numbers; the table below maps each
+muP rule to the line that applies it:
+
+=========================  ===========================================  ==========================
+rule                       formula                                      where
+=========================  ===========================================  ==========================
+init std                   sigma * fan_in^-1/2 * m^-(b - b_SP)          ``Parameterization.rule``
+forward multiplier         m^-(a - a_SP)                                ``Parameterization.rule``
+per-layer learning rate    eta * m^-c                                   ``Parameterization.rule``
+bias learning rate         eta * m^-c_bias                              ``Parameterization.rule``
+PC output energy weight    gamma'_L * m^-gbar_L                         ``Parameterization.gamma_L``
+=========================  ===========================================  ==========================
+
+Biases start at zero. A bias is a vector-like parameter (its fan-in is 1), so its
+learning-rate exponent is set separately: ``c_bias = (hidden/input-layer biases, output bias)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+from .errors import ConfigError
+
+ROLES = ("input", "hidden", "output")
+B_SP = (0.0, 0.5, 0.5)
+A_SP = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The resolved numbers of one layer at one width."""
+
+    role: str
+    init_std: float
+    multiplier: float
+    lr_scale: float
+    bias_lr_scale: float
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """Per-role width exponents (b, c, a), a base width and algorithm-specific exponents.
+
+    ``gamma_bar_L`` / ``gamma_L_prime`` weight the output energy of predictive coding
+    (gamma_L = gamma'_L m^{-gbar_L}); ``feedback_b`` / ``feedback_c`` are the init and
+    learning-rate exponents of target propagation's feedback weights (roles as above, read
+    in the feedback direction). ``sigma`` multiplies every init std.
+    """
+
+    name: str = "custom"
+    b: tuple[float, float, float] = B_SP
+    c: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    a: tuple[float, float, float] = A_SP
+    c_bias: tuple[float, float] = (0.0, 0.0)
+    base_width: int = 64
+    sigma: float = 1.0
+    gamma_bar_L: float = 0.0
+    gamma_L_prime: float = 1.0
+    feedback_b: tuple[float, float, float] | None = None
+    feedback_c: tuple[float, float, float] | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        for key, n in (("b", 3), ("c", 3), ("a", 3), ("c_bias", 2)):
+            value = getattr(self, key)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"parameterization '{self.name}': {key} must be {n} numbers, got {value!r}") from None
+            if len(value) != n or not all(math.isfinite(v) for v in value):
+                raise ConfigError(f"parameterization '{self.name}': {key} must be {n} finite numbers, got {value!r}")
+            object.__setattr__(self, key, value)
+        for key in ("feedback_b", "feedback_c"):
+            value = getattr(self, key)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != 3 or not all(math.isfinite(v) for v in value):
+                    raise ConfigError(f"parameterization '{self.name}': {key} must be 3 finite numbers")
+                object.__setattr__(self, key, value)
+        if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width <= 0:
+            raise ConfigError(f"base width must be a positive integer, got {self.base_width!r}")
+        for key in ("sigma", "gamma_bar_L", "gamma_L_prime"):
+            if not math.isfinite(float(getattr(self, key))):
+                raise ConfigError(f"parameterization '{self.name}': {key} must be finite")
+        if self.sigma <= 0 or self.gamma_L_prime <= 0:
+            raise ConfigError(f"parameterization '{self.name}': sigma and gamma_L_prime must be positive")
+
+    # ------------------------------------------------------------------ resolution
+    def width_mult(self, width: int) -> float:
+        """m = M / M_0 (validates the width)."""
+        return check_width(width) / self.base_width
+
+    def rule(self, role: str, fan_in: int, width: int) -> LayerRule:
+        """Init std, multiplier and learning-rate scales of a layer of ``role`` at ``width``."""
+        if role not in ROLES:
+            raise ConfigError(f"unknown layer role '{role}'; choose one of {', '.join(ROLES)}")
+        r = ROLES.index(role)
+        m = self.width_mult(width)
+        std = self.sigma / math.sqrt(fan_in) * m ** (-(self.b[r] - B_SP[r]))
+        mult = m ** (-(self.a[r] - A_SP[r]))
+        lr = m ** (-self.c[r])
+        blr = m ** (-self.c_bias[1 if role == "output" else 0])
+        return LayerRule(role, std, mult, lr, blr)
+
+    def feedback_rule(self, role: str, fan_in: int, width: int) -> LayerRule:
+        """Like :meth:`rule` for feedback weights (defaults: the forward exponents)."""
+        fb = replace(self, b=self.feedback_b or self.b, c=self.feedback_c or self.c)
+        return fb.rule(role, fan_in, width)
+
+    def gamma_L(self, width: int) -> float:
+        """PC output energy weight gamma_L = gamma'_L * m^{-gbar_L}."""
+        return self.gamma_L_prime * self.width_mult(width) ** (-self.gamma_bar_L)
+
+    def with_(self, **changes) -> "Parameterization":
+        """A copy with some fields changed (validated again)."""
+        try:
+            return replace(self, **changes)
+        except TypeError as err:
+            raise ConfigError(f"invalid parameterization field: {err}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self, width: int, depth: int = 3, in_dim: int = 784, out_dim: int = 10, lr: float = 1.0) -> str:
+        """A readable table of what this parameterization resolves to at ``width``."""
+        m = self.width_mult(width)
+        lines = [
+            f"{self.name}: width {width}, base width {self.base_width} (m = {m:g})"
+            + (f"; {self.note}" if self.note else ""),
+            f"  b = {_fmt(self.b)}  c = {_fmt(self.c)}  a = {_fmt(self.a)}  c_bias = {_fmt(self.c_bias)}",
+        ]
+        if self.gamma_bar_L or self.gamma_L_prime != 1.0:
+            lines.append(f"  PC: gamma_L = {self.gamma_L_prime:g} * m^-{self.gamma_bar_L:g} = {self.gamma_L(width):.4g}")
+        lines.append(f"  {'layer':<6}{'role':<8}{'shape':>14}{'init std':>12}{'mult':>9}{'lr':>12}{'bias lr':>12}")
+        for i, (role, fi, fo) in enumerate(layer_shapes(depth, in_dim, width, out_dim), start=1):
+            r = self.rule(role, fi, width)
+            lines.append(
+                f"  {i:<6}{role:<8}{f'{fo}x{fi}':>14}{r.init_std:>12.4g}{r.multiplier:>9.4g}"
+                f"{lr * r.lr_scale:>12.4g}{lr * r.bias_lr_scale:>12.4g}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(t: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in t) + ")"
+
+
+def check_width(width) -> int:
+    if isinstance(width, bool) or not isinstance(width, int):
+        try:
+            if float(width) != int(width):
+                raise ValueError
+            width = int(width)
+        except (TypeError, ValueError):
+            raise ConfigError(f"width must be a positive integer, got {width!r}") from None
+    if width <= 0:
+        raise ConfigError(f"width must be a positive integer, got {width}")
+    return width
+
+
+def layer_roles(depth: int) -> list[str]:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+        raise ConfigError(f"depth (number of weight layers) must be an integer >= 2, got {depth!r}")
+    return ["input"] + ["hidden"] * (depth - 2) + ["output"]
+
+
+def layer_shapes(depth: int, in_dim: int, width: int, out_dim: int) -> list[tuple[str, int, int]]:
+    """(role, fan_in, fan_out) of each layer of an MLP."""
+    roles = layer_roles(depth)
+    dims = [in_dim] + [width] * (depth - 1) + [out_dim]
+    return [(r, dims[i], dims[i + 1]) for i, r in enumerate(roles)]
+
+
+# ---------------------------------------------------------------------- presets
+def _sp(optimizer: str) -> Parameterization:
+    return Parameterization(name=f"sp-{optimizer}", note="standard parameterization")
+
+
+def _mup(optimizer: str) -> Parameterization:
+    if optimizer == "sgd":
+        return Parameterization(
+            name="mup-sgd", b=(0, 0.5, 1), c=(-1, 0, 1), c_bias=(-1, 0), note="muP for BP with SGD (Yang & Hu)"
+        )
+    return Parameterization(name="mup-adam", b=(0, 0.5, 1), c=(0, 1, 1), c_bias=(0, 0), note="muP for BP with Adam")
+
+
+PRESETS = {"sp": _sp, "mup": _mup}
+OPTIMIZERS = ("sgd", "adam")
+
+
+def register_preset(name: str, factory) -> None:
+    """Add a preset: ``factory(optimizer) -> Parameterization``."""
+    PRESETS[name] = factory
+
+
+def preset(name: str, optimizer: str = "sgd", **overrides) -> Parameterization:
+    """A named preset for an optimizer ("sgd" or "adam"), with field overrides.
+
+    ``preset("mup", "sgd")`` is muP for SGD, ``preset("mup", "adam")`` for Adam, ``preset("sp")``
+    the standard parameterization. Names ``mup-sgd`` / ``sp-adam`` pin the optimizer.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"preset name must be a string, got {name!r}")
+    key = name.lower()
+    for opt in OPTIMIZERS:
+        if key.endswith("-" + opt) and key[: -len(opt) - 1] in PRESETS:
+            key, optimizer = key[: -len(opt) - 1], opt
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    if key not in PRESETS:
+        raise ConfigError(f"unknown parameterization preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
+    base = PRESETS[key](optimizer)
+    return base.with_(**overrides) if overrides else base

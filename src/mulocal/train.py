@@ -1,0 +1,214 @@
+"""The training loop: K replicas, seeded per-replica data order, evaluation, divergence, checkpoints.
+
+Replica k trains with seed ``seeds[k]`` (its init and its own data order) and base learning
+rate ``lr[k]``: the result equals K separate runs. A replica whose loss or weights stop being
+finite is recorded as "diverged", zeroed and frozen; the others go on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, ConfigError
+from .losses import check_loss, loss_value
+from .nets import Net
+from .optim import LayerwiseOptimizer, replica_lrs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float | Sequence[float] = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 2000
+    max_steps: int | None = None  # per epoch, for quick runs
+    progress: bool = True
+    metrics_path: str | None = None  # JSON lines, one per replica and epoch
+    checkpoint_path: str | None = None  # written after every epoch
+    resume: bool = False
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "epochs" else 1):
+                raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
+
+
+def data_seed(seed: int) -> int:
+    """The data-order stream of a replica, independent of its init stream."""
+    return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _finite_replicas(net: Net) -> torch.Tensor:
+    ok = torch.ones(net.K, dtype=torch.bool, device=net.device)
+    for p in net.params():
+        ok &= torch.isfinite(p).flatten(1).all(1)
+    return ok.cpu()
+
+
+@torch.no_grad()
+def evaluate(net: Net, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int = 2000) -> dict:
+    """Mean loss and accuracy per replica on (x, y) shared by all replicas."""
+    total = torch.zeros(net.K, dtype=torch.float64)
+    correct = torch.zeros(net.K, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(net.device)
+        f = net(xb)
+        total += loss_value(f, yb, loss).double().cpu()
+        correct += (f.argmax(-1) == yb).sum(-1).double().cpu()
+    n = max(len(x), 1)
+    return {"loss": (total / n).tolist(), "accuracy": (correct / n).tolist()}
+
+
+class Trainer:
+    """Runs ``algo`` on ``net`` over a dataset. Small on purpose: state is the net, the optimizer
+    and the per-replica history; everything else is derived from ``TrainConfig``."""
+
+    def __init__(self, net: Net, algo, data, cfg: TrainConfig, seeds: Sequence[int] | None = None):
+        self.net, self.algo, self.data, self.cfg = net, algo, data, cfg
+        self.seeds = list(range(net.K)) if seeds is None else [int(s) for s in seeds]
+        if len(self.seeds) != net.K:
+            raise ConfigError(f"need one seed per replica: got {len(self.seeds)} for K = {net.K}")
+        self.loss = check_loss(getattr(algo, "loss", "ce"))
+        self.lrs = replica_lrs(cfg.lr, net.K)
+        self.opt = LayerwiseOptimizer.for_net(net, self.lrs, cfg.optimizer, momentum=cfg.momentum,
+                                              weight_decay=cfg.weight_decay)
+        self.status = ["running"] * net.K
+        self.history: list[list[dict]] = [[] for _ in range(net.K)]
+        self.epoch = 0
+        self.gens = [torch.Generator().manual_seed(data_seed(s)) for s in self.seeds]
+        if cfg.resume and cfg.checkpoint_path and Path(cfg.checkpoint_path).exists():
+            self.load(cfg.checkpoint_path)
+
+    # ------------------------------------------------------------------ loop
+    def _mark_diverged(self, bad: torch.Tensor, step: int) -> None:
+        bad = bad & torch.tensor([s == "running" for s in self.status])
+        if not bad.any():
+            return
+        self.opt.freeze(bad)
+        with torch.no_grad():
+            for p in self.net.params():
+                p[bad.to(p.device)] = 0
+        for k in torch.nonzero(bad).flatten().tolist():
+            self.status[k] = "diverged"
+            self.history[k].append({"epoch": self.epoch, "step": step, "event": "diverged"})
+
+    def run(self, on_epoch: Callable[[int, list[dict]], None] | None = None) -> dict:
+        cfg, net, data = self.cfg, self.net, self.data
+        n = len(data.x_train)
+        steps = math.ceil(n / cfg.batch_size)
+        if cfg.max_steps:
+            steps = min(steps, cfg.max_steps)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=(cfg.epochs - self.epoch) * steps, desc=f"{getattr(self.algo, 'name', 'train')} "
+                       f"M={net.width} K={net.K}", unit="step", leave=False, dynamic_ncols=True)
+        x_all, y_all = data.x_train.to(net.device), data.y_train.to(net.device)
+        while self.epoch < cfg.epochs and any(s == "running" for s in self.status):
+            t0 = time.perf_counter()
+            perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(net.device)
+            loss_sum = torch.zeros(net.K, dtype=torch.float64)
+            for i in range(steps):
+                idx = perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                grads, loss = self.algo.step(net, x_all[idx], y_all[idx])
+                self.opt.step(grads)
+                loss = loss.detach().double().cpu()
+                loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+                bad = ~torch.isfinite(loss)
+                if bad.any():
+                    self._mark_diverged(bad, i)
+                if bar is not None:
+                    bar.update(1)
+                    if i % 50 == 0:
+                        bar.set_postfix(loss=f"{loss[torch.isfinite(loss)].mean().item():.4f}" if
+                                        torch.isfinite(loss).any() else "nan")
+            self._mark_diverged(~_finite_replicas(net), steps)
+            self.epoch += 1
+            train_time = time.perf_counter() - t0
+            test = evaluate(net, data.x_test, data.y_test, self.loss, cfg.eval_batch_size)
+            val = (evaluate(net, data.x_val, data.y_val, self.loss, cfg.eval_batch_size)
+                   if getattr(data, "x_val", None) is not None else None)
+            rows = []
+            for k in range(net.K):
+                row = {"epoch": self.epoch, "replica": k, "seed": self.seeds[k], "lr": float(self.lrs[k]),
+                       "status": self.status[k], "train_loss": float(loss_sum[k] / steps),
+                       "test_loss": test["loss"][k], "test_accuracy": test["accuracy"][k],
+                       "epoch_time": train_time}
+                if val is not None:
+                    row.update(val_loss=val["loss"][k], val_accuracy=val["accuracy"][k])
+                if self.status[k] == "diverged":
+                    row.update(train_loss=math.inf, test_loss=math.inf, test_accuracy=None)
+                    row.pop("val_loss", None), row.pop("val_accuracy", None)
+                self.history[k].append(row)
+                rows.append(row)
+            if cfg.metrics_path:
+                with open(cfg.metrics_path, "a") as fh:
+                    for row in rows:
+                        fh.write(json.dumps(row, allow_nan=True) + "\n")
+            if cfg.checkpoint_path:
+                self.save(cfg.checkpoint_path)
+            if on_epoch:
+                on_epoch(self.epoch, rows)
+        if bar is not None:
+            bar.close()
+        self.status = ["done" if s == "running" else s for s in self.status]
+        return self.result()
+
+    def result(self) -> dict:
+        reps = []
+        for k in range(self.net.K):
+            epochs = [h for h in self.history[k] if "event" not in h]
+            last = epochs[-1] if epochs else {}
+            reps.append({"replica": k, "seed": self.seeds[k], "lr": float(self.lrs[k]), "status": self.status[k],
+                         "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+                         "train_loss": last.get("train_loss"), "history": self.history[k]})
+        return {"replicas": reps, "epochs": self.epoch}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save({"net": self.net.config(), "param": self.net.param.to_dict(), "state": self.net.state(),
+                    "opt": self.opt.state_dict(), "epoch": self.epoch, "status": self.status,
+                    "history": self.history, "seeds": self.seeds,
+                    "gens": [g.get_state() for g in self.gens]}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: str) -> None:
+        ck = load_checkpoint(path, self.net)
+        self.opt.load_state_dict(ck["opt"])
+        self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
+        for g, s in zip(self.gens, ck["gens"]):
+            g.set_state(s)
+
+
+def load_checkpoint(path: str, net: Net) -> dict:
+    """Load a checkpoint's weights into ``net``; refuse one written for another architecture."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as err:  # corrupt or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    if not isinstance(ck, dict) or "net" not in ck or "state" not in ck:
+        raise CheckpointError(f"{path} is not a mulocal checkpoint")
+    mine = net.config()
+    diff = {k: (ck["net"].get(k), v) for k, v in mine.items() if ck["net"].get(k) != v}
+    if diff:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {path} does not match the model ({desc})")
+    net.load_state(ck["state"])
+    return ck
+
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint", "data_seed"]
