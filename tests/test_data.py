@@ -1,6 +1,8 @@
 """Tests for mulocal.data: IDX I/O, directory search, loading, splits, CIFAR pickles, synthetic data."""
 
+import io
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,49 @@ def test_download_failure_message(tmp_path, monkeypatch):
     assert "could not download" in msg and "network is unreachable" in msg
     assert "dataset-fashion-mnist" in msg and str(target) in msg
     assert not [p for p in target.iterdir() if p.name.endswith(".part")]
+
+
+def serve_from(monkeypatch, files: dict[str, bytes]) -> list[str]:
+    """Make urllib serve ``files`` (keyed by URL basename) and record the requested URLs."""
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        assert timeout is not None
+        requested.append(url)
+        return io.BytesIO(files[url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    return requested
+
+
+def test_fetch_idx_downloads_validates_and_skips(tmp_path, monkeypatch):
+    src = make_fake_mnist(tmp_path / "mirror")
+    requested = serve_from(monkeypatch, {p.name: p.read_bytes() for p in src.iterdir()})
+    dest = tmp_path / "dest"
+    assert data.fetch("fashion-mnist", data_dir=dest) == dest
+    assert len(requested) == 4 and all(u.startswith("http://fashion-mnist.s3-website") for u in requested)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in src.iterdir())  # no .part left
+    assert load_dataset("fashion-mnist", data_dir=dest, download=False).x_train.shape[0] == 50
+    data.fetch("fashion-mnist", data_dir=dest)
+    assert len(requested) == 4  # already present and valid: nothing downloaded
+
+
+def test_fetch_rejects_corrupt_download(tmp_path, monkeypatch):
+    serve_from(monkeypatch, {"train-images-idx3-ubyte.gz": b"<html>not found</html>"})
+    with pytest.raises(DataError, match="downloaded data is unusable.*train-images-idx3-ubyte.gz"):
+        data.fetch("mnist", data_dir=tmp_path / "dest")
+
+
+def test_fetch_cifar_extracts_archive(tmp_path, monkeypatch):
+    folder = make_fake_cifar(tmp_path / "src")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    serve_from(monkeypatch, {"cifar-10-python.tar.gz": buf.getvalue()})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    got = data.fetch("cifar10")
+    assert got == tmp_path / "cache" / "mulocal" / "cifar10" / "cifar-10-batches-py"
+    assert load_dataset("cifar10", download=False).x_test.shape == (4, 3, 32, 32)
 
 
 def test_env_var_honoured(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ _HINTS = {
 # IDX type code -> big-endian numpy dtype
 _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
                0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_CACHE: dict[tuple, tuple] = {}  # (name, dir, normalize, file stats) -> raw uint8 arrays, labels, mean, std
 _CACHE_MAX = 4
 
 
@@ -152,10 +151,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(data, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
     except Exception as e:  # pickle, EOF, attribute and conversion errors all mean a bad file
-        raise DataError(f"corrupt CIFAR-10 batch {path}: {type(e).__name__}: {e}; {_HINTS['cifar10']}") from None
+        raise DataError(f"corrupt CIFAR-10 batch {path} ({type(e).__name__}: {e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
-        raise DataError(f"CIFAR-10 batch {path} has data {data.shape} / labels {labels.shape}, "
-                        f"expected (N, 3072) / (N,); {_HINTS['cifar10']}")
+        raise DataError(f"CIFAR-10 batch {path} has data {data.shape} / labels {labels.shape}, expected (N, 3072) / (N,)")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -165,20 +163,22 @@ def _cache_root() -> Path:
 
 
 def _candidates(name: str, data_dir=None) -> list[Path]:
-    """Directories to search, in order. An explicit ``data_dir`` is the only place searched."""
-    if data_dir is not None:
-        roots = [Path(data_dir).expanduser()]
-    else:
-        roots = [Path(os.environ["MULOCAL_DATA_DIR"]).expanduser()] if os.environ.get("MULOCAL_DATA_DIR") else []
-        roots += [_SYSTEM_DIRS[name]] if name in _SYSTEM_DIRS else []
-        roots.append(_cache_root() / name)
-    out: list[Path] = []
-    for root in roots:
-        for d in (root, root / name):
-            for c in ((d, d / _CIFAR_FOLDER) if name == "cifar10" else (d,)):
-                if c not in out:
-                    out.append(c)
-    return out
+    """Directories to search, in order.
+
+    An explicit ``data_dir`` is the only place searched (a wrong --data-dir should fail, not silently fall
+    back); otherwise ``$MULOCAL_DATA_DIR``, the system directory and the user cache, in that order. User
+    supplied folders may be the dataset folder itself or its parent; for CIFAR-10 also the parent of
+    ``cifar-10-batches-py``.
+    """
+    env = os.environ.get("MULOCAL_DATA_DIR")
+    user = [Path(data_dir).expanduser()] if data_dir is not None else [Path(env).expanduser()] if env else []
+    dirs = [d for root in user for d in (root, root / name)]
+    if data_dir is None:
+        dirs += [_SYSTEM_DIRS[name]] if name in _SYSTEM_DIRS else []
+        dirs.append(_cache_root() / name)
+    if name == "cifar10":
+        dirs = [c for d in dirs for c in (d, d / _CIFAR_FOLDER)]
+    return list(dict.fromkeys(dirs))
 
 
 def _has_files(name: str, d: Path) -> bool:
@@ -201,15 +201,23 @@ def find_data_dir(name: str, data_dir=None) -> Path:
 # ---------------------------------------------------------------------------------------- downloading
 def _download(url: str, dest: Path, timeout: float, name: str) -> None:
     """Download ``url`` to ``dest`` atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             shutil.copyfileobj(resp, out, length=1 << 20)
         os.replace(tmp, dest)
     except Exception as e:  # URLError, timeouts, HTTP errors, disk errors
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise DataError(f"could not download {url}: {reason}; {_HINTS[name]}") from None
+
+
+def _validate_download(name: str, paths: list[Path]) -> None:
+    try:
+        for p in paths:
+            _read_cifar_batch(p) if name == "cifar10" else read_idx(p)
+    except DataError as e:
+        raise DataError(f"downloaded data is unusable: {e}; delete it and retry, or {_HINTS[name]}") from None
 
 
 def fetch(name: str, data_dir=None, timeout: float = 30.0) -> Path:
@@ -222,22 +230,27 @@ def fetch(name: str, data_dir=None, timeout: float = 30.0) -> Path:
     except OSError as e:
         raise DataError(f"cannot create data directory {dest}: {e}; {_HINTS[name]}") from None
     if name == "cifar10":
-        folder = dest / _CIFAR_FOLDER
+        folder = dest if _has_files(name, dest) else dest / _CIFAR_FOLDER
         if not _has_files(name, folder):
             archive = dest / "cifar-10-python.tar.gz"
             _download(_MIRRORS[name], archive, timeout, name)
-            try:
+            tmp = dest / f".{_CIFAR_FOLDER}.{os.getpid()}.part"
+            try:  # copy only the batch files (by base name: no path tricks), then swap the folder in
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
                 with tarfile.open(archive) as tar:
-                    members = [m for m in tar.getmembers() if m.name.startswith(_CIFAR_FOLDER + "/") and m.isfile()]
-                    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-                        tar.extractall(tmp, members=members, filter="data")
-                        shutil.rmtree(folder, ignore_errors=True)
-                        os.replace(Path(tmp) / _CIFAR_FOLDER, folder)
+                    for m in tar.getmembers():
+                        if m.isfile() and m.name.count("/") == 1 and m.name.startswith(_CIFAR_FOLDER + "/"):
+                            with tar.extractfile(m) as src, open(tmp / Path(m.name).name, "wb") as out:
+                                shutil.copyfileobj(src, out)
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
             except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
                 raise DataError(f"could not extract {archive}: {e}; {_HINTS[name]}") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             archive.unlink(missing_ok=True)
-        for f in _CIFAR_FILES:
-            _read_cifar_batch(folder / f)
+        _validate_download(name, [folder / f for f in _CIFAR_FILES])
         return folder
     for stem in _IDX_FILES:
         path = _idx_path(dest, stem)
@@ -248,7 +261,7 @@ def fetch(name: str, data_dir=None, timeout: float = 30.0) -> Path:
             except DataError:
                 path.unlink(missing_ok=True)
         _download(_MIRRORS[name] + stem + ".gz", dest / f"{stem}.gz", timeout, name)
-        read_idx(dest / f"{stem}.gz")
+        _validate_download(name, [dest / f"{stem}.gz"])
     return dest
 
 
@@ -276,42 +289,57 @@ def _load_idx_set(name: str, d: Path) -> tuple[np.ndarray, ...]:
             raise DataError(f"{name} {split} files in {d} have shapes {xs.shape}/{ys.shape}, expected (N,H,W)/(N,)")
         if len(xs) != len(ys):
             raise DataError(f"{name} {split} files in {d} disagree: {len(xs)} images but {len(ys)} labels")
-    return tuple(a[:, None] if a.ndim == 3 else a for a in arrays)
+    return arrays[0][:, None], arrays[1], arrays[2][:, None], arrays[3]
 
 
-def _to_float(a: np.ndarray) -> torch.Tensor:
-    """uint8 images -> float32 tensor in [0, 1]."""
-    return torch.from_numpy(np.require(a, np.uint8, ["C", "W"])).to(torch.float32).mul_(1.0 / 255.0)
+def _pixel_stats(x: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean/std of uint8 images scaled to [0, 1] via chunked 256-bin histograms (no big float copy)."""
+    counts = np.zeros((x.shape[1] if per_channel else 1, 256))
+    for i in range(0, len(x), 1024):
+        for c in range(len(counts)):
+            block = x[i:i + 1024, c] if per_channel else x[i:i + 1024]
+            counts[c] += np.bincount(block.ravel(), minlength=256)
+    v = np.arange(256) / 255.0
+    n = counts.sum(axis=1)
+    mean = counts @ v / n
+    std = np.sqrt(np.maximum(counts @ (v * v) / n - mean**2, 0.0))
+    return mean, np.maximum(std, 1e-8)
 
 
-def _load_raw(name: str, d: Path, normalize: bool) -> tuple[torch.Tensor, ...]:
-    """Load (x_train, y_train, x_test, y_test), memoized per (name, dir, normalize, file stats).
-
-    The returned tensors are shared with the cache; :func:`load_dataset` copies them before handing out.
-    """
+def _load_raw(name: str, d: Path, normalize: bool) -> tuple:
+    """Raw uint8 images, int64 labels and (mean, std) of ``d``, memoized per (name, dir, normalize, file stats)."""
     stats = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(d.iterdir()) if p.is_file())
     key = (name, str(d.resolve()), normalize, stats)
     if key not in _CACHE:
-        if name == "cifar10":
-            tr = [_read_cifar_batch(d / f) for f in _CIFAR_FILES[:-1]]
-            xtr, ytr = np.concatenate([b[0] for b in tr]), np.concatenate([b[1] for b in tr])
-            xte, yte = _read_cifar_batch(d / "test_batch")
-        else:
-            xtr, ytr, xte, yte = _load_idx_set(name, d)
-        for y, split in ((ytr, "train"), (yte, "test")):
-            if y.size and (y.min() < 0 or y.max() >= 10):
-                raise DataError(f"{name} {split} labels in {d} are outside 0..9 (min {y.min()}, max {y.max()})")
-        x_train, x_test = _to_float(xtr), _to_float(xte)
-        if normalize:  # statistics of the full training set: global (MNIST) or per channel (CIFAR)
-            dims = (0, 2, 3) if name == "cifar10" else (0, 1, 2, 3)
-            std, mean = torch.std_mean(x_train.double() if x_train.numel() < 1e6 else x_train, dim=dims, keepdim=True)
-            std, mean = std.float().clamp_min(1e-8), mean.float()
-            for x in (x_train, x_test):
-                x.sub_(mean).div_(std)
+        try:
+            if name == "cifar10":
+                tr = [_read_cifar_batch(d / f) for f in _CIFAR_FILES[:-1]]
+                xtr, ytr = np.concatenate([b[0] for b in tr]), np.concatenate([b[1] for b in tr])
+                xte, yte = _read_cifar_batch(d / "test_batch")
+            else:
+                xtr, ytr, xte, yte = _load_idx_set(name, d)
+            ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
+            for y, split in ((ytr, "train"), (yte, "test")):
+                if y.size and (y.min() < 0 or y.max() >= 10):
+                    raise DataError(f"{name} {split} labels in {d} are outside 0..9 (min {y.min()}, max {y.max()})")
+        except DataError as e:
+            raise DataError(f"{e}; {_HINTS[name]}") from None
+        mean, std = _pixel_stats(xtr, per_channel=name == "cifar10") if normalize else (np.zeros(1), np.ones(1))
         while len(_CACHE) >= _CACHE_MAX:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = (x_train, torch.from_numpy(ytr.astype(np.int64)), x_test, torch.from_numpy(yte.astype(np.int64)))
+        _CACHE[key] = (xtr, ytr, xte, yte, mean, std)
     return _CACHE[key]
+
+
+def _to_tensors(x: np.ndarray, y: np.ndarray, idx: torch.Tensor | None, mean, std) -> tuple[torch.Tensor, ...]:
+    """Select rows ``idx`` (all if None) and return fresh (float32 standardized images, int64 labels)."""
+    if idx is not None:
+        x, y = x[idx.numpy()], y[idx.numpy()]
+    xt = torch.from_numpy(np.require(x, np.uint8, ["C", "W"])).to(torch.float32, copy=True)  # W: no torch warning
+    shape = (1, -1) + (1,) * (xt.ndim - 2)
+    xt.mul_(torch.tensor(1.0 / (255.0 * std), dtype=torch.float32).reshape(shape))
+    xt.sub_(torch.tensor(mean / std, dtype=torch.float32).reshape(shape))
+    return xt, torch.from_numpy(np.array(y, dtype=np.int64))
 
 
 def synthetic_teacher(n_train=2048, n_test=512, d=32, n_classes=10, seed=0, hidden=64) -> Dataset:
@@ -327,6 +355,39 @@ def synthetic_teacher(n_train=2048, n_test=512, d=32, n_classes=10, seed=0, hidd
     x = torch.randn(n_train + n_test, d, generator=g)
     y = (torch.tanh(x @ w1 + b1) @ w2).argmax(dim=1)
     return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], n_classes, source="synthetic")
+
+
+def _check_split_args(val_fraction: float, train_subset, test_subset) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for arg, val in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if val is not None and (not isinstance(val, int) or val < 1):
+            raise ConfigError(f"{arg} must be a positive integer or None, got {val!r}")
+
+
+def _split_indices(n_train: int, n_test: int, val_fraction: float, train_subset, test_subset, seed: int):
+    """Seeded (val, train, test) row indices; None means "all rows, in order".
+
+    One permutation of the training set (``torch.Generator().manual_seed(seed)``) gives the validation
+    rows first and the (optionally truncated) training rows after them; the test subset uses its own
+    generator seeded the same way.
+    """
+    n_val = max(1, round(val_fraction * n_train)) if val_fraction > 0 else 0
+    if n_val >= n_train:
+        raise ConfigError(f"val_fraction {val_fraction} leaves no training samples out of {n_train}")
+    val_idx = train_idx = test_idx = None
+    if n_val or train_subset is not None:
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+        val_idx, train_idx = (perm[:n_val] if n_val else None), perm[n_val:]
+        if train_subset is not None:
+            if train_subset > len(train_idx):
+                raise ConfigError(f"train_subset {train_subset} exceeds the {len(train_idx)} available training samples")
+            train_idx = train_idx[:train_subset]
+    if test_subset is not None:
+        if test_subset > n_test:
+            raise ConfigError(f"test_subset {test_subset} exceeds the {n_test} test samples")
+        test_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:test_subset]
+    return val_idx, train_idx, test_idx
 
 
 def _locate(name: str, data_dir, download: bool) -> Path:
@@ -345,42 +406,24 @@ def _locate(name: str, data_dir, download: bool) -> Path:
 def load_dataset(name: str, data_dir=None, *, val_fraction: float = 0.0, train_subset: int | None = None,
                  test_subset: int | None = None, seed: int = 0, download: bool = True,
                  normalize: bool = True) -> Dataset:
-    """Load ``name`` with optional seeded validation split and train/test subsets."""
+    """Load ``name`` with an optional seeded validation split and seeded train/test subsets.
+
+    Image pixels are scaled to [0, 1] and, if ``normalize``, standardized with the full training set's
+    mean/std (global for MNIST-like data, per channel for CIFAR-10). The returned tensors are fresh copies.
+    """
     _check_name(name)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    for arg, val in (("train_subset", train_subset), ("test_subset", test_subset)):
-        if val is not None and (not isinstance(val, int) or val < 1):
-            raise ConfigError(f"{arg} must be a positive integer or None, got {val!r}")
+    _check_split_args(val_fraction, train_subset, test_subset)
     if name == "synthetic":
         ds = synthetic_teacher(seed=seed)
-    else:
-        d = _locate(name, data_dir, download)
-        raw = _load_raw(name, d, normalize)
-        ds = Dataset(name, *raw, n_classes=10, source=str(d))
-
-    n = len(ds.x_train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
-    if n_val >= n:
-        raise ConfigError(f"val_fraction {val_fraction} leaves no training samples out of {n}")
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    if train_subset is not None:
-        if train_subset > len(train_idx):
-            raise ConfigError(f"train_subset {train_subset} exceeds the {len(train_idx)} available training samples")
-        train_idx = train_idx[:train_subset]
-    if n_val:
-        ds.x_val, ds.y_val = ds.x_train[val_idx], ds.y_train[val_idx]
-    if n_val or train_subset is not None:
-        ds.x_train, ds.y_train = ds.x_train[train_idx], ds.y_train[train_idx]
-    if test_subset is not None:
-        if test_subset > len(ds.x_test):
-            raise ConfigError(f"test_subset {test_subset} exceeds the {len(ds.x_test)} test samples")
-        test_idx = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(seed))[:test_subset]
-        ds.x_test, ds.y_test = ds.x_test[test_idx], ds.y_test[test_idx]
-    if name != "synthetic":  # never hand out the cached tensors themselves
-        shared = {id(t) for t in raw}
-        for field in ("x_train", "y_train", "x_test", "y_test"):
-            if id(getattr(ds, field)) in shared:
-                setattr(ds, field, getattr(ds, field).clone())
-    return ds
+        v, tr, te = _split_indices(len(ds.x_train), len(ds.x_test), val_fraction, train_subset, test_subset, seed)
+        take = lambda t, i: t if i is None else t[i]  # noqa: E731
+        x_val, y_val = (None, None) if v is None else (ds.x_train[v], ds.y_train[v])
+        return Dataset(name, take(ds.x_train, tr), take(ds.y_train, tr), take(ds.x_test, te), take(ds.y_test, te),
+                       ds.n_classes, x_val, y_val, source="synthetic")
+    d = _locate(name, data_dir, download)
+    xtr, ytr, xte, yte, mean, std = _load_raw(name, d, normalize)
+    val_idx, train_idx, test_idx = _split_indices(len(xtr), len(xte), val_fraction, train_subset, test_subset, seed)
+    x_train, y_train = _to_tensors(xtr, ytr, train_idx, mean, std)
+    x_test, y_test = _to_tensors(xte, yte, test_idx, mean, std)
+    x_val, y_val = _to_tensors(xtr, ytr, val_idx, mean, std) if val_idx is not None else (None, None)
+    return Dataset(name, x_train, y_train, x_test, y_test, 10, x_val, y_val, source=str(d))

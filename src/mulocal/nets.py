@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.grad import conv2d_weight
 
 from .errors import CheckpointError, ConfigError
 from .param import Parameterization, check_width, layer_roles
@@ -50,8 +50,9 @@ class Dense:
         self.bias = torch.zeros(K, fan_out, dtype=dtype, device=device) if bias else None
 
     def forward(self, a, weight=None, bias=None):
+        """Apply the layer (``weight`` / ``bias`` override the layer's own; ``bias=False`` drops it)."""
         w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
+        b = self.bias if bias is None else (None if bias is False else bias)
         if b is None:
             out = torch.bmm(a, w.transpose(1, 2))
             return out.mul_(self.mult) if self.mult != 1 else out
@@ -86,8 +87,9 @@ class Conv:
         return y.reshape(B, self.K, -1, *y.shape[2:]).transpose(0, 1)
 
     def forward(self, a, weight=None, bias=None):
+        """Apply the layer (``weight`` / ``bias`` override the layer's own; ``bias=False`` drops it)."""
         w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
+        b = self.bias if bias is None else (None if bias is False else bias)
         y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, padding=self.k // 2, groups=self.K)
         y = self._ungroup(y)
         if self.mult != 1:
@@ -95,16 +97,16 @@ class Conv:
         return y if b is None else y + b[:, None, :, None, None]
 
     def backward_input(self, delta):
-        K, B, _, H, W = delta.shape
-        g = conv2d_input((B, K * self.c_in, H, W), self.weight.reshape(-1, self.c_in, self.k, self.k),
-                         self._group(delta), padding=self.k // 2, groups=self.K)
+        w = self.weight.reshape(-1, self.c_in, self.k, self.k)
+        g = F.conv_transpose2d(self._group(delta), w, padding=self.k // 2, groups=self.K)
         return self._ungroup(g) * self.mult
 
     def grads(self, delta, a):
+        # One ungrouped weight-gradient call per replica: CPU kernels for grouped weight gradients
+        # with few input channels per group are over 10x slower.
         B = delta.shape[1]
-        gw = conv2d_weight(self._group(a), (self.K * self.c_out, self.c_in, self.k, self.k), self._group(delta),
-                           padding=self.k // 2, groups=self.K)
-        gw = gw.reshape(self.weight.shape) * (self.mult / B)
+        gw = torch.stack([conv2d_weight(a[k], self.weight.shape[1:], delta[k], padding=self.k // 2)
+                          for k in range(self.K)]).mul_(self.mult / B)
         gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
         return gw, gb
 

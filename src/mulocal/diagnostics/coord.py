@@ -1,0 +1,186 @@
+"""Coordinate check: how the size of each contribution to a training step scales with width.
+
+For every width, K replicas (seeds) take ``steps`` updates on the same batches; after each
+update t we measure on a fixed probe batch, per layer l (RMS over coordinates, averaged over
+replicas):
+
+=============  ===========================================  =======================
+name           quantity                                     muP keeps it Theta(1)
+=============  ===========================================  =======================
+``h_l``        activity a_l = post(u_l), hidden layers      yes
+``dh_l``       a_l(t) - a_l(0)                              yes
+``dWh_l``      (W_l(t) - W_l(0)) a_{l-1}(t) (+ bias change)  yes
+``Wdh_l``      W_l(0) (a_{l-1}(t) - a_{l-1}(0)), l >= 2     yes
+``df``         f(t) - f(0)                                  yes
+``f``          f(t)                                         no (vanishes when b_L = 1)
+=============  ===========================================  =======================
+
+u_l(t) - u_l(0) = dWh_l + Wdh_l, so the table splits every change into the part caused by the
+layer's own update and the part it inherits. Each quantity's log-log slope against width is
+fitted per step and on the step-averaged log RMS (``slopes``); ``max_abs_slope`` is the largest
+|slope| among the counted quantities. A learning rule can add observables by defining
+``coord_observables(net, x, y) -> {name: (K,) tensor}`` and a set ``coord_counted`` of the names
+muP keeps Theta(1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..nets import Net
+from ..optim import LayerwiseOptimizer
+
+
+def rms(t: torch.Tensor) -> torch.Tensor:
+    """Root mean square per replica: (K, ...) -> (K,)."""
+    return t.detach().flatten(1).double().pow(2).mean(1).sqrt()
+
+
+def fit_slope(widths: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of log(value) against log(width); nan if any value is not positive."""
+    v = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(v)) or np.any(v <= 0):
+        return float("nan")
+    return float(np.polyfit(np.log(np.asarray(widths, float)), np.log(v), 1)[0])
+
+
+@dataclass
+class CoordResult:
+    widths: list[int]
+    steps: int
+    rms: dict[str, list[list[float]]]  # name -> [width][step]
+    counted: list[str]
+    slopes: dict[str, float] = field(default_factory=dict)
+    slopes_per_step: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, table in self.rms.items():
+            arr = np.asarray(table, dtype=float)  # (widths, steps)
+            self.slopes_per_step[name] = [fit_slope(self.widths, arr[:, t]) for t in range(arr.shape[1])]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.slopes[name] = fit_slope(self.widths, np.exp(np.log(arr).mean(1)))
+
+    @property
+    def max_abs_slope(self) -> float:
+        vals = [abs(self.slopes[n]) for n in self.counted if n in self.slopes]
+        return float("inf") if any(math.isnan(v) for v in vals) else max(vals, default=0.0)
+
+    def to_dict(self) -> dict:
+        def clean(x):
+            return None if isinstance(x, float) and not math.isfinite(x) else x
+        return {"widths": self.widths, "steps": self.steps,
+                "slopes": {k: clean(v) for k, v in self.slopes.items()},
+                "slopes_per_step": {k: [clean(x) for x in v] for k, v in self.slopes_per_step.items()},
+                "counted": self.counted, "max_abs_slope": clean(self.max_abs_slope),
+                "rms": self.rms}
+
+    def table(self) -> str:
+        head = f"{'quantity':<12}{'counted':>8}" + "".join(f"{w:>11}" for w in self.widths) + f"{'slope':>9}"
+        lines = [f"coordinate check: RMS at the last of {self.steps} steps, slope of the step-averaged log RMS",
+                 head, "-" * len(head)]
+        for name, table in self.rms.items():
+            row = "".join(f"{table[i][-1]:>11.3g}" for i in range(len(self.widths)))
+            lines.append(f"{name:<12}{('yes' if name in self.counted else 'no'):>8}{row}{self.slopes[name]:>9.3f}")
+        lines.append(f"max |slope| over counted quantities: {self.max_abs_slope:.3f}")
+        return "\n".join(lines)
+
+    def plot(self, path: str, title: str = "") -> str:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        groups = {}
+        for name in self.rms:
+            groups.setdefault(name.split("_")[0], []).append(name)
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.0), squeeze=False)
+        for ax, (g, names) in zip(axes[0], groups.items()):
+            for name in names:
+                ax.plot(self.widths, [r[-1] for r in self.rms[name]], "o-", label=f"{name} ({self.slopes[name]:+.2f})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(g)
+            ax.set_xlabel("width")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("RMS")
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+@torch.no_grad()
+def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
+    us, acts = net.forward(probe_x)
+    out = {}
+    L = net.depth
+    for l in range(1, L):
+        out[f"h_{l}"] = rms(acts[l])
+        out[f"dh_{l}"] = rms(acts[l] - acts0[l])
+    for l in range(1, L + 1):
+        layer = net.layers[l - 1]
+        db = None if layer.bias is None else layer.bias - b0[l - 1]
+        out[f"dWh_{l}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
+        if l >= 2:
+            out[f"Wdh_{l}"] = rms(layer.forward(acts[l - 1] - acts0[l - 1], w0[l - 1], False))
+    out["df"] = rms(us[-1] - f0)
+    out["f"] = rms(us[-1])
+    return out
+
+
+def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], batches: Sequence[tuple],
+                probe: torch.Tensor, lr: float, optimizer: str = "sgd", momentum: float = 0.0) -> CoordResult:
+    """Run the coordinate check.
+
+    ``make_net(width)`` builds a net (its K replicas are averaged over); ``batches`` is the list
+    of (x, y) training batches, one per step, the same at every width; ``probe`` the fixed input
+    batch measured after each step.
+    """
+    widths = sorted(int(w) for w in widths)
+    if len(widths) < 2:
+        raise ConfigError("a coordinate check needs at least two widths")
+    if not batches:
+        raise ConfigError("a coordinate check needs at least one step")
+    rec: dict[str, list[list[float]]] = {}
+    counted: list[str] = []
+    for w in widths:
+        net = make_net(w)
+        opt = LayerwiseOptimizer.for_net(net, lr, optimizer, momentum=momentum)
+        w0 = [layer.weight.clone() for layer in net.layers]
+        b0 = [None if layer.bias is None else layer.bias.clone() for layer in net.layers]
+        us0, acts0 = net.forward(probe)
+        per_step: dict[str, list[float]] = {}
+        for x, y in batches:
+            grads, _ = algo.step(net, x, y)
+            opt.step(grads)
+            meas = _measure(net, w0, b0, acts0, us0[-1], probe)
+            if hasattr(algo, "coord_observables"):
+                meas.update(algo.coord_observables(net, x, y))
+            for name, v in meas.items():
+                per_step.setdefault(name, []).append(float(v.mean()))
+        for name, v in per_step.items():
+            rec.setdefault(name, []).append(v)
+        if not counted:
+            L = net.depth
+            counted = ([f"h_{l}" for l in range(1, L)] + [f"dh_{l}" for l in range(1, L)]
+                       + [f"dWh_{l}" for l in range(1, L + 1)] + [f"Wdh_{l}" for l in range(2, L + 1)] + ["df"]
+                       + sorted(getattr(algo, "coord_counted", ())))
+    return CoordResult(widths, len(batches), rec, counted)
+
+
+def coord_batches(data, steps: int, batch_size: int = 64, probe_size: int = 256, seed: int = 0):
+    """``steps`` training batches and a disjoint probe batch drawn (seeded) from a dataset."""
+    if steps < 1 or batch_size < 1:
+        raise ConfigError("steps and batch size must be positive")
+    n = len(data.x_train)
+    if n < steps * batch_size + probe_size:
+        raise ConfigError(f"dataset has {n} training samples, the check needs {steps * batch_size + probe_size}")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    batches = [(data.x_train[idx[i * batch_size:(i + 1) * batch_size]],
+                data.y_train[idx[i * batch_size:(i + 1) * batch_size]]) for i in range(steps)]
+    return batches, data.x_train[idx[-probe_size:]]
