@@ -1,0 +1,62 @@
+"""Command line: JSON contracts and one clear line on bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mulocal.cli import main
+
+
+def _run(args):
+    p = subprocess.run([sys.executable, "-m", "mulocal.cli", *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--param", "nope", "--dataset", "synthetic"], "unknown parameterization preset 'nope'"),
+    (["train", "--width", "0", "--dataset", "synthetic"], "--width must be positive"),
+    (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["coord", "--widths", "64,x"], "comma-separated integers"),
+    (["train", "--dataset", "synthetic", "--algo", "hebb"], "unknown algorithm 'hebb'"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent-dir", "--no-download"],
+     "dataset-fashion-mnist"),
+])
+def test_bad_input_one_clear_line(args, needle):
+    rc, out, err = _run(args)
+    assert rc != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0] and "Traceback" not in err
+
+
+def test_train_json(capsys):
+    rc = main(["train", "--dataset", "synthetic", "--width", "32", "--epochs", "1", "--json", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "done" and 0 <= out["test_accuracy"] <= 1
+
+
+def test_train_json_replicas(capsys):
+    rc = main(["train", "--dataset", "synthetic", "--width", "32", "--lr", "0.05,0.1", "--seeds", "1,2", "--json",
+               "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == ["done", "done"] and len(out["test_accuracy"]) == 2
+
+
+def test_coord_json(capsys, tmp_path):
+    png = tmp_path / "c.png"
+    rc = main(["coord", "--dataset", "synthetic", "--widths", "32,64,128", "--steps", "2", "--json",
+               "--plot", str(png)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["counted"]) <= set(out["slopes"]) and "f" in out["slopes"] and "f" not in out["counted"]
+    assert out["max_abs_slope"] == max(abs(out["slopes"][k]) for k in out["counted"])
+    assert png.stat().st_size > 1000
+
+
+def test_describe_and_data_check(capsys):
+    assert main(["describe", "--param", "mup", "--width", "512"]) == 0
+    assert "m = 8" in capsys.readouterr().out
+    assert main(["data", "check", "synthetic", "--json"]) == 0

@@ -1,0 +1,86 @@
+"""Training loop: a floor on real data, divergence handling, checkpoints, metrics."""
+import json
+import math
+
+import pytest
+import torch
+
+from mulocal.algos import make_algo
+from mulocal.errors import CheckpointError
+from mulocal.nets import build
+from mulocal.param import preset
+from mulocal.train import Trainer, TrainConfig, load_checkpoint
+from mulocal.cli import DEFAULT_LR
+
+
+def test_floor_bp_mup_fashion_mnist(fmnist):
+    """BP, muP (SGD), width 256, one epoch with the documented default learning rate: >= 0.82."""
+    net = build("mlp", fmnist.input_shape, 10, 256, preset("mup", "sgd"), seeds=[0])
+    res = Trainer(net, make_algo("bp"), fmnist, TrainConfig(epochs=1, lr=DEFAULT_LR["sgd"], progress=False)).run()
+    acc = res["replicas"][0]["test_accuracy"]
+    assert acc >= 0.82, acc
+
+
+def test_diverged_replica_is_recorded_and_others_go_on(synth, tmp_path):
+    net = build("mlp", synth.input_shape, 10, 64, preset("sp"), K=3, seeds=[0, 1, 2])
+    metrics = tmp_path / "m.jsonl"
+    res = Trainer(net, make_algo("bp", loss="mse"), synth,
+                  TrainConfig(epochs=2, lr=[0.05, 1e6, 0.1], batch_size=64, progress=False,
+                              metrics_path=str(metrics))).run()
+    status = [r["status"] for r in res["replicas"]]
+    assert status == ["done", "diverged", "done"]
+    assert res["replicas"][0]["test_accuracy"] > 0.2 and res["replicas"][2]["test_accuracy"] > 0.2
+    assert res["replicas"][1]["test_accuracy"] is None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) == 6 and {r["replica"] for r in rows} == {0, 1, 2}
+    assert all(r["status"] == "diverged" for r in rows if r["replica"] == 1)
+    assert all(torch.isfinite(p).all() for p in net.params())
+
+
+def test_training_reduces_loss(synth):
+    net = build("mlp", synth.input_shape, 10, 64, preset("mup", "sgd", base_width=32), seeds=[0])
+    tr = Trainer(net, make_algo("bp"), synth, TrainConfig(epochs=3, lr=0.2, batch_size=64, progress=False))
+    res = tr.run()
+    hist = [h for h in res["replicas"][0]["history"]]
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert hist[-1]["test_accuracy"] > 0.5
+
+
+def test_checkpoint_resume_equals_uninterrupted(synth, tmp_path):
+    cfg = dict(lr=0.1, batch_size=64, progress=False)
+    p = preset("mup", "sgd", base_width=32)
+    full = build("mlp", synth.input_shape, 10, 64, p, seeds=[4], dtype=torch.float64)
+    Trainer(full, make_algo("bp"), synth, TrainConfig(epochs=2, **cfg), seeds=[4]).run()
+    ck = str(tmp_path / "ck.pt")
+    part = build("mlp", synth.input_shape, 10, 64, p, seeds=[4], dtype=torch.float64)
+    Trainer(part, make_algo("bp"), synth, TrainConfig(epochs=1, checkpoint_path=ck, **cfg), seeds=[4]).run()
+    resumed = build("mlp", synth.input_shape, 10, 64, p, seeds=[99], dtype=torch.float64)
+    res = Trainer(resumed, make_algo("bp"), synth, TrainConfig(epochs=2, checkpoint_path=ck, resume=True, **cfg),
+                  seeds=[4]).run()
+    assert res["epochs"] == 2
+    for a, b in zip(full.params(), resumed.params()):
+        assert torch.allclose(a, b, rtol=1e-12)
+
+
+def test_checkpoint_refuses_mismatched_shapes(synth, tmp_path):
+    net = build("mlp", synth.input_shape, 10, 64, preset("sp"), seeds=[0])
+    ck = str(tmp_path / "ck.pt")
+    Trainer(net, make_algo("bp"), synth, TrainConfig(epochs=1, max_steps=1, checkpoint_path=ck, progress=False)).run()
+    other = build("mlp", synth.input_shape, 10, 128, preset("sp"), seeds=[0])
+    with pytest.raises(CheckpointError, match="width"):
+        load_checkpoint(ck, other)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(str(tmp_path / "junk.pt"), net)
+
+
+def test_cnn_learns_fashion_mnist(fmnist):
+    """The CNN (conv-pool-conv-pool-linear, K = 2 replicas) learns real images in a short run."""
+    from mulocal.data import Dataset
+    d = Dataset("fmnist-small", fmnist.x_train[:3000], fmnist.y_train[:3000], fmnist.x_test[:1000],
+                fmnist.y_test[:1000], 10)
+    net = build("cnn", d.input_shape, 10, 16, preset("mup", "adam", base_width=16), K=2, seeds=[0, 1])
+    res = Trainer(net, make_algo("bp"), d, TrainConfig(epochs=1, lr=3e-3, optimizer="adam", batch_size=32,
+                                                        progress=False), seeds=[0, 1]).run()
+    for r in res["replicas"]:
+        assert r["test_accuracy"] > 0.6, r["test_accuracy"]
