@@ -189,6 +189,13 @@ class Net:
 
     def post_vjp(self, l: int, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(d a_l / d u_l)^T g for 1 <= l < L."""
+        return self.linearize(l, u)(g)
+
+    def linearize(self, l: int, u: torch.Tensor, a: torch.Tensor | None = None):
+        """The map g -> (d a_l / d u_l)^T g at u (``a = post(l, u)`` may be passed to save work).
+
+        Build it once and reuse it while u is fixed (FPA, or several uses in one sweep).
+        """
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -247,8 +254,9 @@ class MLP(Net):
             return u.reshape(*u.shape[:2], -1)
         return self.phi(u)
 
-    def post_vjp(self, l, u, g):
-        return self.dphi(u) * g
+    def linearize(self, l, u, a=None):
+        d = (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
+        return d.mul
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim, depth=self.depth,
@@ -300,9 +308,9 @@ class CNN(Net):
         a = self._pool(self.phi(u))
         return a.flatten(2) if l == self.depth - 1 else a
 
-    def post_vjp(self, l, u, g):
+    def linearize(self, l, u, a=None):
         _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
-        return vjp(g)[0]
+        return lambda g: vjp(g)[0]
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,

@@ -190,32 +190,44 @@ def layer_shapes(depth: int, in_dim: int, width: int, out_dim: int) -> list[tupl
 
 
 # ---------------------------------------------------------------------- presets
-def _sp(optimizer: str) -> Parameterization:
-    return Parameterization(name=f"sp-{optimizer}", note="standard parameterization")
+def _sp(optimizer: str, gamma_bar_L: float) -> Parameterization:
+    return Parameterization(name=f"sp-{optimizer}", gamma_bar_L=gamma_bar_L, note="standard parameterization")
 
 
-def _mup(optimizer: str) -> Parameterization:
+def _mup(optimizer: str, gamma_bar_L: float) -> Parameterization:
+    """muP. With SGD the output energy weight gamma_L ~ m^-gbar multiplies every PC update, so
+    c = c_SGD - gbar compensates it; Adam normalises it away (c unchanged)."""
+    g = gamma_bar_L
     if optimizer == "sgd":
-        return Parameterization(
-            name="mup-sgd", b=(0, 0.5, 1), c=(-1, 0, 1), c_bias=(-1, 0), note="muP for BP with SGD (Yang & Hu)"
-        )
-    return Parameterization(name="mup-adam", b=(0, 0.5, 1), c=(0, 1, 1), c_bias=(0, 0), note="muP for BP with Adam")
+        note = "muP with SGD (Yang & Hu)" + (f", PC gbar_L = {g:g}: c = c_SGD - gbar_L" if g else "")
+        return Parameterization(name="mup-sgd", b=(0, 0.5, 1), c=(-1 - g, 0.0 - g, 1 - g), c_bias=(-1 - g, 0.0 - g),
+                                gamma_bar_L=g, note=note)
+    return Parameterization(name="mup-adam", b=(0, 0.5, 1), c=(0, 1, 1), c_bias=(0, 0), gamma_bar_L=g,
+                            note="muP with Adam" + (f", PC gbar_L = {g:g}" if g else ""))
 
 
-PRESETS = {"sp": _sp, "mup": _mup}
+def _gnt(optimizer: str, gamma_bar_L: float) -> Parameterization:
+    """PC's Gauss-Newton-like muP: gbar_L = -1 (the maximal inference perturbation)."""
+    return _mup(optimizer, -1.0).with_(name=f"gnt-{optimizer}")
+
+
+PRESETS = {"sp": _sp, "mup": _mup, "gnt": _gnt}
 OPTIMIZERS = ("sgd", "adam")
 
 
 def register_preset(name: str, factory) -> None:
-    """Add a preset: ``factory(optimizer) -> Parameterization``."""
+    """Add a preset: ``factory(optimizer, gamma_bar_L) -> Parameterization``."""
     PRESETS[name] = factory
 
 
-def preset(name: str, optimizer: str = "sgd", **overrides) -> Parameterization:
-    """A named preset for an optimizer ("sgd" or "adam"), with field overrides.
+def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, **overrides) -> Parameterization:
+    """A named preset for an optimizer ("sgd" or "adam"), then field overrides.
 
-    ``preset("mup", "sgd")`` is muP for SGD, ``preset("mup", "adam")`` for Adam, ``preset("sp")``
-    the standard parameterization. Names ``mup-sgd`` / ``sp-adam`` pin the optimizer.
+    ``preset("mup", "sgd")`` is muP for SGD, ``preset("mup", "adam")`` for Adam, ``preset("sp")`` the
+    standard parameterization, ``preset("gnt")`` PC's muP with gbar_L = -1. Names like ``mup-sgd``
+    pin the optimizer. ``gamma_bar_L`` is a preset argument: muP with SGD shifts its learning-rate
+    exponents by it (c = c_SGD - gbar_L). Overrides are applied afterwards and never re-derive
+    anything: ``preset("mup").with_(gamma_bar_L=-1)`` keeps SGD's c (the unstable control).
     """
     if not isinstance(name, str):
         raise ConfigError(f"preset name must be a string, got {name!r}")
@@ -227,5 +239,11 @@ def preset(name: str, optimizer: str = "sgd", **overrides) -> Parameterization:
         raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
     if key not in PRESETS:
         raise ConfigError(f"unknown parameterization preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
-    base = PRESETS[key](optimizer)
+    try:
+        g = float(gamma_bar_L)
+    except (TypeError, ValueError):
+        raise ConfigError(f"gamma_bar_L must be a number, got {gamma_bar_L!r}") from None
+    if not math.isfinite(g):
+        raise ConfigError(f"gamma_bar_L must be finite, got {gamma_bar_L!r}")
+    base = PRESETS[key](optimizer, g)
     return base.with_(**overrides) if overrides else base

@@ -37,5 +37,5 @@ def backprop(net: Net, us, acts, delta) -> list[torch.Tensor]:
         gw, gb = layer.grads(delta, acts[l - 1])
         grads[:0] = [gw] if gb is None else [gw, gb]
         if l > 1:
-            delta = net.post_vjp(l - 1, us[l - 1], layer.backward_input(delta))
+            delta = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta))
     return grads
