@@ -19,6 +19,9 @@ def _run(args):
     (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["coord", "--widths", "64,x"], "comma-separated integers"),
     (["train", "--dataset", "synthetic", "--algo", "hebb"], "unknown algorithm 'hebb'"),
+    (["train", "--dataset", "synthetic", "--T", "5"], "--T applies to --algo pc only"),
+    (["train", "--dataset", "synthetic", "--algo", "pc", "--inference", "sideways"], "unknown inference"),
+    (["train", "--dataset", "synthetic", "--algo", "pc", "--T", "0"], "T must be a positive integer"),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent-dir", "--no-download"],
      "dataset-fashion-mnist"),
 ])
@@ -60,3 +63,16 @@ def test_describe_and_data_check(capsys):
     assert main(["describe", "--param", "mup", "--width", "512"]) == 0
     assert "m = 8" in capsys.readouterr().out
     assert main(["data", "check", "synthetic", "--json"]) == 0
+
+
+def test_pc_train_and_coord_json(capsys):
+    rc = main(["train", "--algo", "pc", "--dataset", "synthetic", "--width", "32", "--gamma-bar-L", "-1", "--T", "3",
+               "--inference", "parallel", "--json", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "done" and out["param"] == "mup-sgd"
+    rc = main(["coord", "--algo", "pc", "--dataset", "synthetic", "--widths", "32,64,128", "--steps", "2",
+               "--gamma-bar-L", "1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "pert_2" in out["slopes"] and out["slopes"]["pert_2"] < -1.5

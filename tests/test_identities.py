@@ -119,3 +119,48 @@ def test_adam_matches_torch():
         torch_opt.step()
     for p, r in zip(net.params(), ref):
         assert torch.allclose(p, r.detach(), rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- predictive coding
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("gbar", [-1.0, 0.0, 1.0])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_pc_fini_fpa_si_single_shot_is_gamma_L_times_bp(arch, gbar, loss):
+    """F-ini + FPA + SI + T = 1 + kappa_l = 1/gamma_l: the PC update is gamma_L x the BP gradient."""
+    torch.manual_seed(1)
+    shape = (1, 8, 8) if arch == "cnn" else (12,)
+    net = build(arch, shape, 5, 16, preset("mup", "sgd", gamma_bar_L=gbar, base_width=4), K=2, seeds=[1, 2],
+                dtype=torch.float64)
+    x, y = torch.randn(2, 7, *shape, dtype=torch.float64), torch.randint(0, 5, (2, 7))
+    bp, _ = make_algo("bp", loss=loss).step(net, x, y)
+    pc, _ = make_algo("pc", loss=loss, fpa=True, T=1, inference="sequential", init="forward").step(net, x, y)
+    gamma_L = net.param.gamma_L(net.width)
+    assert gamma_L == pytest.approx(4.0 ** -gbar)
+    for p, b in zip(pc, bp):
+        assert (p - gamma_L * b).abs().max() <= 1e-10 * (gamma_L * b).abs().max()
+
+
+def test_pc_identity_needs_fpa_and_si():
+    """The identity is specific: without FPA, or with parallel inference, the update differs from BP's."""
+    net = build("mlp", (12,), 5, 16, preset("mup", "sgd", base_width=4), seeds=[1], dtype=torch.float64)
+    x, y = torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    bp, _ = make_algo("bp").step(net, x, y)
+    no_fpa, _ = make_algo("pc", fpa=False).step(net, x, y)
+    parallel, _ = make_algo("pc", fpa=True, inference="parallel").step(net, x, y)
+    assert not torch.allclose(no_fpa[2], bp[2], rtol=1e-3)  # hidden-to-hidden weights
+    assert parallel[0].abs().max() == 0  # one parallel step leaves the input layer's error at 0
+    cos = torch.nn.functional.cosine_similarity(no_fpa[2].flatten(), bp[2].flatten(), 0)
+    assert 0.2 < cos < 0.95
+
+
+def test_pc_incremental_updates_weights_during_inference(synth):
+    from mulocal.optim import LayerwiseOptimizer
+    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=32), seeds=[0],
+                dtype=torch.float64)
+    before = [p.clone() for p in net.params()]
+    opt = LayerwiseOptimizer.for_net(net, 0.1)
+    x, y = synth.x_train[:16], synth.y_train[:16]
+    grads, _ = make_algo("pc", T=3, incremental=True).step(net, x, y, opt=opt)
+    assert opt.t == 2 and not torch.equal(before[0], net.params()[0])  # T - 1 updates inside the step
+    with pytest.raises(Exception, match="needs the optimizer"):
+        make_algo("pc", T=3, incremental=True).step(net, x, y)

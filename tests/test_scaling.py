@@ -9,11 +9,11 @@ from mulocal.param import preset
 WIDTHS = [64, 128, 256, 512, 1024]
 
 
-def _coord(data, pname, opt, lr, steps=3):
-    p = preset(pname, opt)
+def _coord(data, pname, opt, lr, steps=3, algo="bp", param=None, **algo_kw):
+    p = param or preset(pname, opt)
     batches, probe = coord_batches(data, steps, 64, seed=0)
     return coord_check(lambda w: build("mlp", data.input_shape, 10, w, p, K=4, seeds=range(4)),
-                       make_algo("bp"), WIDTHS, batches, probe, lr, opt)
+                       make_algo(algo, **algo_kw), WIDTHS, batches, probe, lr, opt)
 
 
 def test_fit_slope_recovers_power_law():
@@ -38,3 +38,26 @@ def test_bp_sp_sgd_output_update_grows(fmnist):
 def test_bp_sp_adam_output_update_grows(fmnist):
     res = _coord(fmnist, "sp", "adam", 1e-3)
     assert res.slopes["dWh_3"] >= 0.5, res.table()
+
+
+# ----------------------------------------------------------------------------- predictive coding
+@pytest.mark.parametrize("gbar", [-1.0, 0.0, 1.0])
+def test_pc_single_shot_mup_flat_and_perturbation_law(fmnist, gbar):
+    """Single-shot SI without FPA under PC's muP (c = c_SGD - gbar): every contribution Theta(1),
+    and the inference perturbation of v_{L-1} scales as M^(-1 - gbar)."""
+    res = _coord(fmnist, None, "sgd", 0.1, algo="pc", param=preset("mup", "sgd", gamma_bar_L=gbar),
+                 T=1, inference="sequential", fpa=False)
+    assert res.max_abs_slope <= 0.15, res.table()
+    assert res.slopes["pert_2"] == pytest.approx(-1 - gbar, abs=0.15), res.table()
+
+
+def test_pc_gnt_with_sgd_learning_rates_blows_up(fmnist):
+    """gbar = -1 with SGD's muP learning rates (not shifted): updates grow with width."""
+    p = preset("mup", "sgd").with_(gamma_bar_L=-1.0)
+    res = _coord(fmnist, None, "sgd", 0.1, algo="pc", param=p, T=1)
+    assert max(res.slopes[k] for k in res.counted) >= 0.5, res.table()
+
+
+def test_pc_mup_adam_flat(fmnist):
+    res = _coord(fmnist, None, "adam", 1e-3, algo="pc", param=preset("mup", "adam", gamma_bar_L=0.0), T=1)
+    assert res.max_abs_slope <= 0.15, res.table()

@@ -40,7 +40,7 @@ def _ints(text: str) -> list[int]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and parameterization")
-    g.add_argument("--algo", default="bp", help="learning rule (bp)")
+    g.add_argument("--algo", default="bp", help="learning rule: bp or pc")
     g.add_argument("--param", default="mup", help="parameterization preset: mup, sp, ...")
     g.add_argument("--optimizer", default="sgd", help="sgd or adam")
     g.add_argument("--arch", default="mlp", help="mlp or cnn")
@@ -52,6 +52,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.0)
     g.add_argument("--dtype", default="float32", help="float32 or float64")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
+    pc = p.add_argument_group("predictive coding (--algo pc)")
+    pc.add_argument("--gamma-bar-L", type=float, default=0.0,
+                    help="width exponent of the output energy weight: gamma_L = gamma'_L m^-gbar (muP with SGD "
+                         "shifts its LR exponents by it; 0 = SGD-like, -1 = Gauss-Newton-like)")
+    pc.add_argument("--gamma-L-prime", type=float, default=1.0, help="gamma'_L (default 1)")
+    pc.add_argument("--inference", default=None, help="sequential (top-down, default) or parallel")
+    pc.add_argument("--T", type=int, default=None, help="inference steps (default 1: single-shot)")
+    pc.add_argument("--kappa", type=float, default=None, help="inference step size (default 1/gamma_l)")
+    pc.add_argument("--init", default=None, help="value initialisation: forward (default), zero, random")
+    pc.add_argument("--fpa", action="store_true", default=None, help="fixed prediction assumption")
+    pc.add_argument("--inference-momentum", type=float, default=None)
+    pc.add_argument("--tol", type=float, default=None, help="stop inference when the energy changes less")
+    pc.add_argument("--incremental", action="store_true", default=None,
+                    help="incremental PC: update weights at every inference step")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or synthetic")
     d.add_argument("--data-dir", default=None, help="folder with the dataset's files")
@@ -68,8 +82,9 @@ def _common(args):
     from .errors import ConfigError
     from .param import preset
 
-    param = preset(args.param, args.optimizer, base_width=args.base_width)
-    algo = make_algo(args.algo, loss=args.loss)
+    param = preset(args.param, args.optimizer, gamma_bar_L=args.gamma_bar_L, base_width=args.base_width,
+                   gamma_L_prime=args.gamma_L_prime)
+    algo = make_algo(args.algo, loss=args.loss, **_algo_options(args))
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if args.dtype not in dtypes:
         raise ConfigError(f"unknown dtype '{args.dtype}'; choose float32 or float64")
@@ -79,6 +94,19 @@ def _common(args):
                         val_fraction=getattr(args, "val_fraction", 0.0), seed=getattr(args, "data_seed", 0),
                         download=not args.no_download)
     return param, algo, dtypes[args.dtype], data
+
+
+PC_FLAGS = {"T": "T", "inference": "inference", "init": "init", "fpa": "fpa", "kappa": "kappa",
+            "inference_momentum": "momentum", "tol": "tol", "incremental": "incremental"}
+
+
+def _algo_options(args) -> dict:
+    """Options of the chosen learning rule from its flags; flags of another rule are an error."""
+    opts = {PC_FLAGS[k]: getattr(args, k) for k in PC_FLAGS if getattr(args, k, None) is not None}
+    if args.algo != "pc" and opts:
+        flag = "--" + next(k for k in PC_FLAGS if PC_FLAGS[k] in opts).replace("_", "-")
+        raise MulocalError(f"{flag} applies to --algo pc only")
+    return opts
 
 
 def _net_factory(args, param, dtype, data, K, seeds):

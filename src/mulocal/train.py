@@ -121,7 +121,7 @@ class Trainer:
             loss_sum = torch.zeros(net.K, dtype=torch.float64)
             for i in range(steps):
                 idx = perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                grads, loss = self.algo.step(net, x_all[idx], y_all[idx])
+                grads, loss = self.algo.step(net, x_all[idx], y_all[idx], opt=self.opt)
                 self.opt.step(grads)
                 loss = loss.detach().double().cpu()
                 loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)

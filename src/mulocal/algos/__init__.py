@@ -1,10 +1,13 @@
-"""Learning rules. Each exposes ``step(net, x, y) -> (grads aligned with net.params(), loss (K,))``."""
+"""Learning rules. Each exposes ``step(net, x, y, opt=None) -> (grads aligned with net.params(), loss (K,))``.
+
+``opt`` is the optimizer, for rules that update weights during their own step (incremental PC)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
 from .bp import BP
+from .pc import PC
 
-ALGOS = {"bp": BP}
+ALGOS = {"bp": BP, "pc": PC}
 
 
 def make_algo(name: str, **options):

@@ -22,7 +22,7 @@ class BP:
         self.loss = check_loss(loss)
 
     @torch.no_grad()
-    def step(self, net: Net, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(gradients aligned with ``net.params()``, batch loss per replica (K,))."""
         us, acts = net.forward(x)
         loss, delta = loss_and_grad(us[-1], y, self.loss)

@@ -156,7 +156,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         us0, acts0 = net.forward(probe)
         per_step: dict[str, list[float]] = {}
         for x, y in batches:
-            grads, _ = algo.step(net, x, y)
+            grads, _ = algo.step(net, x, y, opt=opt)
             opt.step(grads)
             meas = _measure(net, w0, b0, acts0, us0[-1], probe)
             if hasattr(algo, "coord_observables"):
