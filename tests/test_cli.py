@@ -76,3 +76,12 @@ def test_pc_train_and_coord_json(capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert "pert_2" in out["slopes"] and out["slopes"]["pert_2"] < -1.5
+
+
+@pytest.mark.parametrize("algo,extra", [("dtp", ["--feedback", "ridge"]), ("tp", ["--fb-loss", "drl"]),
+                                        ("gnt", ["--damping", "0.01"])])
+def test_target_rules_train_json(capsys, algo, extra):
+    rc = main(["train", "--algo", algo, "--dataset", "synthetic", "--width", "32", "--json", "--no-progress", *extra])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "done" and out["param"] == f"mup-{algo}-sgd"

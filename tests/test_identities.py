@@ -164,3 +164,128 @@ def test_pc_incremental_updates_weights_during_inference(synth):
     assert opt.t == 2 and not torch.equal(before[0], net.params()[0])  # T - 1 updates inside the step
     with pytest.raises(Exception, match="needs the optimizer"):
         make_algo("pc", T=3, incremental=True).step(net, x, y)
+
+
+# ----------------------------------------------------------------------------- target propagation
+def _well_conditioned_linear_net(n=6, K=2):
+    net = build("mlp", (n,), n, n, preset("sp", base_width=n), activation="linear", bias=False, K=K,
+                seeds=list(range(K)), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for layer in net.layers:
+        layer.weight.copy_(torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(layer.weight.shape, generator=gen,
+                                                                                dtype=torch.float64) / n ** 0.5)
+    return net
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_dtp_with_exact_inverse_equals_gnt(loss):
+    """Invertible linear network, exact-inverse feedback: DTP targets = GNT targets with lambda -> 0."""
+    net = _well_conditioned_linear_net()
+    x, y = torch.randn(2, 5, 6, dtype=torch.float64), torch.randint(0, 6, (2, 5))
+    dtp = make_algo("dtp", loss=loss, feedback="inverse", beta=0.7)
+    gnt = make_algo("gnt", loss=loss, damping=1e-13, beta=0.7)
+    g_dtp, _ = dtp.step(net, x, y)
+    g_gnt, _ = gnt.step(net, x, y)
+    for t1, t2 in zip(dtp._last[2][1:], gnt._last[2][1:]):
+        assert torch.allclose(t1, t2, rtol=0, atol=1e-8 * t2.abs().max())
+    for a, b in zip(g_dtp, g_gnt):
+        assert torch.allclose(a, b, rtol=0, atol=1e-8 * b.abs().max())
+    # and it is not trivially so: with damping the targets move
+    damped = make_algo("gnt", loss=loss, damping=1.0, beta=0.7)
+    damped.step(net, x, y)
+    assert not torch.allclose(damped._last[2][1], gnt._last[2][1], atol=1e-4)
+
+
+def test_gnt_jacobians_equal_autograd():
+    from mulocal.algos.gnt import GNT
+    net = build("mlp", (5,), 3, 7, preset("mup", base_width=4), K=2, seeds=[0, 1], dtype=torch.float64)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    us, acts = net.forward(x)
+    J = GNT.jacobians(net, us, acts)
+
+    def f_from_h1(h1):  # (K, B, n1) -> f
+        u2 = net.layers[1].forward(h1)
+        return net.layers[2].forward(net.post(2, u2))
+    jac = torch.autograd.functional.jacobian(f_from_h1, acts[1])  # (K, B, C, K, B, n)
+    for k in range(2):
+        for b in range(4):
+            assert torch.allclose(J[1][k, b], jac[k, b, :, k, b, :], rtol=1e-10)
+
+
+def test_ridge_feedback_equals_lstsq():
+    """Ridge feedback Q_l = H_{l-1} (H_l^T H_l + mu I)^{-1} H_l^T equals numpy's least squares on the
+    augmented system [H_l^T; sqrt(mu) I] Q^T = [H_{l-1}^T; 0]."""
+    np = pytest.importorskip("numpy")
+    net = build("mlp", (9,), 4, 12, preset("mup", "sgd", algo="dtp", base_width=4), seeds=[0], dtype=torch.float64)
+    x = torch.randn(20, 9, dtype=torch.float64)
+    us, acts = net.forward(x)
+    algo = make_algo("dtp", feedback="ridge", ridge=0.05)
+    algo.setup(net)
+    for l in (2, 3):
+        Q = algo._linear_map(net, l, acts, us[-1])
+        H = (us[-1] if l == 3 else acts[l])[0].numpy()
+        Hp = acts[l - 1][0].numpy()
+        mu = 0.05 * H.shape[1]
+        A = np.vstack([H, np.sqrt(mu) * np.eye(H.shape[1])])
+        Bm = np.vstack([Hp, np.zeros((H.shape[1], Hp.shape[1]))])
+        Qt, *_ = np.linalg.lstsq(A, Bm, rcond=None)  # (n_l, n_{l-1}) = Q^T
+        r = torch.randn(1, 7, H.shape[1], dtype=torch.float64)
+        assert torch.allclose(Q(r), torch.from_numpy(r[0].numpy() @ Qt)[None], rtol=1e-9, atol=1e-11)
+
+
+def test_trainable_linear_feedback_converges_to_least_squares():
+    """Noise-free linear feedback trained on one batch converges to the least-squares map (with
+    intercept) from h_l to h_{l-1}."""
+    import numpy as np
+    net = build("mlp", (6,), 3, 5, preset("sp", base_width=5), seeds=[0], dtype=torch.float64)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    algo = make_algo("dtp", feedback="linear", sigma=0.0, fb_iters=1, fb_lr=0.5, fb_optimizer="adam")
+    us, acts = net.forward(x)
+    algo.setup(net)
+    algo.fb_opt.base_lr[:] = 0.02
+    algo.fb_opt._set_lrs()
+    for _ in range(6000):
+        algo.train_feedback(net, acts, us[-1])
+    H = us[-1][0].numpy()  # g_3 maps the output f back to h_2
+    A = np.hstack([H, np.ones((64, 1))])
+    sol, *_ = np.linalg.lstsq(A, acts[2][0].numpy(), rcond=None)
+    V, c = algo.fb[3].weight[0].numpy() * algo.fb[3].mult, algo.fb[3].bias[0].numpy()
+    assert np.allclose(V, sol[:-1].T, atol=1e-5) and np.allclose(c, sol[-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fb_loss", ["rec", "drl", "ldrl"])
+def test_reconstruction_error_falls_during_feedback_training(fb_loss):
+    net = build("mlp", (10,), 4, 32, preset("mup", "sgd", algo="dtp", base_width=32), seeds=[0])
+    x = torch.randn(128, 10)
+    algo = make_algo("dtp", feedback="trainable", fb_loss=fb_loss, sigma=0.1, fb_lr=3e-3, fb_optimizer="adam")
+    us, acts = net.forward(x)
+    algo.setup(net)
+
+    def rec_error():  # noise-free reconstruction of h_1 from h_2 through g_2
+        g, _ = algo._g(2, acts[2], net)
+        return (g - acts[1]).pow(2).mean().item() if fb_loss == "rec" else None
+
+    first = algo.train_feedback(net, acts, us[-1])
+    for _ in range(300):
+        last = algo.train_feedback(net, acts, us[-1])
+    key = "fb_loss_2" if fb_loss == "ldrl" else "rec_err_2"  # L-DRL aligns J_g with J_f^T, not an inverse
+    assert last[key].item() < first[key].item() - 0.3 * abs(first[key].item()), (first, last)
+    if fb_loss == "rec":
+        assert rec_error() < 0.5
+
+
+def test_dtp_replicas_equal_separate_runs(synth):
+    """Trainable feedback: per-replica feedback init and noise, so K replicas = K runs."""
+    p = preset("mup", "sgd", algo="dtp", base_width=8)
+    cfg = dict(epochs=1, batch_size=32, optimizer="sgd", progress=False, max_steps=5)
+
+    def run(lrs, seeds):
+        net = build("mlp", synth.input_shape, 10, 16, p, K=len(seeds), seeds=seeds, dtype=torch.float64)
+        Trainer(net, make_algo("dtp", fb_iters=2), synth, TrainConfig(lr=lrs, **cfg), seeds=seeds).run()
+        return net
+
+    both = run([0.1, 0.3], [5, 6])
+    for k, (lr, s) in enumerate([(0.1, 5), (0.3, 6)]):
+        one = run([lr], [s])
+        for a, b in zip(both.params(), one.params()):
+            assert torch.allclose(a[k], b[0], rtol=1e-6, atol=1e-10)

@@ -61,3 +61,22 @@ def test_pc_gnt_with_sgd_learning_rates_blows_up(fmnist):
 def test_pc_mup_adam_flat(fmnist):
     res = _coord(fmnist, None, "adam", 1e-3, algo="pc", param=preset("mup", "adam", gamma_bar_L=0.0), T=1)
     assert res.max_abs_slope <= 0.15, res.table()
+
+
+# ----------------------------------------------------------------------------- target propagation
+@pytest.mark.parametrize("algo", ["tp", "dtp"])
+def test_tp_mup_flat_and_bL1_control_off(fmnist, algo):
+    """TP/DTP under their muP (b_L = 1/2, c = (0, 1, 1)): flat; with b_L = 1 some slope is off by >= 0.3."""
+    mup = _coord(fmnist, None, "sgd", 0.1, algo=algo, param=preset("mup", "sgd", algo=algo))
+    assert mup.max_abs_slope <= 0.15, mup.table()
+    ctrl = _coord(fmnist, None, "sgd", 0.1, algo=algo, param=preset("mup-bL1", "sgd", algo=algo))
+    assert ctrl.max_abs_slope >= 0.3, ctrl.table()
+
+
+def test_alignment_exponent_tp_half_bp_one(fmnist):
+    """omega_L of W_L Delta h_{L-1}: about 1/2 for TP and DTP (independent), >= 0.8 for BP under muP."""
+    for algo in ("tp", "dtp"):
+        res = _coord(fmnist, None, "sgd", 0.1, algo=algo, param=preset("mup", "sgd", algo=algo))
+        assert 0.4 <= res.alignment(3) <= 0.6, (algo, res.alignment(3))
+    bp = _coord(fmnist, "mup", "sgd", 0.1)
+    assert bp.alignment(3) >= 0.8, bp.alignment(3)

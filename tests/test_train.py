@@ -32,6 +32,16 @@ def test_floor_pc_mup_fashion_mnist(fmnist):
     assert acc >= 0.85, acc
 
 
+def test_floor_dtp_mup_fashion_mnist(fmnist):
+    """DTP under its muP with trainable feedback, width 512, 3 epochs, documented defaults: >= 0.83."""
+    from mulocal.algos.tp import DTP
+    algo = DTP()  # defaults: trainable phi(V a + c) feedback, rec loss, sigma 0.1, beta 1, fb lr 0.01
+    net = build("mlp", fmnist.input_shape, 10, 512, preset("mup", "sgd", algo="dtp"), seeds=[0])
+    res = Trainer(net, algo, fmnist, TrainConfig(epochs=3, lr=DEFAULT_LR["sgd"], progress=False)).run()
+    acc = res["replicas"][0]["test_accuracy"]
+    assert acc >= 0.83, acc
+
+
 def test_diverged_replica_is_recorded_and_others_go_on(synth, tmp_path):
     net = build("mlp", synth.input_shape, 10, 64, preset("sp"), K=3, seeds=[0, 1, 2])
     metrics = tmp_path / "m.jsonl"

@@ -40,7 +40,7 @@ def _ints(text: str) -> list[int]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and parameterization")
-    g.add_argument("--algo", default="bp", help="learning rule: bp or pc")
+    g.add_argument("--algo", default="bp", help="learning rule: bp, pc, tp, dtp or gnt")
     g.add_argument("--param", default="mup", help="parameterization preset: mup, sp, ...")
     g.add_argument("--optimizer", default="sgd", help="sgd or adam")
     g.add_argument("--arch", default="mlp", help="mlp or cnn")
@@ -66,6 +66,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     pc.add_argument("--tol", type=float, default=None, help="stop inference when the energy changes less")
     pc.add_argument("--incremental", action="store_true", default=None,
                     help="incremental PC: update weights at every inference step")
+    tp = p.add_argument_group("target propagation (--algo tp, dtp, gnt)")
+    tp.add_argument("--beta", type=float, default=None, help="output target step: t_L = f - beta dloss/df (default 1)")
+    tp.add_argument("--feedback", default=None,
+                    help="trainable (phi(V a + c), default), linear (V a + c), ridge (batch optimum), inverse")
+    tp.add_argument("--fb-loss", default=None, help="feedback loss: rec (default), drl, ldrl")
+    tp.add_argument("--sigma", type=float, default=None, help="feedback-training noise (default 0.1)")
+    tp.add_argument("--fb-iters", type=int, default=None, help="feedback iterations per batch (default 1)")
+    tp.add_argument("--fb-lr", type=float, default=None, help="feedback learning rate (default 0.01)")
+    tp.add_argument("--fb-optimizer", default=None, help="feedback optimizer: sgd (default) or adam")
+    tp.add_argument("--ridge", type=float, default=None, help="ridge constant per unit of width (default 1e-3)")
+    tp.add_argument("--fb-pretrain-epochs", type=int, default=None, help="feedback-only epochs before training")
+    tp.add_argument("--damping", type=float, default=None, help="GNT damping lambda (default 1e-4)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or synthetic")
     d.add_argument("--data-dir", default=None, help="folder with the dataset's files")
@@ -82,8 +94,8 @@ def _common(args):
     from .errors import ConfigError
     from .param import preset
 
-    param = preset(args.param, args.optimizer, gamma_bar_L=args.gamma_bar_L, base_width=args.base_width,
-                   gamma_L_prime=args.gamma_L_prime)
+    param = preset(args.param, args.optimizer, gamma_bar_L=args.gamma_bar_L, algo=args.algo,
+                   base_width=args.base_width, gamma_L_prime=args.gamma_L_prime)
     algo = make_algo(args.algo, loss=args.loss, **_algo_options(args))
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if args.dtype not in dtypes:
@@ -96,16 +108,29 @@ def _common(args):
     return param, algo, dtypes[args.dtype], data
 
 
-PC_FLAGS = {"T": "T", "inference": "inference", "init": "init", "fpa": "fpa", "kappa": "kappa",
-            "inference_momentum": "momentum", "tol": "tol", "incremental": "incremental"}
+# flag -> (option name, learning rules that take it)
+ALGO_FLAGS = {
+    "T": ("T", ("pc",)), "inference": ("inference", ("pc",)), "init": ("init", ("pc",)), "fpa": ("fpa", ("pc",)),
+    "kappa": ("kappa", ("pc",)), "inference_momentum": ("momentum", ("pc",)), "tol": ("tol", ("pc",)),
+    "incremental": ("incremental", ("pc",)),
+    "beta": ("beta", ("tp", "dtp", "gnt")), "feedback": ("feedback", ("tp", "dtp")),
+    "fb_loss": ("fb_loss", ("tp", "dtp")), "sigma": ("sigma", ("tp", "dtp")), "fb_iters": ("fb_iters", ("tp", "dtp")),
+    "fb_lr": ("fb_lr", ("tp", "dtp")), "fb_optimizer": ("fb_optimizer", ("tp", "dtp")),
+    "ridge": ("ridge", ("tp", "dtp")), "fb_pretrain_epochs": ("pretrain_epochs", ("tp", "dtp")),
+    "damping": ("damping", ("gnt",)),
+}
 
 
 def _algo_options(args) -> dict:
     """Options of the chosen learning rule from its flags; flags of another rule are an error."""
-    opts = {PC_FLAGS[k]: getattr(args, k) for k in PC_FLAGS if getattr(args, k, None) is not None}
-    if args.algo != "pc" and opts:
-        flag = "--" + next(k for k in PC_FLAGS if PC_FLAGS[k] in opts).replace("_", "-")
-        raise MulocalError(f"{flag} applies to --algo pc only")
+    opts = {}
+    for flag, (name, algos) in ALGO_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if args.algo not in algos:
+            raise MulocalError(f"--{flag.replace('_', '-')} applies to --algo {'/'.join(algos)} only")
+        opts[name] = value
     return opts
 
 

@@ -159,6 +159,7 @@ class Net:
         seeds = [int(s) for s in seeds]
         if len(seeds) != self.K:
             raise ConfigError(f"need one seed per replica: got {len(seeds)} seeds for K = {self.K}")
+        self.seeds = seeds  # learning rules with their own random state (TP feedback) derive it from these
         for k, seed in enumerate(seeds):
             gen = torch.Generator().manual_seed(seed)
             for layer in self.layers:

@@ -190,14 +190,28 @@ def layer_shapes(depth: int, in_dim: int, width: int, out_dim: int) -> list[tupl
 
 
 # ---------------------------------------------------------------------- presets
-def _sp(optimizer: str, gamma_bar_L: float) -> Parameterization:
+TARGET_ALGOS = ("tp", "dtp", "gnt")
+
+
+def _sp(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
     return Parameterization(name=f"sp-{optimizer}", gamma_bar_L=gamma_bar_L, note="standard parameterization")
 
 
-def _mup(optimizer: str, gamma_bar_L: float) -> Parameterization:
-    """muP. With SGD the output energy weight gamma_L ~ m^-gbar multiplies every PC update, so
-    c = c_SGD - gbar compensates it; Adam normalises it away (c unchanged)."""
+def _mup(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
+    """muP of the learning rule ``algo``.
+
+    BP / PC: with SGD the output energy weight gamma_L ~ m^-gbar multiplies every PC update, so
+    c = c_SGD - gbar compensates it; Adam normalises it away (c unchanged).
+    TP / DTP / GNT: targets move every coordinate by Theta(1), so the update sizes look like Adam's
+    for SGD too, c = (0, 1, 1); b_L = 1/2 because W_L and the target-driven Delta h_{L-1} are
+    independent (alignment 1/2 instead of 1). Feedback weights: g_L reads the output (role
+    "input": b = 0, c = 0), hidden g_l (b = 1/2, c = 1).
+    """
     g = gamma_bar_L
+    if algo in TARGET_ALGOS:
+        return Parameterization(name=f"mup-{algo}-{optimizer}", b=(0, 0.5, 0.5), c=(0, 1, 1), c_bias=(0, 0),
+                                feedback_b=(0, 0.5, 0.5), feedback_c=(0, 1, 1),
+                                note=f"muP for {algo.upper()} (b_L = 1/2)")
     if optimizer == "sgd":
         note = "muP with SGD (Yang & Hu)" + (f", PC gbar_L = {g:g}: c = c_SGD - gbar_L" if g else "")
         return Parameterization(name="mup-sgd", b=(0, 0.5, 1), c=(-1 - g, 0.0 - g, 1 - g), c_bias=(-1 - g, 0.0 - g),
@@ -206,26 +220,34 @@ def _mup(optimizer: str, gamma_bar_L: float) -> Parameterization:
                             note="muP with Adam" + (f", PC gbar_L = {g:g}" if g else ""))
 
 
-def _gnt(optimizer: str, gamma_bar_L: float) -> Parameterization:
+def _gnt(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
     """PC's Gauss-Newton-like muP: gbar_L = -1 (the maximal inference perturbation)."""
-    return _mup(optimizer, -1.0).with_(name=f"gnt-{optimizer}")
+    return _mup(optimizer, -1.0, "pc").with_(name=f"gnt-{optimizer}")
 
 
-PRESETS = {"sp": _sp, "mup": _mup, "gnt": _gnt}
+def _mup_bL1(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
+    """Control for target propagation: TP's muP but with BP's output init b_L = 1."""
+    p = _mup(optimizer, gamma_bar_L, algo if algo in TARGET_ALGOS else "tp")
+    return p.with_(name=f"mup-bL1-{optimizer}", b=(0, 0.5, 1), note="TP muP with b_L = 1 (control)")
+
+
+PRESETS = {"sp": _sp, "mup": _mup, "gnt": _gnt, "mup-bl1": _mup_bL1}
 OPTIMIZERS = ("sgd", "adam")
 
 
 def register_preset(name: str, factory) -> None:
-    """Add a preset: ``factory(optimizer, gamma_bar_L) -> Parameterization``."""
+    """Add a preset: ``factory(optimizer, gamma_bar_L, algo) -> Parameterization``."""
     PRESETS[name] = factory
 
 
-def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, **overrides) -> Parameterization:
+def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: str = "bp",
+           **overrides) -> Parameterization:
     """A named preset for an optimizer ("sgd" or "adam"), then field overrides.
 
     ``preset("mup", "sgd")`` is muP for SGD, ``preset("mup", "adam")`` for Adam, ``preset("sp")`` the
-    standard parameterization, ``preset("gnt")`` PC's muP with gbar_L = -1. Names like ``mup-sgd``
-    pin the optimizer. ``gamma_bar_L`` is a preset argument: muP with SGD shifts its learning-rate
+    standard parameterization, ``preset("gnt")`` PC's muP with gbar_L = -1, ``preset("mup-bL1",
+    algo="dtp")`` TP's control with b_L = 1. ``algo`` picks the learning rule's muP ("tp", "dtp",
+    "gnt" have b_L = 1/2, c = (0, 1, 1)). Names like ``mup-sgd`` pin the optimizer. ``gamma_bar_L`` is a preset argument: muP with SGD shifts its learning-rate
     exponents by it (c = c_SGD - gbar_L). Overrides are applied afterwards and never re-derive
     anything: ``preset("mup").with_(gamma_bar_L=-1)`` keeps SGD's c (the unstable control).
     """
@@ -245,5 +267,5 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, **overri
         raise ConfigError(f"gamma_bar_L must be a number, got {gamma_bar_L!r}") from None
     if not math.isfinite(g):
         raise ConfigError(f"gamma_bar_L must be finite, got {gamma_bar_L!r}")
-    base = PRESETS[key](optimizer, g)
+    base = PRESETS[key](optimizer, g, algo)
     return base.with_(**overrides) if overrides else base

@@ -115,6 +115,8 @@ class Trainer:
             bar = tqdm(total=(cfg.epochs - self.epoch) * steps, desc=f"{getattr(self.algo, 'name', 'train')} "
                        f"M={net.width} K={net.K}", unit="step", leave=False, dynamic_ncols=True)
         x_all, y_all = data.x_train.to(net.device), data.y_train.to(net.device)
+        if self.epoch == 0 and getattr(self.algo, "pretrain_epochs", 0):
+            self._pretrain(x_all, n, steps)
         while self.epoch < cfg.epochs and any(s == "running" for s in self.status):
             t0 = time.perf_counter()
             perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(net.device)
@@ -164,6 +166,14 @@ class Trainer:
             bar.close()
         self.status = ["done" if s == "running" else s for s in self.status]
         return self.result()
+
+    def _pretrain(self, x_all, n: int, steps: int) -> None:
+        """Feedback-only epochs (target propagation) on their own data-order stream."""
+        gens = [torch.Generator().manual_seed(data_seed(s + 7919)) for s in self.seeds]
+        for _ in range(self.algo.pretrain_epochs):
+            perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(self.net.device)
+            for i in range(steps):
+                self.algo.pretrain(self.net, x_all[perms[:, i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]])
 
     def result(self) -> dict:
         reps = []

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .bp import BP
+from .gnt import GNT
 from .pc import PC
+from .tp import DTP, TP
 
-ALGOS = {"bp": BP, "pc": PC}
+ALGOS = {"bp": BP, "pc": PC, "tp": TP, "dtp": DTP, "gnt": GNT}
 
 
 def make_algo(name: str, **options):

@@ -13,6 +13,7 @@ name           quantity                                     muP keeps it Theta(1
 ``Wdh_l``      W_l(0) (a_{l-1}(t) - a_{l-1}(0)), l >= 2     yes
 ``df``         f(t) - f(0)                                  yes
 ``f``          f(t)                                         no (vanishes when b_L = 1)
+``W_l``        RMS entry of W_l(0) (times its multiplier)   no (it is M^-b_l)
 =============  ===========================================  =======================
 
 u_l(t) - u_l(0) = dWh_l + Wdh_l, so the table splits every change into the part caused by the
@@ -64,6 +65,11 @@ class CoordResult:
             self.slopes_per_step[name] = [fit_slope(self.widths, arr[:, t]) for t in range(arr.shape[1])]
             with np.errstate(divide="ignore", invalid="ignore"):
                 self.slopes[name] = fit_slope(self.widths, np.exp(np.log(arr).mean(1)))
+
+    def alignment(self, l: int) -> float:
+        """omega_l: how W_l(0) Delta h_{l-1} scales beyond its factors' entry sizes,
+        slope(Wdh_l) - slope(W_l) - slope(dh_{l-1}): 1 when aligned (BP), 1/2 when independent (CLT)."""
+        return self.slopes[f"Wdh_{l}"] - self.slopes[f"W_{l}"] - self.slopes[f"dh_{l - 1}"]
 
     @property
     def max_abs_slope(self) -> float:
@@ -128,6 +134,7 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
         out[f"dWh_{l}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
         if l >= 2:
             out[f"Wdh_{l}"] = rms(layer.forward(acts[l - 1] - acts0[l - 1], w0[l - 1], False))
+        out[f"W_{l}"] = rms(w0[l - 1]) * layer.mult
     out["df"] = rms(us[-1] - f0)
     out["f"] = rms(us[-1])
     return out

@@ -1,0 +1,57 @@
+"""Gauss-Newton targets (GNT): the reference PC and TP are compared with.
+
+    t_l = h_l - beta J_l^T (J_l J_l^T + lambda I)^{-1} dloss/df,     J_l = df/dh_l   (per sample)
+    t_L = f - beta dloss/df
+
+Each layer then minimises its local loss 1/2 ||t_l - h_l||^2 in W_l, as in TP. The Jacobians of
+all samples come from one batched backward pass of the C output basis vectors (no per-sample
+Python loop): J_l has shape (K, B, C, n_l).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .tp import TargetRule
+
+
+class GNT(TargetRule):
+    name = "gnt"
+
+    def __init__(self, loss: str = "ce", beta: float = 1.0, damping: float = 1e-4, record: bool = False):
+        super().__init__(loss, beta, record)
+        if not damping >= 0:
+            raise ConfigError(f"damping lambda must be non-negative, got {damping}")
+        self.damping = float(damping)
+
+    @staticmethod
+    def jacobians(net, us, acts) -> list:
+        """J_l = df/dh_l for l = 1..L-1 (index l), each (K, B, C, *h_l.shape[2:])."""
+        L = net.depth
+        K, B, C = us[-1].shape
+        eye = torch.eye(C, dtype=us[-1].dtype, device=us[-1].device)
+        g = eye.expand(K, B, C, C).reshape(K, B * C, C)  # rows: (sample, output unit)
+        J = [None] * L
+        for l in range(L - 1, 0, -1):
+            g = net.layers[l].backward_input(g)  # d f / d a_l, rows (K, B*C, ...)
+            J[l] = g.reshape(K, B, C, *g.shape[2:])
+            if l > 1:
+                u = us[l].repeat_interleave(C, dim=1)
+                a = acts[l].repeat_interleave(C, dim=1)
+                g = net.linearize(l, u, a)(g)
+        return J
+
+    def targets(self, net, us, acts, f, dldf):
+        L = net.depth
+        C = f.shape[-1]
+        J = self.jacobians(net, us, acts)
+        t = [None] * (L + 1)
+        t[L] = f - self.beta * dldf
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        for l in range(1, L):
+            Jf = J[l].flatten(3)  # (K, B, C, n)
+            gram = Jf @ Jf.transpose(-1, -2) + self.damping * eye
+            z = torch.linalg.solve(gram, dldf.unsqueeze(-1))  # (K, B, C, 1)
+            step = (Jf.transpose(-1, -2) @ z).squeeze(-1)  # (K, B, n)
+            t[l] = acts[l] - self.beta * step.reshape(acts[l].shape)
+        return t

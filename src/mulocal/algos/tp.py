@@ -1,0 +1,321 @@
+"""Target propagation (TP), difference target propagation (DTP) and their feedback learning.
+
+Every layer gets a target and minimises its own local loss 1/2 ||t_l - h_l||^2 in W_l only:
+
+    t_L     = f - beta dloss/df                              (output target)
+    TP:  t_{l-1} = g_l(t_l)         DTP:  t_{l-1} = h_{l-1} + g_l(t_l) - g_l(h_l)      (h_L = f)
+    grad W_l = -mean_batch((J_l^T (t_l - h_l)) a_{l-1}^T)     J_l = d h_l / d u_l  (phi', pooling)
+    grad W_L = -mean_batch((t_L - f) a_{L-1}^T)
+
+Feedback g_l (layer l -> layer l-1), ``feedback=``:
+
+* ``"ridge"``   - the paper's theory: linear feedback at its ridge optimum for the batch,
+  Q_l = H_{l-1} (H_l^T H_l + mu_l I)^{-1} H_l^T (columns are samples), mu_l = ridge * n_l, so the
+  ridge grows like the width for hidden layers and stays Theta(1) at the output.
+  Applied through the B x B Gram matrix (Cholesky); Q is never formed.
+* ``"linear"`` / ``"trainable"`` - trainable g_l(a) = V_l a + c_l, or phi(V_l a + c_l), learned
+  every batch (``fb_iters`` steps, noise ``sigma``) before the targets are computed, with
+  ``fb_loss``: ``"rec"`` (DTP, Lee et al. 2015) ||g(f(h + xi)) - (h + xi)||^2 / 2,
+  ``"drl"`` (difference reconstruction, Meulemans et al. 2020)
+  ||g(f(h + xi)) - g(f(h)) - xi||^2 / 2, or ``"ldrl"`` (local DRL, Ernoult et al. 2022)
+  -xi . (g(f(h + xi)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2 / 2.
+  Explicit gradients; feedback weights have their own exponents (Parameterization.feedback_b/_c;
+  g_L reads the fixed-size output: role "input", hidden g_l: role "hidden").
+* ``"inverse"`` - the exact (pseudo-)inverse of W_l, for linear networks: the oracle that makes
+  DTP equal Gauss-Newton targets.
+
+The GNT rule (gnt.py) shares the local-loss machinery and replaces the targets.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..losses import check_loss, loss_and_grad
+from ..nets import Dense, Net
+from ..optim import LayerwiseOptimizer
+from .bp import backprop
+
+FEEDBACK = ("trainable", "linear", "ridge", "inverse")
+FB_LOSSES = ("rec", "drl", "ldrl")
+
+
+def _stream(seed: int, tag: int) -> int:
+    return int(np.random.SeedSequence([int(seed), tag]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.flatten(2)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+
+
+class TargetRule:
+    """Shared machinery: forward pass, targets (subclass), local losses, diagnostics."""
+
+    name = "targets"
+
+    def __init__(self, loss: str = "ce", beta: float = 1.0, record: bool = False):
+        self.loss = check_loss(loss)
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"beta (output target step) must be a positive number, got {beta!r}")
+        self.beta, self.record = float(beta), record
+        self.stats: dict = {}
+        self.coord_counted: tuple = ()
+
+    def targets(self, net: Net, us, acts, f, dldf) -> list:
+        """Targets t_1..t_L (index l; t[0] unused), each shaped like h_l (acts[l], or f)."""
+        raise NotImplementedError
+
+    def prepare(self, net: Net, us, acts, f) -> None:
+        """Per-batch work before targets (feedback training)."""
+
+    @torch.no_grad()
+    def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
+        us, acts = net.forward(x)
+        f = us[-1]
+        loss, dldf = loss_and_grad(f, y, self.loss)
+        self.prepare(net, us, acts, f)
+        t = self.targets(net, us, acts, f, dldf)
+        grads = self.local_grads(net, us, acts, f, t)
+        self._last = (acts, f, t)
+        if self.record:
+            self._record(net, us, acts, f, t, dldf, grads)
+        return grads, loss
+
+    @staticmethod
+    def local_grads(net: Net, us, acts, f, t) -> list:
+        L = net.depth
+        grads: list = []
+        for l in range(1, L + 1):
+            if l == L:
+                delta = f - t[L]
+            else:
+                delta = net.linearize(l, us[l], acts[l])(acts[l] - t[l])
+            gw, gb = net.layers[l - 1].grads(delta, acts[l - 1])
+            grads += [gw] if gb is None else [gw, gb]
+        return grads
+
+    def target_distances(self) -> dict[str, torch.Tensor]:
+        """RMS of t_l - h_l per layer (K,) for the last batch."""
+        acts, f, t = self._last
+        L = len(t) - 1
+        h = list(acts) + [f]
+        return {f"tdist_{l}": (t[l] - h[l]).flatten(1).double().pow(2).mean(1).sqrt().cpu() for l in range(1, L + 1)}
+
+    def _record(self, net, us, acts, f, t, dldf, grads) -> None:
+        bp = backprop(net, us, acts, dldf)
+        cos = {}
+        for (i, what), g, b in zip(net.param_info(), grads, bp):
+            if what == "weight":
+                cos[f"bp_cos_{i + 1}"] = _cos(g, b).cpu()
+        self.stats = {**self.target_distances(), **cos, **getattr(self, "fb_stats", {})}
+
+    def coord_observables(self, net, x, y) -> dict[str, torch.Tensor]:
+        return self.target_distances()
+
+
+class TP(TargetRule):
+    """Target propagation; ``DTP`` is the difference variant."""
+
+    name = "tp"
+    difference = False
+
+    def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
+                 sigma: float | Sequence[float] = 0.1, fb_iters: int = 1, fb_lr: float = 0.01,
+                 fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0, record: bool = False):
+        super().__init__(loss, beta, record)
+        if feedback not in FEEDBACK:
+            raise ConfigError(f"unknown feedback '{feedback}'; choose one of {', '.join(FEEDBACK)}")
+        if fb_loss not in FB_LOSSES:
+            raise ConfigError(f"unknown feedback loss '{fb_loss}'; choose one of {', '.join(FB_LOSSES)}")
+        if isinstance(fb_iters, bool) or not isinstance(fb_iters, int) or fb_iters < 0:
+            raise ConfigError(f"feedback iterations must be a non-negative integer, got {fb_iters!r}")
+        if not ridge > 0:
+            raise ConfigError(f"ridge constant must be positive, got {ridge}")
+        self.feedback, self.fb_loss, self.sigma, self.fb_iters = feedback, fb_loss, sigma, fb_iters
+        self.fb_lr, self.fb_optimizer, self.ridge = fb_lr, fb_optimizer, float(ridge)
+        self.pretrain_epochs = int(pretrain_epochs)
+        self.fb: dict[int, Dense] | None = None
+        self.fb_opt: LayerwiseOptimizer | None = None
+        self._net_id = None
+        self.fb_stats: dict = {}
+
+    # ------------------------------------------------------------------ feedback set-up
+    @property
+    def trainable(self) -> bool:
+        return self.feedback in ("trainable", "linear")
+
+    def _sigmas(self, L: int) -> list[float]:
+        if isinstance(self.sigma, (int, float)):
+            return [float(self.sigma)] * (L + 1)
+        s = [float(v) for v in self.sigma]
+        if len(s) != L - 1:
+            raise ConfigError(f"need {L - 1} feedback noise levels sigma (layers 1..L-1), got {len(s)}")
+        return [0.0] + s + [0.0]
+
+    def setup(self, net: Net) -> None:
+        """Create (once per net) the trainable feedback layers and their optimizer."""
+        if self._net_id == id(net):
+            return
+        self._net_id = id(net)
+        if net.activation != "linear" and self.feedback == "inverse":
+            raise ConfigError("inverse feedback is exact only for linear networks: use --activation linear")
+        if not self.trainable:
+            return
+        if net.kind != "mlp":
+            raise ConfigError(f"trainable feedback is implemented for the MLP; use feedback 'ridge' for the {net.kind}")
+        L = net.depth
+        self.fb = {}
+        for l in range(2, L + 1):
+            n_in, n_out = net.layers[l - 1].fan_out, net.layers[l - 1].fan_in
+            role = "input" if l == L else "hidden"
+            rule = net.param.feedback_rule(role, n_in, net.width)
+            self.fb[l] = Dense(role, n_in, n_out, net.K, True, rule, net.dtype, net.device)
+        for k, seed in enumerate(getattr(net, "seeds", range(net.K))):
+            gen = torch.Generator().manual_seed(_stream(seed, 0xFEED))
+            for l in range(2, L + 1):
+                w = torch.randn(self.fb[l].weight.shape[1:], generator=gen, dtype=torch.float64)
+                self.fb[l].weight[k].copy_(w * self.fb[l].rule.init_std)
+        self.noise_gens = [torch.Generator().manual_seed(_stream(s, 0x0015E)) for s in
+                           getattr(net, "seeds", range(net.K))]
+        params, scales = [], []
+        for l in range(2, L + 1):
+            params += [self.fb[l].weight, self.fb[l].bias]
+            scales += [self.fb[l].rule.lr_scale, self.fb[l].rule.bias_lr_scale]
+        self.fb_opt = LayerwiseOptimizer(params, scales, self.fb_lr, self.fb_optimizer)
+
+    def _g(self, l: int, a: torch.Tensor, net: Net):
+        """Feedback g_l(a) and its pre-activation."""
+        z = self.fb[l].forward(a)
+        return (net.phi(z) if self.feedback == "trainable" else z), z
+
+    def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
+        n = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.noise_gens])
+        return n.to(like.device).mul_(sigma)
+
+    # ------------------------------------------------------------------ feedback training
+    def _fwd(self, net: Net, l: int, a: torch.Tensor) -> torch.Tensor:
+        u = net.layers[l - 1].forward(a)
+        return u if l == net.depth else net.post(l, u)
+
+    def train_feedback(self, net: Net, acts, f) -> dict:
+        """One feedback-training pass (``fb_iters`` iterations per layer) on a batch's activities.
+
+        Returns per layer l (K,) tensors: ``rec_err_l``, the RMS of the residual the loss reconstructs
+        (rec: g(f(h + xi)) - (h + xi); drl and ldrl: g(f(h + xi)) - g(f(h)) - xi), and ``fb_loss_l``,
+        the batch-mean feedback loss."""
+        L = net.depth
+        sig = self._sigmas(L)
+        h = list(acts) + [f]
+        lin = self.feedback == "linear"
+        stats = {}
+        for _ in range(self.fb_iters):
+            grads = []
+            for l in range(2, L + 1):
+                xi = self._noise(h[l - 1], sig[l - 1])
+                a_n = h[l - 1] + xi
+                h_n = self._fwd(net, l, a_n)
+                g_n, z_n = self._g(l, h_n, net)
+                d = (lambda z: torch.ones_like(z)) if lin else (lambda z: net.dphi(z))
+                fbl = self.fb[l]
+                if self.fb_loss == "rec":
+                    r = g_n - a_n
+                    value = 0.5 * r.pow(2)
+                    gw, gb = fbl.grads(r * d(z_n), h_n)
+                else:
+                    g_0, z_0 = self._g(l, h[l], net)
+                    if self.fb_loss == "drl":
+                        r = g_n - g_0 - xi
+                        value = 0.5 * r.pow(2)
+                        gw, gb = fbl.grads(r * d(z_n), h_n)
+                        gw0, gb0 = fbl.grads(-r * d(z_0), h[l])
+                    else:  # ldrl
+                        eta = self._noise(h[l], sig[l - 1])
+                        g_e, z_e = self._g(l, h[l] + eta, net)
+                        s = g_e - g_0
+                        r = g_n - g_0 - xi  # reported only
+                        value = 0.5 * s.pow(2) - xi * (g_n - g_0)
+                        gw, gb = fbl.grads(-xi * d(z_n), h_n)
+                        gw0, gb0 = fbl.grads((xi - s) * d(z_0), h[l])
+                        gwe, gbe = fbl.grads(s * d(z_e), h[l] + eta)
+                        gw0, gb0 = gw0 + gwe, gb0 + gbe
+                    gw, gb = gw + gw0, gb + gb0
+                grads += [gw, gb]
+                stats[f"rec_err_{l}"] = r.flatten(1).double().pow(2).mean(1).sqrt().cpu()
+                stats[f"fb_loss_{l}"] = value.flatten(2).sum(-1).mean(-1).double().cpu()
+            self.fb_opt.step(grads)
+        return stats
+
+    def pretrain(self, net: Net, x: torch.Tensor) -> None:
+        """Feedback training on a batch without touching the forward weights (pre-training)."""
+        self.setup(net)
+        if self.trainable:
+            us, acts = net.forward(x)
+            self.train_feedback(net, acts, us[-1])
+
+    def prepare(self, net, us, acts, f) -> None:
+        self.setup(net)
+        if self.trainable and self.fb_iters:
+            self.fb_stats = self.train_feedback(net, acts, f)
+
+    # ------------------------------------------------------------------ targets
+    def _linear_map(self, net: Net, l: int, acts, f):
+        """For linear feedback kinds: r -> Q_l r (layer l -> l-1 space, shaped like acts[l-1])."""
+        L = net.depth
+        H = _flat(f if l == L else acts[l])
+        Hp = _flat(acts[l - 1])
+        tail = acts[l - 1].shape[2:]
+
+        def shape(r):
+            return (*r.shape[:2], *tail)
+        if self.feedback == "ridge":
+            gram = torch.bmm(H, H.transpose(1, 2))
+            gram.diagonal(dim1=1, dim2=2).add_(self.ridge * H.shape[-1])
+            chol = torch.linalg.cholesky(gram)
+            # Q applied to rows r: r H^T (H H^T + mu I)^{-1} H_{l-1}
+            return lambda r: torch.bmm(torch.cholesky_solve(torch.bmm(H, _flat(r).transpose(1, 2)), chol)
+                                       .transpose(1, 2), Hp).reshape(shape(r))
+        if self.feedback == "inverse":
+            layer = net.layers[l - 1]
+            pinv = torch.linalg.pinv(layer.weight * layer.mult)  # (K, in, out)
+            return lambda r: torch.bmm(_flat(r), pinv.transpose(1, 2)).reshape(shape(r))
+        fb = self.fb[l]  # trainable linear: g(a) = V a + c, so g(t) - g(h) = V (t - h)
+        return lambda r: fb.forward(_flat(r), bias=False).reshape(shape(r))
+
+    def targets(self, net, us, acts, f, dldf):
+        L = net.depth
+        t = [None] * (L + 1)
+        t[L] = f - self.beta * dldf
+        h = list(acts) + [f]
+        for l in range(L, 1, -1):
+            if self.feedback == "trainable":
+                g_t = self._g(l, _flat(t[l]), net)[0]
+                if self.difference:
+                    g_t = g_t - self._g(l, _flat(h[l]), net)[0]
+                    t[l - 1] = h[l - 1] + g_t.reshape(h[l - 1].shape)
+                else:
+                    t[l - 1] = g_t.reshape(h[l - 1].shape)
+            else:
+                Q = self._linear_map(net, l, acts, f)
+                if self.difference:
+                    t[l - 1] = h[l - 1] + Q(t[l] - h[l])
+                else:
+                    t[l - 1] = Q(t[l])
+                    if self.feedback == "linear":
+                        t[l - 1] = t[l - 1] + self.fb[l].bias.unsqueeze(1)
+        return t
+
+
+class DTP(TP):
+    """Difference target propagation: t_{l-1} = h_{l-1} + g_l(t_l) - g_l(h_l)."""
+
+    name = "dtp"
+    difference = True
