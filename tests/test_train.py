@@ -105,3 +105,15 @@ def test_cnn_learns_fashion_mnist(fmnist):
                                                         progress=False), seeds=[0, 1]).run()
     for r in res["replicas"]:
         assert r["test_accuracy"] > 0.6, r["test_accuracy"]
+
+
+@pytest.mark.parametrize("algo,feedback", [("dtp", "trainable"), ("dtp", "ridge"), ("tp", "trainable")])
+def test_cnn_target_propagation_learns(fmnist, algo, feedback):
+    """TP/DTP on the CNN (conv feedback: upsampling + convolution; or batch ridge feedback)."""
+    from mulocal.data import Dataset
+    d = Dataset("fmnist-small", fmnist.x_train[:3000], fmnist.y_train[:3000], fmnist.x_test[:1000],
+                fmnist.y_test[:1000], 10)
+    net = build("cnn", d.input_shape, 10, 16, preset("mup", "sgd", algo=algo, base_width=16), seeds=[0])
+    res = Trainer(net, make_algo(algo, feedback=feedback), d,
+                  TrainConfig(epochs=1, lr=0.1, batch_size=32, progress=False)).run()
+    assert res["replicas"][0]["test_accuracy"] > 0.55

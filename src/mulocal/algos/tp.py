@@ -57,6 +57,53 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
 
 
+class UpConvFeedback:
+    """CNN feedback from a conv layer's pooled output back to its input: nearest upsampling to the
+    input's spatial size, then a same-padded convolution (a transposed convolution of stride 1)."""
+
+    def __init__(self, conv_in_shape, out_shape, K, rule, kernel, dtype, device):
+        from ..nets import Conv
+        self.in_shape, self.out_shape = tuple(conv_in_shape), tuple(out_shape)  # (C_l, h, w), (C_{l-1}, H, W)
+        self.conv = Conv("hidden", self.in_shape[0], self.out_shape[0], kernel, K, True, rule, dtype, device)
+        self.rule, self.mult = rule, self.conv.mult
+
+    @property
+    def weight(self):
+        return self.conv.weight
+
+    @property
+    def bias(self):
+        return self.conv.bias
+
+    def _up(self, a):
+        K, B = a.shape[:2]
+        a = a.reshape(K * B, *self.in_shape)
+        up = torch.nn.functional.interpolate(a, size=self.out_shape[1:], mode="nearest")
+        return up.reshape(K, B, *up.shape[1:])
+
+    def forward(self, a, weight=None, bias=None):
+        return self.conv.forward(self._up(a), weight, bias)
+
+    def grads(self, delta, a):
+        return self.conv.grads(delta, self._up(a))
+
+
+class _Clock:
+    """Accumulates wall time per phase into ``rule.timings`` (a dict of seconds)."""
+
+    def __init__(self, rule):
+        import time
+        self.now, self.rule = time.perf_counter, rule
+        self.t = self.now()
+        if not hasattr(rule, "timings"):
+            rule.timings = {}
+
+    def lap(self, name: str) -> None:
+        t = self.now()
+        self.rule.timings[name] = self.rule.timings.get(name, 0.0) + t - self.t
+        self.t = t
+
+
 class TargetRule:
     """Shared machinery: forward pass, targets (subclass), local losses, diagnostics."""
 
@@ -77,14 +124,21 @@ class TargetRule:
     def prepare(self, net: Net, us, acts, f) -> None:
         """Per-batch work before targets (feedback training)."""
 
+    profile = False  # set True to accumulate seconds per phase in ``self.timings``
+
     @torch.no_grad()
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
+        clock = _Clock(self) if self.profile else None
         us, acts = net.forward(x)
         f = us[-1]
         loss, dldf = loss_and_grad(f, y, self.loss)
+        clock and clock.lap("forward")
         self.prepare(net, us, acts, f)
+        clock and clock.lap("feedback")
         t = self.targets(net, us, acts, f, dldf)
+        clock and clock.lap("targets")
         grads = self.local_grads(net, us, acts, f, t)
+        clock and clock.lap("local_grads")
         self._last = (acts, f, t)
         if self.record:
             self._record(net, us, acts, f, t, dldf, grads)
@@ -161,24 +215,36 @@ class TP(TargetRule):
             raise ConfigError(f"need {L - 1} feedback noise levels sigma (layers 1..L-1), got {len(s)}")
         return [0.0] + s + [0.0]
 
-    def setup(self, net: Net) -> None:
+    def setup(self, net: Net, acts=None) -> None:
         """Create (once per net) the trainable feedback layers and their optimizer."""
         if self._net_id == id(net):
             return
+        if acts is None:
+            with torch.no_grad():
+                acts = net.forward(torch.zeros(1, *net.input_shape, dtype=net.dtype))[1]
+        # unflattened activity shapes (C, H, W) per layer, for the CNN's conv feedback
+        self._shapes = {l: (tuple(a.shape[2:]) if a.dim() > 3 else None) for l, a in enumerate(acts)}
+        if net.kind == "cnn" and net.depth >= 2:
+            last = net.depth - 1
+            self._shapes[last] = (net.width, *net.spatial)
         self._net_id = id(net)
         if net.activation != "linear" and self.feedback == "inverse":
             raise ConfigError("inverse feedback is exact only for linear networks: use --activation linear")
         if not self.trainable:
             return
-        if net.kind != "mlp":
-            raise ConfigError(f"trainable feedback is implemented for the MLP; use feedback 'ridge' for the {net.kind}")
         L = net.depth
         self.fb = {}
         for l in range(2, L + 1):
-            n_in, n_out = net.layers[l - 1].fan_out, net.layers[l - 1].fan_in
+            layer = net.layers[l - 1]
             role = "input" if l == L else "hidden"
-            rule = net.param.feedback_rule(role, n_in, net.width)
-            self.fb[l] = Dense(role, n_in, n_out, net.K, True, rule, net.dtype, net.device)
+            if isinstance(layer, Dense):
+                rule = net.param.feedback_rule(role, layer.fan_out, net.width)
+                self.fb[l] = Dense(role, layer.fan_out, layer.fan_in, net.K, True, rule, net.dtype, net.device)
+            else:  # conv layer of the CNN: feedback by upsampling + convolution
+                k = layer.k
+                rule = net.param.feedback_rule(role, layer.c_out * k * k, net.width)
+                self.fb[l] = UpConvFeedback(self._shapes[l], self._shapes[l - 1], net.K, rule, k, net.dtype,
+                                            net.device)
         for k, seed in enumerate(getattr(net, "seeds", range(net.K))):
             gen = torch.Generator().manual_seed(_stream(seed, 0xFEED))
             for l in range(2, L + 1):
@@ -256,13 +322,13 @@ class TP(TargetRule):
 
     def pretrain(self, net: Net, x: torch.Tensor) -> None:
         """Feedback training on a batch without touching the forward weights (pre-training)."""
-        self.setup(net)
+        us, acts = net.forward(x)
+        self.setup(net, acts)
         if self.trainable:
-            us, acts = net.forward(x)
             self.train_feedback(net, acts, us[-1])
 
     def prepare(self, net, us, acts, f) -> None:
-        self.setup(net)
+        self.setup(net, acts)
         if self.trainable and self.fb_iters:
             self.fb_stats = self.train_feedback(net, acts, f)
 
@@ -288,7 +354,7 @@ class TP(TargetRule):
             pinv = torch.linalg.pinv(layer.weight * layer.mult)  # (K, in, out)
             return lambda r: torch.bmm(_flat(r), pinv.transpose(1, 2)).reshape(shape(r))
         fb = self.fb[l]  # trainable linear: g(a) = V a + c, so g(t) - g(h) = V (t - h)
-        return lambda r: fb.forward(_flat(r), bias=False).reshape(shape(r))
+        return lambda r: fb.forward(r, bias=False)
 
     def targets(self, net, us, acts, f, dldf):
         L = net.depth
@@ -297,12 +363,11 @@ class TP(TargetRule):
         h = list(acts) + [f]
         for l in range(L, 1, -1):
             if self.feedback == "trainable":
-                g_t = self._g(l, _flat(t[l]), net)[0]
+                g_t = self._g(l, t[l], net)[0]
                 if self.difference:
-                    g_t = g_t - self._g(l, _flat(h[l]), net)[0]
-                    t[l - 1] = h[l - 1] + g_t.reshape(h[l - 1].shape)
+                    t[l - 1] = h[l - 1] + (g_t - self._g(l, h[l], net)[0])
                 else:
-                    t[l - 1] = g_t.reshape(h[l - 1].shape)
+                    t[l - 1] = g_t
             else:
                 Q = self._linear_map(net, l, acts, f)
                 if self.difference:
