@@ -85,3 +85,22 @@ def test_target_rules_train_json(capsys, algo, extra):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "done" and out["param"] == f"mup-{algo}-sgd"
+
+
+def test_derive_json_keys(capsys):
+    rc = main(["derive", "--algo", "bp", "--dataset", "synthetic", "--widths", "32,64,128", "--rounds", "2",
+               "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["b"]) == 3 and len(out["c"]) == 3 and "agrees" in out
+
+
+@pytest.mark.parametrize("what", ["linear", "alignment"])
+def test_analyze_json(capsys, tmp_path, what):
+    args = ["analyze", what, "--widths", "32,64,128", "--json", "--plot", str(tmp_path / "a.png")]
+    if what == "alignment":
+        args += ["--dataset", "synthetic", "--steps", "2", "--algos", "bp,dtp"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    assert ("norms" in out) if what == "linear" else (len(out["configs"]) == 2)

@@ -60,3 +60,33 @@ def test_energy_decreases_monotonically(inference):
     E = algo.stats["energy"].sum(1)[:, 0]
     assert E[-1] < 0.5 * E[0]
     assert bool((E[1:] <= E[:-1] + 1e-12).all()), E
+
+
+# ----------------------------------------------------------------------------- cosines with BP (Fig. 3)
+def test_linear_pc_cosine_with_bp_vs_width(fmnist):
+    """Deep linear PC at equilibrium: with gbar_L = 0 the update tends to BP's (cosine increasing,
+    > 0.99 on every layer at M = 2048); with gbar_L = -1 the output-side layer stays below 0.995."""
+    from mulocal.diagnostics.align import cosine_vs_width
+    x, y = fmnist.x_train[:32].double().flatten(1), fmnist.y_train[:32]
+    widths = [64, 256, 1024, 2048]
+    sgd = cosine_vs_width(widths, x, y, activation="linear", gamma_bar_L=0.0, seeds=(0, 1),
+                          modes=("pc-equilibrium",))["modes"]["pc-equilibrium"]["cos_bp"]
+    for layer in range(3):
+        col = [row[layer] for row in sgd]
+        assert all(b >= a - 1e-4 for a, b in zip(col, col[1:])), col
+        assert col[-1] > 0.99, col
+    gn = cosine_vs_width(widths, x, y, activation="linear", gamma_bar_L=-1.0, seeds=(0, 1),
+                         modes=("pc-equilibrium",))["modes"]["pc-equilibrium"]["cos_bp"]
+    assert gn[-1][2] < 0.995, gn[-1]
+    assert gn[-1][2] < sgd[-1][2] - 0.003
+
+
+def test_preconditioner_norm_scaling():
+    """||C|| at init: ~ M^-1 for gbar_L = 0, M^-2 for gbar_L = 1, ~ constant for gbar_L = -1."""
+    from mulocal.diagnostics.align import preconditioner_vs_width
+    from mulocal.diagnostics.coord import fit_slope
+    widths = [128, 256, 512, 1024]
+    res = preconditioner_vs_width(widths, (-1.0, 0.0, 1.0), seeds=(0, 1))
+    assert fit_slope(widths, res["norms"]["0.0"]) == pytest.approx(-1.0, abs=0.15)
+    assert fit_slope(widths, res["norms"]["1.0"]) == pytest.approx(-2.0, abs=0.15)
+    assert abs(fit_slope(widths, res["norms"]["-1.0"])) < 0.25

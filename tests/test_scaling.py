@@ -80,3 +80,37 @@ def test_alignment_exponent_tp_half_bp_one(fmnist):
         assert 0.4 <= res.alignment(3) <= 0.6, (algo, res.alignment(3))
     bp = _coord(fmnist, "mup", "sgd", 0.1)
     assert bp.alignment(3) >= 0.8, bp.alignment(3)
+
+
+# ----------------------------------------------------------------------------- exponent fitter
+from mulocal.diagnostics.derive import derive  # noqa: E402
+
+FIT_CASES = [("bp", "sgd", 0.0), ("bp", "adam", 0.0), ("pc", "sgd", -1.0), ("pc", "sgd", 0.0), ("pc", "sgd", 1.0),
+             ("tp", "sgd", 0.0), ("dtp", "sgd", 0.0)]
+
+
+def _derive(data, algo, opt, gbar, reference):
+    batches, probe = coord_batches(data, 1, 64, seed=0)
+    start = preset("sp", opt, gamma_bar_L=gbar, algo=algo)
+
+    def make(p, w):
+        return build("mlp", data.input_shape, 10, w, p, K=4, seeds=range(4), bias=False)
+    lr = 0.1 if opt == "sgd" else 1e-3
+    return derive(make, make_algo(algo), start, WIDTHS, batches, probe, lr, opt, reference=reference)
+
+
+@pytest.mark.parametrize("algo,opt,gbar", FIT_CASES)
+def test_fitter_recovers_mup_table_from_sp(fmnist, algo, opt, gbar):
+    """Starting from SP, the fitter lands within 0.15 of the muP table: BP-SGD (-1, 0, 1), BP-Adam
+    (0, 1, 1), PC c = c_SGD - gbar_L, TP/DTP b_L = 1/2 and c = (0, 1, 1)."""
+    ref = preset("mup", opt, gamma_bar_L=gbar, algo=algo)
+    res = _derive(fmnist, algo, opt, gbar, ref)
+    assert res.agrees, res.table()
+    assert res.final.max_abs_slope <= 0.15
+
+
+def test_fitter_flags_a_wrong_preset(fmnist):
+    """PC with gbar_L = -1 checked against SGD's (unshifted) muP table: flagged."""
+    wrong = preset("mup", "sgd").with_(gamma_bar_L=-1.0)
+    res = _derive(fmnist, "pc", "sgd", -1.0, wrong)
+    assert not res.agrees and res.max_deviation >= 0.8, res.table()

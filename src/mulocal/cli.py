@@ -198,6 +198,82 @@ def cmd_coord(args) -> dict:
     return out
 
 
+def cmd_derive(args) -> dict:
+    from .diagnostics.coord import coord_batches
+    from .diagnostics.derive import derive
+    from .nets import build
+    from .param import preset
+
+    ref, algo, dtype, data = _common(args)
+    start = preset(args.start, args.optimizer, gamma_bar_L=args.gamma_bar_L, algo=args.algo,
+                   base_width=args.base_width, gamma_L_prime=args.gamma_L_prime)
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.1)
+    batches, probe = coord_batches(data, args.steps, args.batch_size, seed=args.seed)
+    seeds = range(args.seed, args.seed + args.replicas)
+
+    def make(param, width):
+        return build(args.arch, data.input_shape, data.n_classes, width, param, depth=args.depth,
+                     activation=args.activation, bias=False, K=args.replicas, seeds=seeds, dtype=dtype,
+                     device=args.device)
+    res = derive(make, algo, start, args.widths, batches, probe, lr, args.optimizer, rounds=args.rounds,
+                 reference=ref)
+    out = {"algo": args.algo, "optimizer": args.optimizer, "gamma_bar_L": args.gamma_bar_L, "lr": lr,
+           "widths": args.widths, **res.to_dict()}
+    if args.plot:
+        out["plot"] = res.plot(args.plot, f"derive {args.algo} {args.optimizer} gbar_L={args.gamma_bar_L:g}")
+    if not args.json:
+        print(res.table())
+    return out
+
+
+def cmd_analyze(args) -> dict:
+    import torch
+
+    from .diagnostics import align
+    widths = args.widths
+    if args.what == "linear":
+        gbars = args.gamma_bars or [-1.0, 0.0, 1.0]
+        res = align.preconditioner_vs_width(widths, gbars, base_width=args.base_width)
+        if args.plot:
+            res["plot"] = align.plot_lines(args.plot, widths, {f"gbar_L = {g}": v for g, v in res["norms"].items()},
+                                           "width", "||C|| (spectral norm)", "deep-linear PC preconditioner",
+                                           logy=True)
+        if not args.json:
+            for g, v in res["norms"].items():
+                print(f"gbar_L = {g:>5}: " + "  ".join(f"{w}: {n:.4g}" for w, n in zip(widths, v)))
+        return res
+    from .data import load_dataset
+    from .diagnostics.coord import coord_batches
+    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    if args.what == "cosine":
+        x = data.x_train[:args.batch_size].double().flatten(1)
+        y = data.y_train[:args.batch_size]
+        res = align.cosine_vs_width(widths, x, y, activation=args.activation, gamma_bar_L=args.gamma_bar_L,
+                                    base_width=args.base_width, seeds=tuple(range(args.replicas)))
+        if args.plot:
+            series = {f"{m} layer {l + 1}": [row[l] for row in v["cos_bp"]]
+                      for m, v in res["modes"].items() for l in range(len(v["cos_bp"][0]))}
+            res["plot"] = align.plot_lines(args.plot, widths, series, "width", "cosine with BP",
+                                           f"{args.activation}, gbar_L = {args.gamma_bar_L:g}")
+        if not args.json:
+            for m, v in res["modes"].items():
+                print(f"{m}: cosine with BP per layer")
+                for w, row in zip(widths, v["cos_bp"]):
+                    print(f"  width {w:>5}: " + "  ".join(f"{c:.4f}" for c in row))
+        return res
+    batches, probe = coord_batches(data, args.steps, 64)
+    configs = [(a, "mup") for a in args.algos.split(",")]
+    res = align.alignment_vs_step(configs, widths, batches, probe, lr=args.lr, K=args.replicas)
+    if args.plot:
+        res["plot"] = align.plot_lines(args.plot, list(range(1, args.steps + 1)),
+                                       {k: v["omega"] for k, v in res["configs"].items()}, "step",
+                                       "omega_L", "alignment exponent of W_L Delta h_{L-1}", logx=False)
+    if not args.json:
+        for k, v in res["configs"].items():
+            print(f"{k:<24} omega_L per step: " + " ".join(f"{o:.2f}" for o in v["omega"]))
+    return res
+
+
 def cmd_describe(args) -> dict:
     from .param import preset
     p = preset(args.param, args.optimizer, base_width=args.base_width)
@@ -257,6 +333,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_coord)
 
+    dv = sub.add_parser("derive", help="fit the width exponents (b_L, c) that make every update Theta(1)")
+    _add_model_args(dv)
+    dv.add_argument("--start", default="sp", help="parameterization the fit starts from (default sp)")
+    dv.add_argument("--widths", type=_ints, default=[64, 128, 256, 512, 1024])
+    dv.add_argument("--steps", type=int, default=1, help="training steps measured (the fit reads the first)")
+    dv.add_argument("--rounds", type=int, default=5)
+    dv.add_argument("--lr", type=float, default=None)
+    dv.add_argument("--batch-size", type=int, default=64)
+    dv.add_argument("--replicas", type=int, default=4)
+    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--plot", default=None)
+    dv.add_argument("--json", action="store_true")
+    dv.set_defaults(func=cmd_derive)
+
+    an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||")
+    an.add_argument("what", choices=["cosine", "alignment", "linear"])
+    an.add_argument("--widths", type=_ints, default=[64, 128, 256, 512, 1024, 2048])
+    an.add_argument("--activation", default="linear", help="cosine: linear or tanh")
+    an.add_argument("--gamma-bar-L", type=float, default=0.0)
+    an.add_argument("--gamma-bars", type=_floats, default=None, help="linear: gbar_L values (default -1,0,1)")
+    an.add_argument("--algos", default="bp,tp,dtp", help="alignment: learning rules (each under its muP)")
+    an.add_argument("--steps", type=int, default=10, help="alignment: training steps")
+    an.add_argument("--lr", type=float, default=0.1)
+    an.add_argument("--batch-size", type=int, default=32, help="cosine: batch size")
+    an.add_argument("--replicas", type=int, default=3)
+    an.add_argument("--base-width", type=int, default=64)
+    an.add_argument("--dataset", default="fashion-mnist")
+    an.add_argument("--data-dir", default=None)
+    an.add_argument("--no-download", action="store_true")
+    an.add_argument("--plot", default=None)
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
     d = sub.add_parser("describe", help="print what a preset resolves to at a width")
     d.add_argument("--param", default="mup")
     d.add_argument("--optimizer", default="sgd")
@@ -299,7 +408,7 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    for key in ("width", "steps", "epochs", "batch_size", "replicas", "depth", "base_width"):
+    for key in ("width", "steps", "epochs", "batch_size", "replicas", "depth", "base_width", "rounds"):
         v = getattr(args, key, None)
         if v is not None and v <= 0:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {v}")

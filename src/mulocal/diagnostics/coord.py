@@ -14,6 +14,8 @@ name           quantity                                     muP keeps it Theta(1
 ``df``         f(t) - f(0)                                  yes
 ``f``          f(t)                                         no (vanishes when b_L = 1)
 ``W_l``        RMS entry of W_l(0) (times its multiplier)   no (it is M^-b_l)
+``dW_l``       RMS entry of W_l(t) - W_l(0)                 no
+``dWdh_l``     (W_l(t) - W_l(0)) Delta a_{l-1}              no (second order)
 =============  ===========================================  =======================
 
 u_l(t) - u_l(0) = dWh_l + Wdh_l, so the table splits every change into the part caused by the
@@ -66,10 +68,21 @@ class CoordResult:
             with np.errstate(divide="ignore", invalid="ignore"):
                 self.slopes[name] = fit_slope(self.widths, np.exp(np.log(arr).mean(1)))
 
-    def alignment(self, l: int) -> float:
-        """omega_l: how W_l(0) Delta h_{l-1} scales beyond its factors' entry sizes,
-        slope(Wdh_l) - slope(W_l) - slope(dh_{l-1}): 1 when aligned (BP), 1/2 when independent (CLT)."""
-        return self.slopes[f"Wdh_{l}"] - self.slopes[f"W_{l}"] - self.slopes[f"dh_{l - 1}"]
+    def alignment(self, l: int, kind: str = "omega", step: int | None = None) -> float:
+        """Alignment exponent of layer l (Everett et al. 2024): how a product scales beyond the
+        entry sizes of its factors, e.g. omega_l = slope(Wdh_l) - slope(W_l) - slope(dh_{l-1}):
+        1 when the factors are aligned (a sum of M correlated terms, BP), 1/2 when they are
+        independent (CLT, TP). ``kind``: "alpha" (Delta W_l h_{l-1}), "omega" (W_l Delta h_{l-1}),
+        "u" (Delta W_l Delta h_{l-1}). ``step``: a step index, or None for the step-averaged slopes."""
+        sl = self.slopes if step is None else {k: v[step] for k, v in self.slopes_per_step.items()}
+        if kind == "alpha":
+            h_prev = sl[f"h_{l - 1}"] if l >= 2 else 0.0  # the input is fixed-size data
+            return sl[f"dWh_{l}"] - sl[f"dW_{l}"] - h_prev
+        if kind == "omega":
+            return sl[f"Wdh_{l}"] - sl[f"W_{l}"] - sl[f"dh_{l - 1}"]
+        if kind == "u":
+            return sl[f"dWdh_{l}"] - sl[f"dW_{l}"] - sl[f"dh_{l - 1}"]
+        raise ConfigError(f"unknown alignment kind '{kind}'; choose alpha, omega or u")
 
     @property
     def max_abs_slope(self) -> float:
@@ -132,9 +145,13 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
         layer = net.layers[l - 1]
         db = None if layer.bias is None else layer.bias - b0[l - 1]
         out[f"dWh_{l}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
+        dw = layer.weight - w0[l - 1]
         if l >= 2:
-            out[f"Wdh_{l}"] = rms(layer.forward(acts[l - 1] - acts0[l - 1], w0[l - 1], False))
+            da = acts[l - 1] - acts0[l - 1]
+            out[f"Wdh_{l}"] = rms(layer.forward(da, w0[l - 1], False))
+            out[f"dWdh_{l}"] = rms(layer.forward(da, dw, False))
         out[f"W_{l}"] = rms(w0[l - 1]) * layer.mult
+        out[f"dW_{l}"] = rms(dw) * layer.mult
     out["df"] = rms(us[-1] - f0)
     out["f"] = rms(us[-1])
     return out

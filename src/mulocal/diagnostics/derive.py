@@ -1,0 +1,155 @@
+"""Exponent fitter: measure how each contribution scales with width and solve for the maximal update.
+
+Starting from a trial parameterization (b, c), each round runs a coordinate check and reads the
+log-log slopes of the *first* update, which depends only on the initial state and on each
+layer's own learning rate:
+
+    Delta W_l h_{l-1} ~ M^{s_l}   with lr_l ~ M^{-c_l}      =>   c_l <- c_l + s_l
+    W_L Delta h_{L-1} ~ M^{w}     with W_L ~ M^{-b_L}       =>   b_L <- b_L + w - slope(Delta h_{L-1})
+
+(the second rule divides out Delta h_{L-1}'s own scaling, which vanishes at the fixed point). Both
+rules are exact for one SGD/Adam step of a layer whose other factors do not depend on c_l or b_L,
+and the rounds (usually 2-3) absorb the coupling between layers (b_L sets the size of the
+backward signal that the hidden learning rates see). The fit stops when every exponent moves by
+less than ``tol``. The verdict compares the fitted table with a reference preset.
+
+Networks without biases are used (a bias has its own exponent and would mix into Delta W h).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..errors import ConfigError
+from ..param import Parameterization
+from .coord import CoordResult, coord_check
+
+
+@dataclass
+class DeriveResult:
+    b: list[float]
+    c: list[float]
+    start: Parameterization
+    rounds: list[dict] = field(default_factory=list)
+    final: CoordResult | None = None
+    reference: Parameterization | None = None
+    tolerance: float = 0.15
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.rounds) and self.rounds[-1]["max_change"] < 0.05
+
+    @property
+    def agrees(self) -> bool | None:
+        """Whether the fitted table matches the reference within ``tolerance``."""
+        if self.reference is None:
+            return None
+        return self.max_deviation <= self.tolerance
+
+    @property
+    def max_deviation(self) -> float:
+        if self.reference is None:
+            return float("nan")
+        return max(max(abs(x - y) for x, y in zip(self.b, self.reference.b)),
+                   max(abs(x - y) for x, y in zip(self.c, self.reference.c)))
+
+    def to_dict(self) -> dict:
+        out = {"b": [round(v, 4) for v in self.b], "c": [round(v, 4) for v in self.c],
+               "start": {"name": self.start.name, "b": list(self.start.b), "c": list(self.start.c)},
+               "rounds": self.rounds, "converged": self.converged,
+               "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
+                               "slopes": self.final.slopes if self.final else None}}
+        if self.reference is not None:
+            out["reference"] = {"name": self.reference.name, "b": list(self.reference.b), "c": list(self.reference.c)}
+            out["max_deviation"] = self.max_deviation
+            out["agrees"] = self.agrees
+        return out
+
+    def table(self) -> str:
+        roles = ("input", "hidden", "output")
+        lines = [f"{'':<8}{'fitted b':>10}{'fitted c':>10}" + (f"{'preset b':>10}{'preset c':>10}"
+                                                                 if self.reference else "")]
+        for i, role in enumerate(roles):
+            row = f"{role:<8}{self.b[i]:>10.3f}{self.c[i]:>10.3f}"
+            if self.reference:
+                row += f"{self.reference.b[i]:>10.3g}{self.reference.c[i]:>10.3g}"
+            lines.append(row)
+        q = self.final.max_abs_slope if self.final else float("nan")
+        lines.append(f"rounds: {len(self.rounds)}, converged: {self.converged}, "
+                     f"max |slope| with the fitted table: {q:.3f}")
+        if self.reference is not None:
+            lines.append(f"vs {self.reference.name}: max deviation {self.max_deviation:.3f} -> "
+                         + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+        return "\n".join(lines)
+
+    def plot(self, path: str, title: str = "") -> str:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        roles = ["input", "hidden", "output"]
+        x = range(3)
+        axes[0].plot(x, self.c, "o-", label="fitted c")
+        axes[0].plot(x, self.b, "s-", label="fitted b")
+        if self.reference:
+            axes[0].plot(x, self.reference.c, "o:", color="gray", label=f"{self.reference.name} c")
+            axes[0].plot(x, self.reference.b, "s:", color="silver", label=f"{self.reference.name} b")
+        axes[0].set_xticks(list(x), roles)
+        axes[0].set_ylabel("exponent")
+        axes[0].legend(fontsize=7)
+        if self.final is not None:
+            names = self.final.counted
+            axes[1].bar(range(len(names)), [self.final.slopes[n] for n in names])
+            axes[1].axhline(0.15, color="r", lw=0.8, ls=":")
+            axes[1].axhline(-0.15, color="r", lw=0.8, ls=":")
+            axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+            axes[1].set_ylabel("slope vs width (fitted table)")
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def derive(make_net: Callable[[Parameterization, int], object], algo, start: Parameterization,
+           widths: Sequence[int], batches, probe, lr: float, optimizer: str = "sgd", *, fit_b: bool = True,
+           rounds: int = 5, tol: float = 0.02, reference: Parameterization | None = None,
+           tolerance: float = 0.15) -> DeriveResult:
+    """Fit the learning-rate exponents c (and the output init exponent b_L) of ``algo``.
+
+    ``make_net(param, width)`` builds a network (K replicas averaged over); ``batches`` and
+    ``probe`` are as for :func:`coord_check` (at least one step).
+    """
+    if rounds < 1:
+        raise ConfigError("the fitter needs at least one round")
+    b, c = list(start.b), list(start.c)
+    res = DeriveResult(b, c, start, reference=reference, tolerance=tolerance)
+    for _ in range(rounds):
+        param = start.with_(b=tuple(b), c=tuple(c))
+        coord = coord_check(lambda w: make_net(param, w), algo, widths, batches, probe, lr, optimizer)
+        first = {k: v[0] for k, v in coord.slopes_per_step.items()}
+        L = sum(1 for k in first if k.startswith("dWh_"))
+        roles = ["input"] + ["hidden"] * (L - 2) + ["output"]
+        by_role: dict[str, list[float]] = {}
+        for l in range(1, L + 1):
+            by_role.setdefault(roles[l - 1], []).append(first[f"dWh_{l}"])
+        new_c = [c[i] + sum(v) / len(v) for i, v in enumerate(by_role[r] for r in ("input", "hidden", "output"))]
+        new_b = list(b)
+        if fit_b and L >= 2:
+            w = first[f"Wdh_{L}"] - first[f"dh_{L - 1}"]
+            if math.isfinite(w):
+                new_b[2] = b[2] + w
+        if not all(math.isfinite(v) for v in new_c + new_b):
+            raise ConfigError("the fitter met a non-finite slope (a diverged or zero update); "
+                              "try a smaller learning rate")
+        change = max(abs(x - y) for x, y in zip(new_c + new_b, c + b))
+        res.rounds.append({"b": list(b), "c": list(c), "first_step_slopes": first, "max_change": change})
+        b, c = new_b, new_c
+        res.b, res.c = b, c
+        if change < tol:
+            break
+    param = start.with_(b=tuple(b), c=tuple(c))
+    res.final = coord_check(lambda w: make_net(param, w), algo, widths, batches, probe, lr, optimizer)
+    return res
