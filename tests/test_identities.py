@@ -289,3 +289,17 @@ def test_dtp_replicas_equal_separate_runs(synth):
         one = run([lr], [s])
         for a, b in zip(both.params(), one.params()):
             assert torch.allclose(a[k], b[0], rtol=1e-6, atol=1e-10)
+
+
+def test_pc_random_init_replicas_equal_separate_runs():
+    """Random value initialisation draws one stream per replica seed: batching does not change it."""
+    p = preset("mup", "sgd", base_width=8)
+    x, y = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 4, (6,))
+
+    def grads(seeds):
+        net = build("mlp", (10,), 4, 16, p, K=len(seeds), seeds=seeds, dtype=torch.float64)
+        return make_algo("pc", init="random", T=3, inference="parallel", kappa=0.2).step(net, x, y)[0]
+    both = grads([3, 4])
+    for k, s in enumerate([3, 4]):
+        for a, b in zip(both, grads([s])):
+            assert torch.allclose(a[k], b[0], rtol=1e-12)

@@ -276,7 +276,7 @@ def cmd_analyze(args) -> dict:
 
 def cmd_describe(args) -> dict:
     from .param import preset
-    p = preset(args.param, args.optimizer, base_width=args.base_width)
+    p = preset(args.param, args.optimizer, gamma_bar_L=args.gamma_bar_L, algo=args.algo, base_width=args.base_width)
     if not args.json:
         print(p.describe(args.width, args.depth, lr=args.lr))
     return {"parameterization": p.to_dict(), "width": args.width}
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("describe", help="print what a preset resolves to at a width")
     d.add_argument("--param", default="mup")
     d.add_argument("--optimizer", default="sgd")
+    d.add_argument("--algo", default="bp", help="the learning rule whose muP to show (bp, pc, tp, dtp, gnt)")
+    d.add_argument("--gamma-bar-L", type=float, default=0.0)
     d.add_argument("--width", type=int, default=256)
     d.add_argument("--depth", type=int, default=3)
     d.add_argument("--base-width", type=int, default=64)
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--data-dir", default=None)
     dd.add_argument("--json", action="store_true")
     dd.set_defaults(func=cmd_data)
+
+    from .sweep import register_cli
+    register_cli(sub)
 
     m = sub.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
     m.add_argument("--out", default="runs/demo", help="folder for the plot and results")

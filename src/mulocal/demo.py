@@ -1,94 +1,104 @@
 """The README's main job: learning-rate transfer across widths on real FashionMNIST.
 
-For each parameterization (muP and SP, BP with SGD) and each width, every learning rate of a
-log2 grid trains as one replica of a single batched model, for one epoch. The best learning
-rate per width is the one with the lowest training loss (averaged over the epoch); under muP it
-stays put as the width grows, under SP it moves.
+A sweep (``mulocal.sweep``) over every learning rule the library has among BP, PC and DTP, muP
+against SP (SGD), widths 64-512, a log2 grid of learning rates and two seeds, one epoch on a
+training subset. All learning rates and seeds of one width and configuration train as the
+replicas of one batched model. Results go to ``OUT/demo.sqlite``: running the demo again only
+runs what is missing, and ``mulocal report --store OUT/demo.sqlite`` prints the same numbers.
+
+The best learning rate per width is the vertex of a quadratic fitted in log2(LR) to the
+seed-averaged training loss (``mulocal.analysis``). Under muP it stays put as the width grows
+(slope of log2(best LR) against log2(width) near 0, small penalty for reusing the width-64
+optimum at width 512); under SP it moves.
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-DEMO = dict(widths=[64, 128, 256, 512], lrs=[2.0 ** k for k in range(-6, 3)], epochs=1, train_subset=None,
-            configs=[("bp", "mup", "sgd"), ("bp", "sp", "sgd")])
-QUICK = dict(widths=[64, 256], lrs=[2.0 ** k for k in range(-5, 2)], epochs=1, train_subset=8000,
-             configs=[("bp", "mup", "sgd"), ("bp", "sp", "sgd")])
+LR_GRID = [2.0 ** k for k in range(-6, 3)]
+DEMO = dict(widths=[64, 128, 256, 512], lrs=LR_GRID, seeds=[0, 1], epochs=1, train_subset=30000,
+            test_subset=5000)
+QUICK = dict(widths=[64, 128, 256, 512], lrs=[2.0 ** k for k in range(-5, 2)], seeds=[0, 1], epochs=1,
+             train_subset=4000, test_subset=2000)
+RULES = ("bp", "pc", "dtp")  # the ones make_algo knows are used
+
+
+def demo_spec(quick: bool = False) -> dict:
+    """The demo's sweep spec (a plain dict: ``mulocal sweep`` takes the same keys in a TOML [sweep] table)."""
+    from .algos import ALGOS
+    base = QUICK if quick else DEMO
+    return dict(algo=[a for a in RULES if a in ALGOS], param=["mup", "sp"], optimizer="sgd", base_width=64,
+                arch="mlp", depth=3, activation="tanh", dataset="fashion-mnist", batch_size=128, **base)
 
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, json_mode: bool = False,
-             seed: int = 0) -> dict:
-    from .algos import make_algo
-    from .data import load_dataset
-    from .nets import build
-    from .param import preset
-    from .train import Trainer, TrainConfig
+             seed: int = 0, workers: int | None = None) -> dict:
+    """Run (or resume) the demo sweep, write the plots, print the table; return the summary.
 
-    spec = QUICK if quick else DEMO
+    ``seed`` shifts the two seeds used; ``workers`` is passed to the sweep (default one process per core,
+    0 = in this process).
+    """
+    from .analysis import analyze, format_table
+    from .plots import plot_report
+    from .store import Store, config_hash
+    from .sweep import expand, format_summary, run_sweep
+
+    spec = demo_spec(quick)
+    spec["seeds"] = [seed + s for s in spec["seeds"]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset("fashion-mnist", data_dir, train_subset=spec["train_subset"], seed=seed)
+    store = out / "demo.sqlite"
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
-    say(f"muTransfer demo: FashionMNIST ({len(data.x_train)} training samples), 3-layer tanh MLP, "
-        f"widths {spec['widths']}, {len(spec['lrs'])} learning rates as replicas, {spec['epochs']} epoch(s)")
-    results = []
+    say(f"muTransfer demo{' (quick)' if quick else ''}: FashionMNIST ({spec['train_subset']} training samples, "
+        f"{spec['epochs']} epoch), 3-layer tanh MLP, {'/'.join(a.upper() for a in spec['algo'])} x muP/SP with SGD, "
+        f"widths {spec['widths']}, {len(spec['lrs'])} learning rates x {len(spec['seeds'])} seeds as replicas")
     t0 = time.perf_counter()
-    for algo_name, pname, opt in spec["configs"]:
-        param = preset(pname, opt)
-        curves = {}
-        for width in spec["widths"]:
-            K = len(spec["lrs"])
-            net = build("mlp", data.input_shape, data.n_classes, width, param, K=K, seeds=[seed] * K)
-            res = Trainer(net, make_algo(algo_name), data,
-                          TrainConfig(epochs=spec["epochs"], lr=spec["lrs"], optimizer=opt),
-                          seeds=[seed] * K).run()
-            curves[width] = [{"lr": r["lr"], "train_loss": r["train_loss"], "test_accuracy": r["test_accuracy"],
-                              "status": r["status"]} for r in res["replicas"]]
-            best = min(curves[width], key=lambda r: r["train_loss"])
-            say(f"  {algo_name} {param.name:<8} width {width:>4}: best lr {best['lr']:g} "
-                f"(train loss {best['train_loss']:.4f}, test acc {best['test_accuracy']:.4f})")
-        best_lrs = {w: min(c, key=lambda r: r["train_loss"])["lr"] for w, c in curves.items()}
-        ws = sorted(best_lrs)
-        shift = math.log2(best_lrs[ws[-1]]) - math.log2(best_lrs[ws[0]])
-        results.append({"algo": algo_name, "param": param.name, "optimizer": opt, "curves": curves,
-                        "best_lr": best_lrs, "log2_shift": shift})
-    summary = {"widths": spec["widths"], "lrs": spec["lrs"], "seconds": time.perf_counter() - t0,
-               "results": results, "plot": str(out / "transfer.png")}
-    _plot(results, out / "transfer.png")
-    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
-    say("\nbest learning rate per width (argmin of training loss):")
-    say(f"{'config':<18}" + "".join(f"{w:>9}" for w in spec["widths"]) + f"{'log2 shift':>12}")
-    for r in results:
-        say(f"{r['algo'] + ' ' + r['param']:<18}" + "".join(f"{r['best_lr'][w]:>9.3g}" for w in spec["widths"])
-            + f"{r['log2_shift']:>12.1f}")
-    say(f"plot: {out / 'transfer.png'}   results: {out / 'demo.json'}   ({summary['seconds']:.0f} s)")
-    return summary
+    summary = run_sweep(spec, store, workers=workers, data_dir=data_dir, progress=True)
+    say(format_summary(summary))
+    hashes = [config_hash(c) for c in expand(spec)]
+    with Store(store, create=False) as st:
+        report = analyze(st.rows(hashes=hashes))
+    plots = plot_report(report, out)
+    table = format_table(report)
+    say("")
+    say(table)
+    verdict = _verdict(report)
+    if verdict:
+        say("")
+        say(verdict)
+    say(f"\nplots: {', '.join(plots)}\nstore: {store}  (mulocal report --store {store})")
+    result = {"out": str(out), "store": str(store), "plots": plots, "spec": spec, "sweep": summary,
+              "seconds": time.perf_counter() - t0, "verdict": verdict,
+              "results": [{"label": f["label"], "algo": f["family"]["algo"], "param": f["family"]["param"],
+                           "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
+                           "log2_std": {str(e["width"]): e["log2_std"] for e in f["best"]},
+                           "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"],
+                           "penalty": f["transfer"]["penalty"]} for f in report["families"]]}
+    (out / "demo.json").write_text(json.dumps(_clean(result), indent=1))
+    return result
 
 
-def _plot(results, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _verdict(report: dict) -> str:
+    lines = []
+    by = {(f["family"]["algo"], f["family"]["param"]): f["transfer"] for f in report["families"]}
+    for algo in dict.fromkeys(f["family"]["algo"] for f in report["families"]):
+        mup, sp = by.get((algo, "mup")), by.get((algo, "sp"))
+        if not mup or not sp or mup["slope"] is None or sp["slope"] is None:
+            continue
+        lines.append(f"{algo.upper()}: the best LR moves {mup['slope']:+.2f} octaves per doubling of width under muP, "
+                     f"{sp['slope']:+.2f} under SP")
+    return "\n".join(lines)
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        widths = sorted(r["curves"])
-        cmap = plt.get_cmap("viridis")
-        for i, w in enumerate(widths):
-            c = r["curves"][w]
-            color = cmap(i / max(len(widths) - 1, 1))
-            loss = [x["train_loss"] if math.isfinite(x["train_loss"]) else float("nan") for x in c]
-            ax.plot([x["lr"] for x in c], loss, "o-", color=color, label=f"width {w}")
-            ax.axvline(r["best_lr"][w], color=color, ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("base learning rate")
-        ax.set_ylabel("training loss (1 epoch)")
-        ax.set_title(f"{r['algo'].upper()} {r['param']} (best LR shift {r['log2_shift']:+.1f} octaves)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+def _clean(obj):
+    import math
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

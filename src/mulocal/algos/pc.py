@@ -64,7 +64,8 @@ class PC:
         self.T, self.inference, self.init, self.fpa = T, inference, init, bool(fpa)
         self.kappa, self.momentum, self.tol, self.incremental = kappa, momentum, tol, bool(incremental)
         self.gammas, self.record = gammas, record
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self._gens: tuple | None = None  # per-replica generators for random value initialisation
         self.stats: dict = {}
         self._last = None
         self.coord_counted: tuple = ()
@@ -102,7 +103,7 @@ class PC:
         a = list(a_ff)
         ff_loss, dldf = loss_and_grad(mu[L], y, self.loss)
         e_top = -dldf  # e_L
-        v = [a[0]] + [self._init_value(mu[l]) for l in range(1, L)]
+        v = [a[0]] + [self._init_value(mu[l], net) for l in range(1, L)]
         if self.incremental and opt is None:
             raise ConfigError("incremental PC needs the optimizer: call step(net, x, y, opt=optimizer)")
         if self.init != "forward" and not self.fpa:  # under FPA predictions stay at their feed-forward values
@@ -163,12 +164,16 @@ class PC:
         return grads, ff_loss
 
     # ------------------------------------------------------------------ pieces
-    def _init_value(self, u: torch.Tensor) -> torch.Tensor:
+    def _init_value(self, u: torch.Tensor, net: Net) -> torch.Tensor:
         if self.init == "forward":
             return u
         if self.init == "zero":
             return torch.zeros_like(u)
-        return torch.randn(u.shape, generator=self.gen, dtype=u.dtype).to(u.device)
+        # one stream per replica, derived from the replica's seed: K replicas = K separate runs
+        seeds = tuple(getattr(net, "seeds", range(net.K)))
+        if self._gens is None or self._gens[0] != seeds:
+            self._gens = (seeds, [torch.Generator().manual_seed(s * 1_000_003 + self.seed) for s in seeds])
+        return torch.stack([torch.randn(u.shape[1:], generator=g, dtype=u.dtype) for g in self._gens[1]]).to(u.device)
 
     def _move(self, v, grad, kappa, vel, l):
         if vel is not None:

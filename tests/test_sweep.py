@@ -1,0 +1,371 @@
+"""Sweeps: spec expansion, the resumable store, batching/executor equivalence, kill -9 and restart,
+the best-LR estimator and transfer metrics, corrupt stores, the command line."""
+import argparse
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mulocal.analysis import analyze, best_of_curve, format_table, mean_curve
+from mulocal.errors import ConfigError, MulocalError
+from mulocal.store import Store, StoreError, config_hash
+from mulocal.sweep import expand, load_spec_file, plan, register_cli, run_sweep
+
+TINY = dict(dataset="synthetic", train_subset=256, test_subset=128, epochs=1, batch_size=64)
+METRICS = ("train_loss", "test_loss", "test_accuracy")
+LOCAL = dict(workers=0, threads=1, progress=False)  # in this process; one thread: tiny models, steady timings
+
+
+def _metrics(store_path) -> dict:
+    with Store(store_path, create=False) as st:
+        return {r["hash"]: r for r in st.rows()}
+
+
+def _assert_same_results(a: dict, b: dict, tol=1e-6):
+    assert set(a) == set(b)
+    for h in a:
+        ra, rb = a[h], b[h]
+        assert ra["status"] == rb["status"], (ra["config"], ra["status"], rb["status"])
+        assert ra["epochs_run"] == rb["epochs_run"]
+        for k in METRICS:
+            va, vb = ra[k], rb[k]
+            if va is None or vb is None or math.isinf(va) or math.isinf(vb):
+                assert va == vb, (k, va, vb)
+            else:
+                assert abs(va - vb) <= tol, (k, ra["config"]["width"], ra["lr"], ra["seed"], va, vb)
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register_cli(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ----------------------------------------------------------------------------------------- specs
+def test_expand_cross_product_and_stable_hashes():
+    spec = dict(algo=["bp", "pc"], param=["mup", "sp"], widths=[16, 32], lrs=[0.1, 0.2, 0.1], seeds=[0, 1],
+                algo_options={"pc": {"T": [1, 2]}}, **TINY)
+    cells = expand(spec)
+    # bp: 2 params x 2 widths x 2 lrs x 2 seeds; pc: the same x 2 values of T (repeated lr dropped)
+    assert len(cells) == 16 + 32
+    assert len({config_hash(c) for c in cells}) == len(cells)
+    assert {c["algo_options"].get("T") for c in cells if c["algo"] == "pc"} == {1, 2}
+    assert all(c["algo_options"] == {} for c in cells if c["algo"] == "bp")
+    # the same sweep written differently (ints for floats, scalars for lists) gives the same cells
+    again = expand(dict(algo=["bp", "pc"], param=["mup", "sp"], widths=[16.0, 32], lrs=[0.1, 0.2], seeds=[0, 1],
+                        algo_options={"pc": {"T": [1, 2]}}, dataset="synthetic", train_subset=256.0,
+                        test_subset=128, epochs=[1], batch_size=64))
+    assert sorted(map(config_hash, again)) == sorted(map(config_hash, cells))
+    with pytest.raises(ConfigError, match="unknown sweep key 'widht'"):
+        expand(dict(widht=[16], lrs=[0.1]))
+    with pytest.raises(ConfigError, match="needs lrs"):
+        expand(dict(widths=[16]))
+    with pytest.raises(ConfigError, match="positive"):
+        expand(dict(widths=[16], lrs=[-0.1]))
+
+
+def test_toml_spec_with_cli_overrides(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[sweep]\nalgo = "bp"\nparam = ["mup", "sp"]\nwidths = [16, 32]\nlrs = [0.1, 0.4]\n'
+                    'seeds = [0, 1]\ndataset = "synthetic"\ntrain_subset = 256\ntest_subset = 128\n'
+                    'batch_size = 64\n[run]\nworkers = 0\nthreads = 1\n')
+    sweep, run = load_spec_file(spec)
+    assert run == {"workers": 0, "threads": 1} and sweep["param"] == ["mup", "sp"]
+    out = _cli(["sweep", "--spec", str(spec), "--store", str(tmp_path / "r.sqlite"), "--param", "mup",
+                "--no-progress", "--json"])
+    assert out["cells"] == 8 and out["done"] + out["diverged"] == 8 and out["executor"] == "inline"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep]\nwidths = [16,\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _cli(["sweep", "--spec", str(bad), "--store", str(tmp_path / "x.sqlite")])
+
+
+# ----------------------------------------------------------------------------------------- store
+def test_resume_runs_only_missing_cells_and_is_idempotent(tmp_path):
+    store = tmp_path / "runs.sqlite"
+    small = dict(widths=[16], lrs=[0.1, 0.4], seeds=[0], **TINY)
+    s1 = run_sweep(small, store, **LOCAL)
+    assert (s1["new"], s1["ran"]) == (2, 2)
+    big = dict(small, widths=[16, 32], seeds=[0, 1])
+    s2 = run_sweep(big, store, **LOCAL)
+    assert (s2["new"], s2["finished_before"], s2["ran"]) == (6, 2, 6) and s2["complete"]
+    s3 = run_sweep(big, store, **LOCAL)
+    assert (s3["new"], s3["ran"]) == (0, 0)
+    with Store(store, create=False) as st:
+        rows = st.rows()
+        assert len(rows) == 8 and len({r["hash"] for r in rows}) == 8
+        assert all(r["status"] == "done" and r["attempts"] == 1 and r["version"] for r in rows)
+        assert all(len(r["history"]) == 1 and r["history"][0]["epoch"] == 1 for r in rows)
+        n = st.export_csv(tmp_path / "runs.csv")
+    text = (tmp_path / "runs.csv").read_text().splitlines()
+    assert n == 8 and len(text) == 9 and text[0].startswith("hash,status,")
+
+
+def test_stale_running_cells_are_taken_over(tmp_path):
+    """Cells claimed by a runner that is gone (dead pid) go back to pending and run."""
+    store = tmp_path / "runs.sqlite"
+    spec = dict(widths=[16], lrs=[0.1, 0.4], **TINY)
+    with Store(store) as st:
+        st.add_cells(expand(spec))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        import socket
+        hashes = [config_hash(c) for c in expand(spec)]
+        assert st.claim(hashes, owner=f"{socket.gethostname()}:{dead.pid}") == hashes
+        assert st.counts()["running"] == 2
+    s = run_sweep(spec, store, **LOCAL)
+    assert s["reset_running"] == 2 and s["ran"] == 2 and s["complete"]
+
+
+def test_failed_cells_are_recorded_and_retried(tmp_path):
+    """An error inside a worker marks its cells failed (with the message) and the next sweep tries again."""
+    store = tmp_path / "runs.sqlite"
+    spec = dict(widths=[8], lrs=[0.1], arch="cnn", **TINY)  # a CNN on 1-D synthetic inputs cannot be built
+    s = run_sweep(spec, store, **LOCAL)
+    assert s["failed"] == 1 and "image inputs" in s["errors"][0] and not s["complete"]
+    s = run_sweep(spec, store, **LOCAL)
+    assert s["ran"] == 1 and s["failed"] == 1
+    with Store(store, create=False) as st:
+        (row,) = st.rows()
+    assert row["status"] == "failed" and row["attempts"] == 2 and "image inputs" in row["error"]
+
+
+# ----------------------------------------------------------------------------------------- equivalence
+def test_replica_batching_equals_one_cell_at_a_time(tmp_path):
+    """K cells in one batched model give the numbers of K separate runs, diverged cells included."""
+    spec = dict(param=["mup", "sp"], widths=[16, 32], lrs=[0.05, 0.3, 1e6], seeds=[0, 1], loss="mse", epochs=2, **{
+        k: v for k, v in TINY.items() if k != "epochs"})
+    a, b = tmp_path / "batched.sqlite", tmp_path / "single.sqlite"
+    sa = run_sweep(spec, a, **LOCAL)
+    sb = run_sweep(spec, b, max_replicas=1, **LOCAL)
+    assert sa["tasks"] == 4 and sb["tasks"] == 24
+    assert sa["diverged"] == sb["diverged"] > 0
+    ra, rb = _metrics(a), _metrics(b)
+    assert {r["replicas"] for r in ra.values()} == {6} and {r["replicas"] for r in rb.values()} == {1}
+    _assert_same_results(ra, rb)
+    # the memory budget splits groups too
+    cells = expand(spec)
+    tasks = plan(cells, {("synthetic", 256, 128, 0): ((32,), 10, 256)}, max_replicas=64, memory_budget=1)
+    assert len(tasks) == len(cells)
+
+
+def test_sigkill_mid_sweep_then_restart_completes_with_same_results(tmp_path):
+    """kill -9 of the runner (process pool, one cell per task), restart: one row per cell, no cell lost or run
+    twice past the kill, and the numbers of an uninterrupted (batched, in-process) run."""
+    killed, ref = tmp_path / "killed.sqlite", tmp_path / "ref.sqlite"
+    axes = ["--widths", "16,32,48", "--lrs", "0.05,0.1,0.2,0.4", "--seeds", "0,1", "--dataset", "synthetic",
+            "--train-subset", "2048", "--test-subset", "128", "--epochs", "3", "--batch-size", "32"]
+    cmd = [sys.executable, "-m", "mulocal.sweep", "sweep", *axes, "--store", str(killed), "--workers", "1",
+           "--threads", "1", "--max-replicas", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_at_kill = 0
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if killed.exists():
+                try:
+                    with sqlite3.connect(str(killed), timeout=5) as db:
+                        done_at_kill = db.execute("SELECT COUNT(*) FROM cells WHERE status = 'done'").fetchone()[0]
+                except sqlite3.Error:
+                    done_at_kill = 0
+                if done_at_kill >= 3:
+                    break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 3 <= done_at_kill < 24, done_at_kill
+    with Store(killed, create=False) as st:
+        before = st.counts()
+        finished = {r["hash"]: r["finished"] for r in st.rows(status="done")}
+    assert sum(before.values()) == 24 and before["done"] < 24
+    spec = dict(widths=[16, 32, 48], lrs=[0.05, 0.1, 0.2, 0.4], seeds=[0, 1], dataset="synthetic", train_subset=2048,
+                test_subset=128, epochs=3, batch_size=32)
+    s = run_sweep(spec, killed, **LOCAL)
+    assert s["new"] == 0 and s["reset_running"] == before["running"]
+    assert s["finished_before"] == before["done"] and s["ran"] == 24 - before["done"] and s["complete"]
+    run_sweep(spec, ref, **LOCAL)
+    rk, rr = _metrics(killed), _metrics(ref)
+    assert len(rk) == 24 and all(r["status"] == "done" for r in rk.values())
+    assert all(rk[h]["finished"] == t and rk[h]["attempts"] == 1 for h, t in finished.items())  # not run again
+    assert sum(r["attempts"] for r in rk.values()) == 24 + before["running"]
+    _assert_same_results(rk, rr)
+
+
+def test_ray_executor_matches_local(tmp_path):
+    pytest.importorskip("ray")
+    spec = dict(param=["mup", "sp"], widths=[16, 32], lrs=[0.1, 0.4], seeds=[0, 1], **TINY)
+    a, b = tmp_path / "ray.sqlite", tmp_path / "local.sqlite"
+    sa = run_sweep(spec, a, executor="ray", workers=2, max_replicas=2, progress=False)
+    assert sa["executor"] == "ray" and sa["complete"] and sa["failed"] == 0, sa["errors"]
+    run_sweep(spec, b, **LOCAL)
+    _assert_same_results(_metrics(a), _metrics(b))
+
+
+def test_ray_missing_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(MulocalError, match=r"pip install 'mulocal\[ray\]'"):
+        run_sweep(dict(widths=[16], lrs=[0.1], **TINY), tmp_path / "r.sqlite", executor="ray", progress=False)
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def _fake_rows(widths, lrs, seeds, x_star, curvature=0.05, noise=0.002, diverge_above=2.5, rng_seed=0):
+    """Store-like rows of a loss 0.3 + curvature (log2 lr - x*(w))^2 + seed noise; diverged far right."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    base = dict(algo="bp", param="mup", optimizer="sgd", dataset="synthetic")
+    for w in widths:
+        for lr in lrs:
+            for s in seeds:
+                x = math.log2(lr)
+                div = x > x_star(w) + diverge_above
+                loss = math.inf if div else 0.3 + curvature * (x - x_star(w)) ** 2 + noise * rng.standard_normal()
+                rows.append({"config": {**base, "width": w, "lr": lr, "seed": s}, "width": w, "lr": lr, "seed": s,
+                             "status": "diverged" if div else "done", "train_loss": loss, "test_loss": loss,
+                             "test_accuracy": None if div else 0.8})
+    return rows
+
+
+def test_transfer_slope_recovers_known_optimum():
+    widths, lrs, seeds = [64, 128, 256, 512], [2.0 ** k for k in range(-6, 3)], [0, 1, 2, 3]
+    x_star = lambda w: -1.3 - 0.5 * math.log2(w / 64)  # noqa: E731  (off-grid optima, slope -1/2)
+    rep = analyze(_fake_rows(widths, lrs, seeds, x_star))
+    (fam,) = rep["families"]
+    for e in fam["best"]:
+        assert e["method"] == "quadratic" and not e["at_edge"]
+        assert abs(e["log2_best_lr"] - x_star(e["width"])) < 0.05, e
+        assert e["log2_std"] is not None and e["log2_std"] < 0.2
+    t = fam["transfer"]
+    assert abs(t["slope"] - (-0.5)) < 0.03, t
+    assert t["slope_err"] is not None and abs(t["slope"] + 0.5) <= 3 * t["slope_err"] + 0.01
+    # penalty of the width-64 optimum at width 512: curvature * (1.5 octaves)^2
+    assert abs(t["penalty"] - 0.05 * 1.5 ** 2) < 0.01, t
+    # a transferring family: slope ~ 0, penalty ~ 0
+    flat = analyze(_fake_rows(widths, lrs, seeds, lambda w: -2.4, rng_seed=1))["families"][0]["transfer"]
+    assert abs(flat["slope"]) < 0.03 and flat["penalty"] < 0.005
+    assert "slope" in format_table(rep)
+
+
+def test_best_lr_estimator_details():
+    x = np.arange(-4.0, 3.0)
+    y = 1 + (x - 0.3) ** 2
+    b = best_of_curve(x, y)
+    assert b["method"] == "quadratic" and abs(b["x"] - 0.3) < 1e-9 and abs(b["value"] - 1) < 1e-9
+    # diverged points (inf) end the fitted window; with no finite point right of the minimum: the grid minimum
+    y2 = y.copy()
+    y2[6:] = np.inf
+    b2 = best_of_curve(x, y2)
+    assert b2["method"] == "quadratic" and b2["window"] == [-2.0, 1.0] and abs(b2["x"] - 0.3) < 1e-9
+    y2[5:] = np.inf
+    b2 = best_of_curve(x, y2)
+    assert b2["method"] == "argmin" and not b2["at_edge"] and b2["x"] == 0.0
+    # minimum at the edge of the grid: grid argmin, flagged
+    b3 = best_of_curve(x, (x - 5.0) ** 2)
+    assert b3["method"] == "argmin" and b3["at_edge"] and b3["x"] == 2.0
+    # seed means: a diverged seed makes the mean infinite, a missing cell is skipped
+    m = mean_curve(np.array([[1.0, np.inf, 2.0], [3.0, 1.0, np.nan]]))
+    assert m[0] == 2.0 and math.isinf(m[1]) and m[2] == 2.0
+    assert best_of_curve(x, np.full_like(x, np.inf)) is None
+
+
+# ----------------------------------------------------------------------------------------- bad stores
+def test_corrupt_or_foreign_store_gives_clear_error(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"definitely not a database\n" * 200)
+    with pytest.raises(StoreError, match="not a readable SQLite database"):
+        Store(garbage)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(str(foreign)) as db:
+        db.execute("CREATE TABLE songs (title TEXT)")
+    with pytest.raises(StoreError, match="not a mulocal sweep store"):
+        Store(foreign)
+    with pytest.raises(StoreError, match="no sweep store"):
+        Store(tmp_path / "missing.sqlite", create=False)
+    # a real store cut in half
+    cut = tmp_path / "cut.sqlite"
+    run_sweep(dict(widths=[16, 32], lrs=[0.1, 0.2, 0.4], seeds=[0, 1, 2], **TINY), cut, **LOCAL)
+    data = cut.read_bytes()
+    assert len(data) > 8192
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError):
+        Store(cut, create=False).rows()
+    # through the command line: exit status 2, one line, no traceback
+    for path, cmd in ((garbage, "report"), (garbage, "sweep"), (foreign, "sweep"), (cut, "report")):
+        for argv in [["report", "--store", str(path)] if cmd == "report" else
+                     ["sweep", "--store", str(path), "--widths", "16", "--lrs", "0.1", "--dataset", "synthetic"]]:
+            p = subprocess.run([sys.executable, "-m", "mulocal.sweep", *argv], capture_output=True, text=True)
+            assert p.returncode == 2, (argv, p.stderr)
+            err = p.stderr.strip()
+            assert err.startswith("mulocal: error:") and "\n" not in err and "Traceback" not in err, err
+            assert str(path.name) in err
+
+
+# ----------------------------------------------------------------------------------------- command line
+def test_cli_sweep_report_plot(tmp_path, capsys):
+    store = tmp_path / "runs.sqlite"
+    out = _cli(["sweep", "--store", str(store), "--param", "mup,sp", "--widths", "16,32", "--log2-lrs=-3:1",
+                "--seeds", "0,1", "--dataset", "synthetic", "--train-subset", "256", "--test-subset", "128",
+                "--batch-size", "64", "--workers", "0", "--threads", "1", "--no-progress"])
+    assert out["cells"] == 40 and out["complete"]
+    printed = capsys.readouterr().out
+    assert "best learning rate per width" in printed and "bp mup sgd" in printed
+    rep = _cli(["report", "--store", str(store), "--json", "--csv", str(tmp_path / "c.csv")])
+    assert [f["label"] for f in rep["families"]] == ["bp mup sgd", "bp sp sgd"]
+    for f in rep["families"]:
+        assert f["widths"] == [16, 32] and len(f["curves"][0]["points"]) == 5
+        assert f["transfer"]["slope"] is not None
+    from mulocal.sweep import _clean
+    json.dumps(_clean(rep), allow_nan=False)  # plain JSON types only
+    assert rep["csv_rows"] == 40
+    res = _cli(["plot", "--store", str(store), "--out", str(tmp_path / "plots"), "--json"])
+    assert len(res["plots"]) == 3 and all(Path(p).stat().st_size > 1000 for p in res["plots"])
+    with pytest.raises(ConfigError, match="give the store"):
+        _cli(["sweep", "--widths", "16", "--lrs", "0.1"])
+    with pytest.raises(ConfigError, match="does not take option"):
+        _cli(["sweep", "--store", str(store), "--widths", "16", "--lrs", "0.1", "--dataset", "synthetic",
+              "--algo-opt", "T=2"])
+
+
+# ----------------------------------------------------------------------------------------- the demo
+def test_demo_plumbing_small(tmp_path, monkeypatch, capsys):
+    """run_demo on a tiny FashionMNIST spec: store, plots, table; `report` on its store gives the same numbers;
+    a second run trains nothing."""
+    from mulocal import demo
+    monkeypatch.setattr(demo, "QUICK", dict(widths=[64, 128], lrs=[0.05, 0.2, 0.8], seeds=[0, 1], epochs=1,
+                                            train_subset=512, test_subset=256))
+    monkeypatch.setattr(demo, "RULES", ("bp",))
+    res = demo.run_demo(str(tmp_path), quick=True, workers=0)
+    out = capsys.readouterr().out
+    assert "best learning rate per width" in out and "bp mup sgd" in out and "bp sp sgd" in out
+    assert res["sweep"]["ran"] == 24 and (tmp_path / "demo.sqlite").exists() and (tmp_path / "demo.json").exists()
+    assert all(Path(p).exists() for p in res["plots"]) and len(res["plots"]) == 3
+    rep = _cli(["report", "--store", str(tmp_path / "demo.sqlite"), "--json"])
+    by_label = {f["label"]: f for f in rep["families"]}
+    for r in res["results"]:
+        f = by_label[r["label"]]
+        assert f["transfer"]["slope"] == r["slope"]
+        assert {str(e["width"]): e["best_lr"] for e in f["best"]} == r["best_lr"]
+    again = demo.run_demo(str(tmp_path), quick=True, workers=0, json_mode=True)
+    assert again["sweep"]["ran"] == 0 and again["results"] == res["results"]
+
+
+@pytest.mark.slow
+def test_quick_demo_shows_transfer(tmp_path):
+    """The quick demo (about a minute on 2 cores): under muP the best LR stays put, under SP it moves."""
+    from mulocal.demo import run_demo
+    res = run_demo(str(tmp_path), quick=True, json_mode=True)
+    slopes = {(r["algo"], r["param"]): r["slope"] for r in res["results"]}
+    for algo in {a for a, _ in slopes}:
+        assert abs(slopes[(algo, "mup")]) < 0.2, slopes
+        assert slopes[(algo, "sp")] < -0.3, slopes
