@@ -294,6 +294,11 @@ def cmd_data(args) -> dict:
     return out
 
 
+def cmd_reproduce(args) -> dict:
+    from .reproduce import run
+    return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json)
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
     return run_demo(out_dir=args.out, quick=args.quick, data_dir=args.data_dir, json_mode=args.json)
@@ -387,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .sweep import register_cli
     register_cli(sub)
+
+    r = sub.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, fig8, "
+                                         "cnn, table1")
+    r.add_argument("name")
+    r.add_argument("--budget", default="small", help="small (about 20 min on 2 CPU cores) or paper (GPU)")
+    r.add_argument("--out", default="runs/reproduce")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_reproduce)
 
     m = sub.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
     m.add_argument("--out", default="runs/demo", help="folder for the plot and results")
