@@ -1,7 +1,6 @@
 """`mulocal reproduce`: the experiments run end to end (tiny budget) and keep their raw results."""
 import json
 
-import pytest
 
 from mulocal.cli import main
 

@@ -325,7 +325,7 @@ def test_cli_sweep_report_plot(tmp_path, capsys):
     for f in rep["families"]:
         assert f["widths"] == [16, 32] and len(f["curves"][0]["points"]) == 5
         assert f["transfer"]["slope"] is not None
-    from mulocal.sweep import _clean
+    from mulocal.util import json_safe as _clean
     json.dumps(_clean(rep), allow_nan=False)  # plain JSON types only
     assert rep["csv_rows"] == 40
     res = _cli(["plot", "--store", str(store), "--out", str(tmp_path / "plots"), "--json"])

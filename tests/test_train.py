@@ -1,6 +1,5 @@
 """Training loop: a floor on real data, divergence handling, checkpoints, metrics."""
 import json
-import math
 
 import pytest
 import torch

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from pathlib import Path
 
+from .util import json_safe
 from .errors import MulocalError
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
@@ -87,6 +86,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _common(args):
     """Resolve the parameterization, learning rule, dtype and dataset from parsed arguments."""
+
     import torch
 
     from .algos import make_algo
@@ -227,8 +227,6 @@ def cmd_derive(args) -> dict:
 
 
 def cmd_analyze(args) -> dict:
-    import torch
-
     from .diagnostics import align
     widths = args.widths
     if args.what == "linear":
@@ -413,14 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def main(argv=None) -> int:
@@ -436,6 +426,11 @@ def main(argv=None) -> int:
     for w in getattr(args, "widths", None) or []:
         if w <= 0:
             parser.error(f"--widths must be positive, got {w}")
+    return dispatch(args)
+
+
+def dispatch(args) -> int:
+    """Run a parsed command: one error line and status 2 for bad input, one JSON object with --json."""
     try:
         out = args.func(args)
     except MulocalError as err:
@@ -445,7 +440,7 @@ def main(argv=None) -> int:
         print("mulocal: interrupted", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
-        print(json.dumps(_clean(out)))
+        print(json.dumps(json_safe(out)))
     return 0
 
 

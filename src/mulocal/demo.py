@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from .util import json_safe
 
 LR_GRID = [2.0 ** k for k in range(-6, 3)]
 DEMO = dict(widths=[64, 128, 256, 512], lrs=LR_GRID, seeds=[0, 1], epochs=1, train_subset=30000,
@@ -77,7 +78,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
                            "log2_std": {str(e["width"]): e["log2_std"] for e in f["best"]},
                            "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"],
                            "penalty": f["transfer"]["penalty"]} for f in report["families"]]}
-    (out / "demo.json").write_text(json.dumps(_clean(result), indent=1))
+    (out / "demo.json").write_text(json.dumps(json_safe(result), indent=1))
     return result
 
 
@@ -93,12 +94,3 @@ def _verdict(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _clean(obj):
-    import math
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

@@ -34,7 +34,7 @@ learning-rate exponent is set separately: ``c_bias = (hidden/input-layer biases,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 from .errors import ConfigError

@@ -12,12 +12,12 @@ and is meant for a GPU (``--device cuda``).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .util import json_safe
 
 LR_GRID_SMALL = [2.0 ** k for k in range(-6, 3)]
 LR_GRID_PAPER = [2.0 ** k for k in range(-8, 4)]
@@ -80,7 +80,7 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
         res["note"] = "tiny budget: a smoke run of the code path, not a result"
     res.update(name=name, budget=budget, seconds=time.perf_counter() - t0,
                command=f"mulocal reproduce {name} --budget {budget}")
-    (out / f"{name}.json").write_text(json.dumps(_clean(res), indent=1))
+    (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
     say(f"{name}: {res['seconds']:.0f} s; figure {res.get('figure')}")
     return res
 
@@ -273,11 +273,3 @@ def _table1(budget, out, data_dir, say) -> dict:
     return {"figure": str(path), "rows": rows, "widths": widths}
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import socket
@@ -1077,14 +1076,6 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def main(argv=None) -> int:
@@ -1095,17 +1086,8 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    try:
-        out = args.func(args)
-    except MulocalError as err:
-        print(f"mulocal: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mulocal: interrupted", file=sys.stderr)
-        return 130
-    if getattr(args, "json", False):
-        print(json.dumps(_clean(out)))
-    return 0
+    from .cli import dispatch
+    return dispatch(args)
 
 
 __all__ = ["AXES", "expand", "normalize_spec", "load_spec_file", "run_sweep", "run_task", "plan", "register_cli",

@@ -1,0 +1,15 @@
+"""Small shared helpers."""
+from __future__ import annotations
+
+import math
+
+
+def json_safe(obj):
+    """Make ``obj`` strict-JSON serialisable: nan -> null, +-inf -> "inf" / "-inf", keys -> str."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
