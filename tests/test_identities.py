@@ -303,3 +303,14 @@ def test_pc_random_init_replicas_equal_separate_runs():
     for k, s in enumerate([3, 4]):
         for a, b in zip(both, grads([s])):
             assert torch.allclose(a[k], b[0], rtol=1e-12)
+
+
+def test_tp_feedback_follows_a_new_net_of_another_width():
+    """One DTP instance used on several nets (as the coordinate check does) builds feedback per net."""
+    algo = make_algo("dtp")
+    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
+    for width in (16, 32, 16, 64):
+        net = build("mlp", (10,), 4, width, preset("mup", "sgd", algo="dtp", base_width=16), seeds=[0])
+        grads, _ = algo.step(net, x, y)
+        assert algo.fb[2].weight.shape[1:] == (width, width)
+        del net

@@ -29,6 +29,7 @@ The GNT rule (gnt.py) shares the local-loss machinery and replaces the targets.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -199,7 +200,7 @@ class TP(TargetRule):
         self.pretrain_epochs = int(pretrain_epochs)
         self.fb: dict[int, Dense] | None = None
         self.fb_opt: LayerwiseOptimizer | None = None
-        self._net_id = None
+        self._net_ref = None
         self.fb_stats: dict = {}
 
     # ------------------------------------------------------------------ feedback set-up
@@ -217,7 +218,7 @@ class TP(TargetRule):
 
     def setup(self, net: Net, acts=None) -> None:
         """Create (once per net) the trainable feedback layers and their optimizer."""
-        if self._net_id == id(net):
+        if self._net_ref is not None and self._net_ref() is net:
             return
         if acts is None:
             with torch.no_grad():
@@ -227,7 +228,7 @@ class TP(TargetRule):
         if net.kind == "cnn" and net.depth >= 2:
             last = net.depth - 1
             self._shapes[last] = (net.width, *net.spatial)
-        self._net_id = id(net)
+        self._net_ref = weakref.ref(net)  # not id(net): a new net may reuse a freed one's id
         if net.activation != "linear" and self.feedback == "inverse":
             raise ConfigError("inverse feedback is exact only for linear networks: use --activation linear")
         if not self.trainable:
