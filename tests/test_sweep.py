@@ -259,9 +259,15 @@ def test_transfer_slope_recovers_known_optimum():
 
 def test_best_lr_estimator_details():
     x = np.arange(-4.0, 3.0)
-    y = 1 + (x - 0.3) ** 2
+    y = np.exp((x - 0.3) ** 2)  # a positive curve (a loss) is fitted as a parabola in log(y)
     b = best_of_curve(x, y)
-    assert b["method"] == "quadratic" and abs(b["x"] - 0.3) < 1e-9 and abs(b["value"] - 1) < 1e-9
+    assert b["method"] == "quadratic" and b["log"] and abs(b["x"] - 0.3) < 1e-9 and abs(b["value"] - 1) < 1e-9
+    signed = (x - 0.3) ** 2 - 1  # not positive: fitted in y itself
+    bs = best_of_curve(x, signed)
+    assert not bs["log"] and abs(bs["x"] - 0.3) < 1e-9 and abs(bs["value"] + 1) < 1e-9
+    # a steep rise past the optimum (as losses have) does not pull the vertex value below the data
+    steep = np.array([2.0, 1.5, 1.1, 0.9, 0.95, 3.0, 12.0])
+    assert best_of_curve(x, steep)["value"] >= 0.8
     # diverged points (inf) end the fitted window; with no finite point right of the minimum: the grid minimum
     y2 = y.copy()
     y2[6:] = np.inf

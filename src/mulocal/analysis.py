@@ -55,16 +55,19 @@ def best_of_curve(x: Sequence[float], y: Sequence[float]) -> dict | None:
     """The minimum of y(x) on a sorted grid x: quadratic vertex near the grid minimum, else the grid minimum.
 
     Returns {"x", "value", "method" ("quadratic" | "argmin"), "at_edge", "grid_index", "window" (x range of the
-    fitted points), "coef" (a, b, c of a x^2 + b x + c)}, or None when no point is finite.
+    fitted points), "coef" (a, b, c of a x^2 + b x + c), "log"}, or None when no point is finite.
+    A positive curve (a loss) is fitted in log(y): loss curves rise steeply past the optimum, and a parabola in
+    y itself would put its vertex below every measured point.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     finite = np.isfinite(y)
     if not finite.any():
         return None
+    logy = bool(np.all(y[finite] > 0))
     i = int(np.argmin(np.where(finite, y, np.inf)))
     n = len(y)
     base = {"x": float(x[i]), "value": float(y[i]), "method": "argmin", "at_edge": i == 0 or i == n - 1,
-            "grid_index": i, "window": None, "coef": None}
+            "grid_index": i, "window": None, "coef": None, "log": logy}
     for half in (2, 1):
         lo = i
         while lo > 0 and i - lo < half and finite[lo - 1]:
@@ -75,11 +78,12 @@ def best_of_curve(x: Sequence[float], y: Sequence[float]) -> dict | None:
         if lo == i or hi == i:
             break  # no finite neighbour on one side: the minimum is not bracketed
         xs, ys = x[lo:hi + 1], y[lo:hi + 1]
-        a, b, c = np.polyfit(xs, ys, 2)
+        a, b, c = np.polyfit(xs, np.log(ys) if logy else ys, 2)
         if a > 0:
             xv = -b / (2 * a)
             if xs[0] <= xv <= xs[-1]:
-                return {**base, "x": float(xv), "value": float(a * xv * xv + b * xv + c), "method": "quadratic",
+                v = a * xv * xv + b * xv + c
+                return {**base, "x": float(xv), "value": float(np.exp(v) if logy else v), "method": "quadratic",
                         "window": [float(xs[0]), float(xs[-1])], "coef": [float(a), float(b), float(c)]}
     return base
 
@@ -90,7 +94,8 @@ def value_at(x: Sequence[float], y: Sequence[float], best: dict | None, x0: floa
     x, y = np.asarray(x, float), np.asarray(y, float)
     if best and best["method"] == "quadratic" and best["window"][0] <= x0 <= best["window"][1]:
         a, b, c = best["coef"]
-        return float(a * x0 * x0 + b * x0 + c), "quadratic"
+        v = a * x0 * x0 + b * x0 + c
+        return float(np.exp(v) if best.get("log") else v), "quadratic"
     if x0 <= x[0]:
         return float(y[0]), "edge" if x0 < x[0] else "grid"
     if x0 >= x[-1]:
