@@ -314,3 +314,14 @@ def test_tp_feedback_follows_a_new_net_of_another_width():
         grads, _ = algo.step(net, x, y)
         assert algo.fb[2].weight.shape[1:] == (width, width)
         del net
+
+
+def test_ridge_feedback_marks_a_nonfinite_replica_diverged(synth):
+    """A replica whose activities blow up makes its ridge system singular: it is recorded as diverged and
+    the other replicas train on (no exception from the Cholesky factorisation)."""
+    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", algo="tp", base_width=32), K=2, seeds=[0, 1])
+    with torch.no_grad():
+        net.layers[0].weight[1] = float("nan")
+    res = Trainer(net, make_algo("tp", feedback="ridge"), synth,
+                  TrainConfig(epochs=1, lr=0.1, batch_size=64, progress=False), seeds=[0, 1]).run()
+    assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]

@@ -29,7 +29,7 @@ BUDGETS = {
     # for the test suite only: the same code path in seconds (numbers meaningless)
     "tiny": dict(widths=[16, 32], lrs=[0.25, 1.0], seeds=[0, 1, 2], epochs=1, train_subset=600, test_subset=300),
 }
-CNN_WIDTHS = {"small": [8, 16, 32, 64], "paper": [16, 32, 64, 128, 256], "tiny": [4, 8]}
+CNN_WIDTHS = {"small": [8, 16, 32], "paper": [16, 32, 64, 128, 256], "tiny": [4, 8]}
 
 # name -> (title, list of sweep specs without the budget keys)
 TRANSFER = {
@@ -39,8 +39,8 @@ TRANSFER = {
     "fig1-right": ("PC without FPA, single-shot SI, its muP with gbar_L = 0 and 1, vs SP",
                    [dict(algo="pc", param="mup", gamma_bar_L=[0.0, 1.0], algo_options={"fpa": False, "T": 1}),
                     dict(algo="pc", param="sp", algo_options={"fpa": False, "T": 1})]),
-    "fig7": ("TP and DTP (trainable feedback) under their muP (b_L = 1/2), vs SP",
-             [dict(algo=["tp", "dtp"], param=["mup", "sp"])]),
+    "fig7": ("TP (ridge feedback, the paper's theory) and DTP (trainable feedback) under their muP (b_L = 1/2), vs SP",
+             [dict(algo=["tp", "dtp"], param=["mup", "sp"], algo_options={"tp": {"feedback": "ridge"}})]),
     "cnn": ("FashionMNIST CNN (channels = width): BP, PC, DTP under muP vs SP",
             [dict(algo=["bp", "pc", "dtp"], param=["mup", "sp"], arch="cnn", base_width=8)]),
 }
@@ -124,7 +124,8 @@ def _transfer_figure(report: dict, path: Path, title: str) -> str:
         best = {e["width"]: e for e in f["best"]}
         _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
                "test accuracy", False, False)
-        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, True)
+        positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
+        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive)
         t = f["transfer"]
         slope = "" if t["slope"] is None else f"\nslope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}"
         axes[0][j].set_title(f["label"] + slope, fontsize=8)

@@ -346,7 +346,13 @@ class TP(TargetRule):
         if self.feedback == "ridge":
             gram = torch.bmm(H, H.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).add_(self.ridge * H.shape[-1])
-            chol = torch.linalg.cholesky(gram)
+            chol, info = torch.linalg.cholesky_ex(gram)
+            bad = info != 0  # a replica whose activities stopped being finite: its targets become NaN (diverged)
+            if bad.any():
+                gram[bad] = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+                chol = torch.linalg.cholesky(gram)
+                Hp = Hp.clone()
+                Hp[bad] = float("nan")
             # Q applied to rows r: r H^T (H H^T + mu I)^{-1} H_{l-1}
             return lambda r: torch.bmm(torch.cholesky_solve(torch.bmm(H, _flat(r).transpose(1, 2)), chol)
                                        .transpose(1, 2), Hp).reshape(shape(r))
