@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .store import canonical_json, config_hash, family_of
+from .store import canonical_json, config_hash, family_of, flatten
 
 METRICS = ("train_loss", "test_loss", "test_accuracy")
 SHOWN_ALWAYS = ("algo", "param", "optimizer")
@@ -157,7 +157,7 @@ def _to_metric(metric: str, v):
 
 
 def _labels(families: list[dict]) -> list[str]:
-    flat = [_flat(f) for f in families]
+    flat = [flatten(f) for f in families]
     keys = sorted({k for f in flat for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1
                and k not in SHOWN_ALWAYS and not k.startswith(HIDDEN)]
@@ -168,15 +168,6 @@ def _labels(families: list[dict]) -> list[str]:
         out.append(" ".join(parts))
     return out
 
-
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _stats(vals: list[float]) -> tuple:

@@ -382,7 +382,7 @@ class Store:
         rows = self.rows(parse=True)
         keys: list[str] = []
         for r in rows:
-            for k in _flatten(r["config"]):
+            for k in flatten(r["config"]):
                 if k not in keys:
                     keys.append(k)
         cols = ["hash", "status"] + [k for k in keys if k not in ("width", "lr", "seed")] + \
@@ -394,7 +394,7 @@ class Store:
             w = csv.writer(fh)
             w.writerow(cols)
             for r in rows:
-                flat = _flatten(r["config"])
+                flat = flatten(r["config"])
                 vals = []
                 for c in cols:
                     if c == "history":
@@ -409,11 +409,12 @@ class Store:
         return len(rows)
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict:
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
     for k, v in cfg.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
