@@ -86,30 +86,17 @@ def test_replicas_equal_separate_runs(arch, opt, synth):
     assert not torch.allclose(batched.params()[0][0], batched.params()[0][1])
 
 
-def test_momentum_sgd_matches_torch():
-    """Our per-layer SGD with momentum equals torch.optim.SGD with the resolved learning rates."""
-    net = build("mlp", (6,), 4, 16, preset("mup", "sgd", base_width=4), dtype=torch.float64, seeds=[0])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_matches_torch(kind):
+    """Our per-layer SGD with momentum / Adam equals torch.optim's with the resolved learning rates."""
+    lr = 0.1 if kind == "sgd" else 0.01
+    net = build("mlp", (6,), 4, 16, preset("mup", kind, base_width=4), dtype=torch.float64, seeds=[0])
     ref = [p.clone().requires_grad_() for p in net.params()]
-    scales = [16 / 16 * 4, 4, 1, 4, 0.25, 1]  # m = 4: W1, b1 (c=-1), W2 (c=0), b2, W3 (c=1), b3 (0)
-    torch_opt = torch.optim.SGD([{"params": [r], "lr": 0.1 * s} for r, s in zip(ref, scales)], momentum=0.9)
-    opt = LayerwiseOptimizer.for_net(net, 0.1, "sgd", momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in net.params()]
-        opt.step(grads)
-        for r, g in zip(ref, grads):
-            r.grad = g.clone()
-        torch_opt.step()
-    for p, r in zip(net.params(), ref):
-        assert torch.allclose(p, r.detach(), rtol=1e-12)
-
-
-def test_adam_matches_torch():
-    net = build("mlp", (6,), 4, 16, preset("mup", "adam", base_width=4), dtype=torch.float64, seeds=[0])
-    ref = [p.clone().requires_grad_() for p in net.params()]
-    scales = [1, 1, 0.25, 1, 0.25, 1]  # Adam muP c = (0, 1, 1), biases c = 0
-    torch_opt = torch.optim.Adam([{"params": [r], "lr": 0.01 * s} for r, s in zip(ref, scales)])
-    opt = LayerwiseOptimizer.for_net(net, 0.01, "adam")
+    # m = 4; W1, b1, W2, b2, W3, b3. SGD muP: c = (-1, 0, 1), biases (-1, 0); Adam: c = (0, 1, 1), biases 0
+    scales = [4, 4, 1, 4, 0.25, 1] if kind == "sgd" else [1, 1, 0.25, 1, 0.25, 1]
+    groups = [{"params": [r], "lr": lr * s} for r, s in zip(ref, scales)]
+    torch_opt = torch.optim.SGD(groups, momentum=0.9) if kind == "sgd" else torch.optim.Adam(groups)
+    opt = LayerwiseOptimizer.for_net(net, lr, kind, **({"momentum": 0.9} if kind == "sgd" else {}))
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in net.params()]
