@@ -312,3 +312,33 @@ def test_ridge_feedback_marks_a_nonfinite_replica_diverged(synth):
     res = Trainer(net, make_algo("tp", feedback="ridge"), synth,
                   TrainConfig(epochs=1, lr=0.1, batch_size=64, progress=False), seeds=[0, 1]).run()
     assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
+
+
+def test_tp_diagnostics_output_layer_update_is_beta_times_bp():
+    """record=True: the output layer's local update is beta x the BP gradient (cosine exactly 1); hidden
+    layers' cosines, target distances and reconstruction errors are reported per layer."""
+    net = build("mlp", (10,), 4, 32, preset("mup", "sgd", algo="dtp", base_width=32), K=2, seeds=[0, 1],
+                dtype=torch.float64)
+    x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 4, (16,))
+    algo = make_algo("dtp", record=True, beta=0.5)
+    grads, _ = algo.step(net, x, y)
+    bp, _ = make_algo("bp").step(net, x, y)
+    assert torch.allclose(grads[-2], 0.5 * bp[-2], rtol=1e-10)
+    assert torch.allclose(algo.stats["bp_cos_3"], torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert set(algo.stats) >= {"bp_cos_1", "bp_cos_2", "tdist_1", "tdist_2", "tdist_3", "rec_err_2", "rec_err_3"}
+    assert (algo.stats["bp_cos_2"].abs() < 1 - 1e-6).all()  # hidden layers: a different direction
+
+
+def test_feedback_pretraining_leaves_forward_weights_and_lowers_reconstruction(synth):
+    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", algo="dtp", base_width=32), seeds=[0])
+    before = [p.clone() for p in net.params()]
+    x = synth.x_train[:256]
+    fresh = make_algo("dtp", fb_lr=0.05)
+    fresh.setup(net)
+    us, acts = net.forward(x)
+    err0 = (fresh._g(2, acts[2], net)[0] - acts[1]).pow(2).mean()
+    algo = make_algo("dtp", pretrain_epochs=2, fb_lr=0.05)
+    Trainer(net, algo, synth, TrainConfig(epochs=0, batch_size=64, progress=False)).run()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.params()))
+    err1 = (algo._g(2, acts[2], net)[0] - acts[1]).pow(2).mean()
+    assert err1 < 0.7 * err0, (err0, err1)
