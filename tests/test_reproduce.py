@@ -21,6 +21,10 @@ def test_fig8_tiny(tmp_path, capsys):
     assert main(["reproduce", "fig8", "--budget", "tiny", "--out", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["omega_L"]) == {"bp mup-sgd", "tp mup-tp-sgd", "dtp mup-dtp-sgd"}
+    # the numbers are kept in a store that `mulocal report` reads
+    assert main(["report", "--store", out["store"], "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["results"]["fig8"]["summary"] == out["summary"]
 
 
 def test_unknown_experiment_is_one_line():

@@ -81,6 +81,12 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     res.update(name=name, budget=budget, seconds=time.perf_counter() - t0,
                command=f"mulocal reproduce {name} --budget {budget}")
     (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
+    if name in ANALYSES:  # the numbers live in a store too, so `mulocal report --store` shows every experiment
+        from .store import Store
+        with Store(out / "results.sqlite") as st:
+            st.put_result(name, json_safe(res))
+        res["store"] = str(out / "results.sqlite")
+        res["report_command"] = f"mulocal report --store {res['store']}"
     say(f"{name}: {res['seconds']:.0f} s; figure {res.get('figure')}")
     return res
 
@@ -183,7 +189,10 @@ def _fig3(budget, out, data_dir, say) -> dict:
         eq = res["modes"]["pc-equilibrium"]["cos_bp"]
         say(f"  {key}: PC equilibrium cosine at width {res['widths'][0]}: "
             + "/".join(f"{c:.3f}" for c in eq[0]) + f", at {res['widths'][-1]}: " + "/".join(f"{c:.4f}" for c in eq[-1]))
-    return {"figure": str(path), "panels": panels}
+    summary = {key: {"width": res["widths"][-1], "pc_equilibrium_cos_bp": [round(c, 4) for c in
+                                                                            res["modes"]["pc-equilibrium"]["cos_bp"][-1]]}
+               for key, res in panels.items()}
+    return {"figure": str(path), "panels": panels, "summary": summary}
 
 
 def _fig8(budget, out, data_dir, say) -> dict:
@@ -224,7 +233,8 @@ def _fig8(budget, out, data_dir, say) -> dict:
     path = out / "fig8.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return {"figure": str(path), "omega_L": summary, "widths": widths, "steps": steps}
+    return {"figure": str(path), "omega_L": summary, "widths": widths, "steps": steps,
+            "summary": {k: round(v["mean_over_steps"], 3) for k, v in summary.items()}}
 
 
 TABLE1 = [("bp", "sgd", 0.0), ("bp", "adam", 0.0), ("pc", "sgd", -1.0), ("pc", "sgd", 0.0), ("pc", "sgd", 1.0),
@@ -275,6 +285,9 @@ def _table1(budget, out, data_dir, say) -> dict:
     path = out / "table1.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {"figure": str(path), "rows": rows, "widths": widths}
+    return {"figure": str(path), "rows": rows, "widths": widths,
+            "summary": [f"{r['algo']} {r['optimizer']} gbar {r['gamma_bar_L']:g}: b_L {r['fitted_b'][2]:.2f}, c "
+                        + ", ".join(f"{v:.2f}" for v in r["fitted_c"]) + (" agrees" if r["agrees"] else " DISAGREES")
+                        for r in rows]}
 
 

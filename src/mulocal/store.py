@@ -376,6 +376,17 @@ class Store:
     def meta(self) -> dict:
         return dict(self._run(lambda: self.db.execute("SELECT key, value FROM meta").fetchall()))
 
+    def put_result(self, name: str, result: dict) -> None:
+        """Keep a non-sweep result (an analysis experiment's numbers, as JSON) under ``result:NAME``."""
+        text = json.dumps(result, allow_nan=False)
+        with self._tx():
+            self._run(lambda: self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                              (f"result:{name}", text)))
+
+    def results(self) -> dict:
+        """The results kept with :meth:`put_result`, by name."""
+        return {k[len("result:"):]: json.loads(v) for k, v in self.meta().items() if k.startswith("result:")}
+
     def export_csv(self, path) -> int:
         """Write every cell (configuration flattened into columns, history as JSON) to ``path``; return the
         number of rows."""

@@ -55,6 +55,7 @@ A spec file (flags given on the command line override its values)::
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 import math
 import os
@@ -1025,6 +1026,9 @@ def _report_from_args(args):
     from .analysis import analyze
     with Store(args.store, create=False) as st:
         rep = analyze(st.rows(), metric=args.metric)
+        results = st.results()
+        if results:
+            rep["results"] = results
         if getattr(args, "csv", None):
             rep["csv"] = str(args.csv)
             rep["csv_rows"] = st.export_csv(args.csv)
@@ -1036,7 +1040,10 @@ def cmd_report(args) -> dict:
     from .analysis import format_table
     rep = _report_from_args(args)
     if not args.json:
-        print(format_table(rep))
+        if rep["families"] or not rep.get("results"):
+            print(format_table(rep))
+        for name, res in rep.get("results", {}).items():
+            print(f"{name}: " + json.dumps(res.get("summary", res), indent=1))
         if rep.get("csv"):
             print(f"csv: {rep['csv']} ({rep['csv_rows']} rows)")
     return rep
