@@ -32,55 +32,22 @@ Run (a default run takes well under 3 minutes on 2 CPU cores):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 
 import torch
 from torch import nn
 
-try:
-    import mulocal
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    import mulocal
-
+from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_timing_args, best, emit, environment, load_data, make_parser, parse_ints, per_epoch, print_header,
+                     spread)
 from mulocal.algos import make_algo
-from mulocal.data import Dataset, load_dataset
-from mulocal.errors import ConfigError, DataError
+from mulocal.data import Dataset
 from mulocal.nets import build
 from mulocal.param import preset
 from mulocal.train import Trainer, TrainConfig
 
-BATCH = 128
 N_EVAL = 256  # test samples kept for the Trainer's end-of-epoch evaluation (not timed)
-
-
-# ----------------------------------------------------------------------------------------- data
-def get_data(name: str, data_dir: str | None, download: bool) -> tuple[Dataset, str, str]:
-    """(dataset with a small test set, description, note); falls back to random tensors."""
-    note = ""
-    if name == "fashion-mnist":
-        try:
-            ds = load_dataset("fashion-mnist", data_dir, download=download)
-            ds = Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test[:N_EVAL], ds.y_test[:N_EVAL], ds.n_classes,
-                         source=ds.source)
-            return ds, f"fashion-mnist ({ds.source})", note
-        except (DataError, ConfigError, OSError) as err:
-            note = (f"FashionMNIST could not be loaded ({err}); using random synthetic data of the same shape "
-                    "(60000, 1, 28, 28), 10 classes")
-    else:
-        note = "--dataset synthetic: random data of shape (60000, 1, 28, 28), 10 classes"
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(60000, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (60000,), generator=g)
-    xt = torch.randn(N_EVAL, 1, 28, 28, generator=g)
-    yt = torch.randint(0, 10, (N_EVAL,), generator=g)
-    return Dataset("synthetic-784", x, y, xt, yt, 10, source="random"), "synthetic random (60000, 1, 28, 28)", note
 
 
 # ------------------------------------------------------------------------------------- mulocal
@@ -134,46 +101,16 @@ def run_naive(data: Dataset, width: int, lr: float, seed: int, steps: int, warmu
     return train(steps)
 
 
-# ------------------------------------------------------------------------------------- helpers
-def best(fn, repeats: int):
-    """Run ``fn`` ``repeats`` times; return (fastest result, all times). ``fn`` returns (seconds, extra...)."""
-    results = [fn() for _ in range(repeats)]
-    times = [r[0] if isinstance(r, tuple) else r for r in results]
-    i = min(range(len(times)), key=times.__getitem__)
-    return results[i], times
-
-
-def per_epoch(seconds: float, steps: int, steps_per_epoch: int) -> float:
-    return seconds / steps * steps_per_epoch
-
-
-def parse_widths(text: str) -> list[int]:
-    try:
-        widths = [int(w) for w in text.replace(" ", "").split(",") if w]
-    except ValueError:
-        raise SystemExit(f"--widths must be comma-separated positive integers, got {text!r}") from None
-    if not widths or any(w <= 0 for w in widths):
-        raise SystemExit(f"--widths must be comma-separated positive integers, got {text!r}")
-    return widths
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--widths", default="256,1024", help="comma-separated widths M (default 256,1024)")
-    p.add_argument("--steps", type=int, default=150, help="timed steps per measurement (default 150)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps before each measurement (default 5)")
-    p.add_argument("--repeats", type=int, default=3, help="repeat each measurement, report the fastest (default 3)")
+    add_timing_args(p, steps=150, warmup=5)
     p.add_argument("--replicas", type=int, default=8, help="K for the batched vs sequential comparison (default 8)")
     p.add_argument("--replica-width", type=int, default=256, help="width of the K-replica comparison (default 256)")
     p.add_argument("--lr", type=float, default=0.05, help="base SGD learning rate (default 0.05)")
-    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
-                   help="fashion-mnist (falls back to synthetic if missing) or synthetic random data of that shape")
-    p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX files (default: auto)")
-    p.add_argument("--download", action="store_true", help="allow downloading FashionMNIST if it is not found")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_data_args(p)
     args = p.parse_args(argv)
-    widths = parse_widths(args.widths)
+    widths = parse_ints(args.widths, "--widths")
     for key in ("steps", "repeats", "replicas", "replica_width"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -181,9 +118,7 @@ def main(argv=None) -> int:
         p.error("--warmup must be >= 0 and --lr finite and >= 0")
 
     t_start = time.perf_counter()
-    data, data_desc, note = get_data(args.dataset, args.data_dir, args.download)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    data, data_desc, note = load_data(args, n_eval=N_EVAL)
     n_train = len(data.x_train)
     steps_per_epoch = math.ceil(n_train / BATCH)
     steps = min(args.steps, steps_per_epoch)  # the Trainer never runs more than one epoch's steps
@@ -235,34 +170,20 @@ def main(argv=None) -> int:
         max_abs_weight_diff=max_diff,
     )
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     result = dict(
         benchmark="bench_bp",
         model="mlp depth 3 tanh, BP + SGD, muP (mup-sgd); naive: nn.Sequential + torch.optim.SGD (SP init)",
         dataset=data_desc, dataset_note=note, n_train=n_train, batch_size=BATCH, steps=steps, warmup=warmup,
         steps_per_epoch=steps_per_epoch, repeats=args.repeats, lr=args.lr,
-        env=dict(torch=torch.__version__, mulocal=getattr(mulocal, "__version__", "?"),
-                 python=platform.python_version(), machine=platform.machine(), cpu_cores=cores,
-                 torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-                 device="cpu"),
+        env=environment(),
         widths=width_rows, replicas=replicas, total_wall_s=time.perf_counter() - t_start,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    emit(result, args.json, print_table)
     return 0
 
 
 def print_table(r: dict) -> None:
-    env = r["env"]
-    print(f"mulocal BP benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD, muP")
-    print(f"data: {r['dataset']}" + (f"  [NOTE: {r['dataset_note']}]" if r["dataset_note"] else ""))
-    print(f"torch {env['torch']} on {env['machine']}, {env['cpu_cores']} cores available, torch threads "
-          f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device cpu")
+    print_header(f"mulocal BP benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD, muP", r)
     print(f"timed steps {r['steps']} after {r['warmup']} warm-up steps, best of {r['repeats']}; "
           f"epoch = {r['steps_per_epoch']} steps (extrapolated)")
     print()
@@ -290,11 +211,10 @@ def print_table(r: dict) -> None:
     diverged = sum(s == "diverged" for s in rep["batched"]["status"])
     if diverged:
         print(f"note: {diverged} of the batched replicas diverged (still computed, zeroed and frozen)")
-    spreads = [max(t) / min(t) for row in r["widths"] for t in (row["mulocal"]["all_seconds"], row["naive"]["all_seconds"])]
-    spreads += [max(rep[k]["all_seconds"]) / min(rep[k]["all_seconds"]) for k in ("batched", "sequential")]
-    if max(spreads) > 1.5:
-        print(f"warning: repeats of one measurement differed by up to {max(spreads):.1f}x; the machine may be busy "
-              "(other processes compete with torch's threads), so compare with care or rerun")
+    spreads = [spread(t) for row in r["widths"] for t in (row["mulocal"]["all_seconds"], row["naive"]["all_seconds"])]
+    spreads += [spread(rep[k]["all_seconds"]) for k in ("batched", "sequential")]
+    if max(spreads) > SPREAD_WARN:
+        print(f"warning: repeats of one measurement differed by up to {max(spreads):.1f}x; {BUSY_HINT}")
     print(f"\ntotal wall time {r['total_wall_s']:.1f} s")
 
 

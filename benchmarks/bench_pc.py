@@ -48,11 +48,7 @@ Run (a default run takes about 2 minutes on 2 CPU cores):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 
@@ -60,46 +56,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import mulocal
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    import mulocal
-
+from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
+                     load_data, make_parser, parse_ints, print_header)
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
-from mulocal.data import Dataset, load_dataset
-from mulocal.errors import ConfigError, DataError
+from mulocal.data import Dataset
 from mulocal.nets import build
 from mulocal.param import preset
 from mulocal.train import Trainer, TrainConfig
 
-BATCH = 128
 DEPTH = 3
 N_EVAL = 256  # test samples kept for the Trainer's end-of-epoch evaluation (not timed)
 PCX_WIDTH, PCX_T = 512, 5
 # Reference numbers for the PCX configuration, quoted (measured elsewhere on the same 2-core machine class)
 REFERENCE = (("PCX (JAX, jit)", 5.8), ("naive eager-torch loop", 6.5))
-
-
-# ----------------------------------------------------------------------------------------- data
-def get_data(name: str, data_dir: str | None, download: bool) -> tuple[Dataset, str, str]:
-    """(dataset with a small test set, description, note); random tensors if FashionMNIST is missing."""
-    if name == "fashion-mnist":
-        try:
-            ds = load_dataset("fashion-mnist", data_dir, download=download)
-            small = Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test[:N_EVAL], ds.y_test[:N_EVAL], ds.n_classes,
-                            source=ds.source)
-            return small, f"fashion-mnist ({ds.source})", ""
-        except (DataError, ConfigError, OSError) as err:
-            note = (f"FashionMNIST could not be loaded ({err}); using random synthetic data of the same shape "
-                    "(60000, 1, 28, 28), 10 classes")
-    else:
-        note = "--dataset synthetic: random data of shape (60000, 1, 28, 28), 10 classes"
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g)
-    xt, yt = torch.randn(N_EVAL, 1, 28, 28, generator=g), torch.randint(0, 10, (N_EVAL,), generator=g)
-    return Dataset("synthetic-784", x, y, xt, yt, 10, source="random"), "synthetic random (60000, 1, 28, 28)", note
 
 
 # ------------------------------------------------------------------------------------- mulocal
@@ -218,15 +188,6 @@ def matmul_counts(width: int, in_dim: int, out_dim: int, T: int) -> dict:
     return dict(bp=bp, pc=pc, ratio=pc / bp, model_ratio=(2 + 2 * T) / 3)
 
 
-def interleaved(jobs: dict, repeats: int) -> dict:
-    """Run every job once per round, ``repeats`` rounds; {name: [results]}. A job returns seconds or (seconds, ...)."""
-    out = {name: [] for name in jobs}
-    for _ in range(repeats):
-        for name, fn in jobs.items():
-            out[name].append(fn())
-    return out
-
-
 def summarize(results: list, steps: int, steps_per_epoch: int) -> dict:
     times = [r[0] if isinstance(r, tuple) else r for r in results]
     t = min(times)
@@ -246,31 +207,14 @@ def label(key) -> str:
             "pcx_naive": f"naive PC M={PCX_WIDTH}"}[key]
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise SystemExit(f"{flag} must be comma-separated positive integers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise SystemExit(f"{flag} must be comma-separated positive integers, got {text!r}")
-    return vals
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--widths", "--width", dest="widths", default="1024",
                    help="comma-separated width(s) M of the PC-vs-BP T table (default 1024)")
     p.add_argument("--Ts", default="1,5,20", help="comma-separated inference steps T of that table (default 1,5,20)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per measurement (default 100)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps before each measurement (default 5)")
-    p.add_argument("--repeats", type=int, default=3, help="repeat each measurement, report the fastest (default 3)")
+    add_timing_args(p, steps=100, warmup=5)
     p.add_argument("--lr", type=float, default=0.1, help="base SGD learning rate (default 0.1)")
-    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
-                   help="fashion-mnist (falls back to synthetic if missing) or synthetic random data of that shape")
-    p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX files (default: auto)")
-    p.add_argument("--download", action="store_true", help="allow downloading FashionMNIST if it is not found")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_data_args(p)
     args = p.parse_args(argv)
     widths, Ts = parse_ints(args.widths, "--widths"), parse_ints(args.Ts, "--Ts")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
@@ -279,9 +223,7 @@ def main(argv=None) -> int:
         p.error("--lr must be finite and >= 0")
 
     t_start = time.perf_counter()
-    data, data_desc, note = get_data(args.dataset, args.data_dir, args.download)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    data, data_desc, note = load_data(args, n_eval=N_EVAL)
     n_train = len(data.x_train)
     steps_per_epoch = math.ceil(n_train / BATCH)  # 469 for FashionMNIST
     steps, warmup = min(args.steps, steps_per_epoch), min(args.warmup, steps_per_epoch)
@@ -327,38 +269,24 @@ def main(argv=None) -> int:
         naive_check=check_naive(data, PCX_WIDTH, PCX_T),
     )
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     result = dict(
         benchmark="bench_pc",
         model=f"mlp depth {DEPTH} tanh 784 -> M -> M -> 10, SGD; mulocal: muP (mup-sgd), PC(T, sequential, no FPA, "
               "forward init); naive: nn.Linear + autograd on the energy + torch.optim.SGD (SP init, gamma = 1)",
         dataset=data_desc, dataset_note=note, n_train=n_train, batch_size=BATCH, steps=steps, warmup=warmup,
         steps_per_epoch=steps_per_epoch, repeats=args.repeats, lr=lr,
-        env=dict(torch=torch.__version__, mulocal=getattr(mulocal, "__version__", "?"),
-                 python=platform.python_version(), machine=platform.machine(), cpu_cores=cores,
-                 torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-                 device="cpu"),
+        env=environment(),
         pc_vs_bp=table, pcx_config=pcx,
         repeat_spread={label(k): round(v["spread"], 3) for k, v in res.items()},
         max_repeat_spread=max(r["spread"] for r in res.values()),
         total_wall_s=time.perf_counter() - t_start,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    emit(result, args.json, print_table)
     return 0
 
 
 def print_table(r: dict) -> None:
-    env = r["env"]
-    print(f"mulocal PC benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD (lr {r['lr']:g})")
-    print(f"data: {r['dataset']}" + (f"  [NOTE: {r['dataset_note']}]" if r["dataset_note"] else ""))
-    print(f"torch {env['torch']} on {env['machine']}, {env['cpu_cores']} cores available, torch threads "
-          f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device cpu")
+    print_header(f"mulocal PC benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD (lr {r['lr']:g})", r)
     print(f"timed steps {r['steps']} after {r['warmup']} warm-up steps, best of {r['repeats']} interleaved repeats; "
           f"epoch = {r['steps_per_epoch']} steps (extrapolated)")
     for block in r["pc_vs_bp"]:
@@ -404,10 +332,9 @@ def print_table(r: dict) -> None:
     statuses += [x[k].get("status") for k in ("mulocal_sequential", "mulocal_parallel")]
     if any(s == "diverged" for s in statuses):
         print("note: some mulocal runs diverged (their steps are still computed, so the timings stand)")
-    if r["max_repeat_spread"] > 1.5:
-        worst = ", ".join(f"{k} {v:.1f}x" for k, v in r["repeat_spread"].items() if v > 1.5)
-        print(f"warning: repeats of one measurement differed by more than 1.5x ({worst}); the machine may be busy "
-              "(other processes compete with torch's threads), so compare with care or rerun")
+    if r["max_repeat_spread"] > SPREAD_WARN:
+        worst = ", ".join(f"{k} {v:.1f}x" for k, v in r["repeat_spread"].items() if v > SPREAD_WARN)
+        print(f"warning: repeats of one measurement differed by more than {SPREAD_WARN}x ({worst}); {BUSY_HINT}")
     print(f"\ntotal wall time {r['total_wall_s']:.1f} s")
 
 

@@ -40,14 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    import mulocal
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    import mulocal
-
 import torch
 
+from _common import mulocal
 from mulocal.errors import MulocalError
 from mulocal.store import Store
 from mulocal.sweep import run_sweep

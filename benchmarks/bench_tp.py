@@ -51,31 +51,21 @@ CPU cores; it takes longer when other processes use the CPU):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 
 import torch
 
-try:
-    import mulocal
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    import mulocal
-
+from _common import (BATCH, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
+                     load_average, load_data, make_parser, per_epoch, print_header, spread)
 from mulocal.algos import make_algo
 from mulocal.algos.tp import TargetRule
-from mulocal.data import Dataset, load_dataset
-from mulocal.errors import ConfigError, DataError
+from mulocal.data import Dataset
 from mulocal.nets import build
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import preset
 
-BATCH = 128
 DEPTH = 3
 SEED = 0
 FB_ITERS = 1
@@ -89,24 +79,6 @@ RULES = (
     ("dtp_ridge", "DTP (ridge fb)", "dtp", dict(feedback="ridge"), "dtp"),
     ("gnt", "GNT", "gnt", {}, "gnt"),
 )
-
-
-# ----------------------------------------------------------------------------------------- data
-def get_data(name: str, data_dir: str | None, download: bool) -> tuple[Dataset, str, str]:
-    """(dataset, description, note); random tensors of FashionMNIST's shape if it cannot be loaded."""
-    if name == "fashion-mnist":
-        try:
-            ds = load_dataset("fashion-mnist", data_dir, download=download)
-            return ds, f"fashion-mnist ({ds.source})", ""
-        except (DataError, ConfigError, OSError) as err:
-            note = (f"FashionMNIST could not be loaded ({err}); using random synthetic data of the same shape "
-                    "(60000, 1, 28, 28), 10 classes")
-    else:
-        note = "--dataset synthetic: random data of shape (60000, 1, 28, 28), 10 classes"
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g)
-    xt, yt = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
-    return Dataset("synthetic-784", x, y, xt, yt, 10, source="random"), "synthetic random (60000, 1, 28, 28)", note
 
 
 # -------------------------------------------------------------------------------------- timing
@@ -150,31 +122,13 @@ def time_rule(data: Dataset, spec: tuple, width: int, lr: float, steps: int, war
     return dict(seconds=seconds, phases=phases, last_loss=last_loss)
 
 
-def per_epoch(seconds: float, steps: int, steps_per_epoch: int) -> float:
-    return seconds / steps * steps_per_epoch
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--width", type=int, default=1024, help="hidden width M (default 1024)")
-    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement (default 60)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps before each measurement (default 3)")
-    p.add_argument("--repeats", type=int, default=3, help="repeat each measurement, report the fastest (default 3)")
+    add_timing_args(p, steps=60, warmup=3)
     p.add_argument("--lr", type=float, default=0.1, help="base SGD learning rate (default 0.1)")
-    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
-                   help="fashion-mnist (falls back to synthetic if missing) or synthetic random data of that shape")
-    p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX files (default: auto)")
-    p.add_argument("--download", action="store_true", help="allow downloading FashionMNIST if it is not found")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_data_args(p)
     args = p.parse_args(argv)
     for key in ("width", "steps", "repeats"):
         if getattr(args, key) < 1:
@@ -184,9 +138,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     load_start = load_average()
-    data, data_desc, note = get_data(args.dataset, args.data_dir, args.download)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    data, data_desc, note = load_data(args)
     n_train = len(data.x_train)
     steps_per_epoch = math.ceil(n_train / BATCH)
     # warm-up and timed steps share one shuffle of the training set, so together they fit in one epoch
@@ -196,10 +148,10 @@ def main(argv=None) -> int:
         print(f"note: steps capped to one epoch ({steps_per_epoch} steps): {warmup} warm-up + {steps} timed",
               file=sys.stderr)
 
-    runs: dict[str, list[dict]] = {spec[0]: [] for spec in RULES}
-    for _ in range(args.repeats):  # interleaved: every rule once, then again
-        for spec in RULES:
-            runs[spec[0]].append(time_rule(data, spec, args.width, args.lr, steps, warmup))
+    # interleaved: every rule once, then again
+    runs: dict[str, list[dict]] = interleaved(
+        {spec[0]: lambda spec=spec: time_rule(data, spec, args.width, args.lr, steps, warmup) for spec in RULES},
+        args.repeats)
 
     rows = []
     t_bp = min(r["seconds"] for r in runs["bp"])
@@ -211,7 +163,7 @@ def main(argv=None) -> int:
             key=key, label=label, algo=algo_name, options=options, preset=f"mup-sgd (algo={preset_algo})",
             seconds=t, step_ms=1000 * t / steps, epoch_s=per_epoch(t, steps, steps_per_epoch),
             samples_per_s=steps * BATCH / t, ratio_to_bp=t / t_bp, all_seconds=all_s,
-            spread=max(all_s) / min(all_s), last_loss=fast["last_loss"],
+            spread=spread(all_s), last_loss=fast["last_loss"],
             finite=all(math.isfinite(r["last_loss"]) for r in runs[key]),
         )
         if fast["phases"] is not None:
@@ -221,40 +173,27 @@ def main(argv=None) -> int:
                                 for k, v in ph.items()}
         rows.append(row)
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    spread = max(r["spread"] for r in rows)
+    max_spread = max(r["spread"] for r in rows)
     result = dict(
         benchmark="bench_tp",
         model=f"mlp 784 -> {args.width} -> {args.width} -> 10 tanh (depth {DEPTH}), K = 1, SGD, muP per rule",
         width=args.width, dataset=data_desc, dataset_note=note, n_train=n_train, batch_size=BATCH, lr=args.lr,
         fb_iters=FB_ITERS, steps=steps, warmup=warmup, steps_per_epoch=steps_per_epoch, repeats=args.repeats,
-        env=dict(torch=torch.__version__, mulocal=getattr(mulocal, "__version__", "?"),
-                 python=platform.python_version(), machine=platform.machine(), cpu_cores=cores,
-                 torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-                 device="cpu", load_average_start=load_start, load_average_end=load_average()),
-        rules=rows, max_repeat_spread=spread, repeats_disagree=spread > 1.5,
+        env=environment(load_average_start=load_start, load_average_end=load_average()),
+        rules=rows, max_repeat_spread=max_spread, repeats_disagree=max_spread > SPREAD_WARN,
         total_wall_s=time.perf_counter() - t_start,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    emit(result, args.json, print_table)
     return 0
 
 
 def print_table(r: dict) -> None:
     env = r["env"]
     M = r["width"]
-    print(f"mulocal target-propagation benchmark: 784 -> {M} -> {M} -> 10 tanh MLP, batch {r['batch_size']}, "
-          f"SGD lr {r['lr']:g}, muP per rule, K = 1")
-    print(f"data: {r['dataset']}" + (f"  [NOTE: {r['dataset_note']}]" if r["dataset_note"] else ""))
     load = env["load_average_start"]
-    print(f"torch {env['torch']} on {env['machine']}, {env['cpu_cores']} cores available, torch threads "
-          f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device cpu"
-          + (f"; load average at start {load[0]:.2f}" if load else ""))
+    print_header(f"mulocal target-propagation benchmark: 784 -> {M} -> {M} -> 10 tanh MLP, batch {r['batch_size']}, "
+                 f"SGD lr {r['lr']:g}, muP per rule, K = 1", r,
+                 f"; load average at start {load[0]:.2f}" if load else "")
     print(f"timed steps {r['steps']} after {r['warmup']} warm-up steps, best of {r['repeats']} (interleaved); "
           f"epoch = {r['steps_per_epoch']} steps (extrapolated); feedback iterations {r['fb_iters']}")
     print()

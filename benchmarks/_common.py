@@ -1,0 +1,177 @@
+"""Helpers shared by the benchmark scripts in this folder (not a benchmark itself).
+
+The scripts import it as ``from _common import ...``: a script run as ``python benchmarks/bench_X.py``
+has its own folder on ``sys.path``. Importing this module also makes ``mulocal`` importable from a
+checkout that is not installed (it then adds ``../src`` to ``sys.path``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+try:
+    import mulocal
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    import mulocal
+
+from mulocal.data import Dataset, load_dataset
+from mulocal.errors import ConfigError, DataError
+
+BATCH = 128
+SPREAD_WARN = 1.5  # repeats of one measurement differing by more than this factor get a warning
+BUSY_HINT = ("the machine may be busy (other processes compete with torch's threads), so compare with care "
+             "or rerun")
+SYNTHETIC_N_TEST = 16  # test samples of the synthetic fallback when no ``n_eval`` is asked for
+
+
+# ----------------------------------------------------------------------------------------- data
+def get_data(name: str, data_dir: str | None, download: bool,
+             n_eval: int | None = None) -> tuple[Dataset, str, str]:
+    """(dataset, description, note); random tensors of FashionMNIST's shape if it cannot be loaded.
+
+    With ``n_eval`` the test set is cut to its first ``n_eval`` samples (the Trainer's end-of-epoch
+    evaluation then stays cheap); the synthetic fallback has ``n_eval`` (else 16) test samples.
+    """
+    if name == "fashion-mnist":
+        try:
+            ds = load_dataset("fashion-mnist", data_dir, download=download)
+            if n_eval is not None:
+                ds = Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test[:n_eval], ds.y_test[:n_eval], ds.n_classes,
+                             source=ds.source)
+            return ds, f"fashion-mnist ({ds.source})", ""
+        except (DataError, ConfigError, OSError) as err:
+            note = (f"FashionMNIST could not be loaded ({err}); using random synthetic data of the same shape "
+                    "(60000, 1, 28, 28), 10 classes")
+    else:
+        note = "--dataset synthetic: random data of shape (60000, 1, 28, 28), 10 classes"
+    n_test = SYNTHETIC_N_TEST if n_eval is None else n_eval
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g)
+    xt, yt = torch.randn(n_test, 1, 28, 28, generator=g), torch.randint(0, 10, (n_test,), generator=g)
+    return Dataset("synthetic-784", x, y, xt, yt, 10, source="random"), "synthetic random (60000, 1, 28, 28)", note
+
+
+def load_data(args: argparse.Namespace, n_eval: int | None = None) -> tuple[Dataset, str, str]:
+    """:func:`get_data` for the parsed ``--dataset``, ``--data-dir`` and ``--download``; prints the note."""
+    data, desc, note = get_data(args.dataset, args.data_dir, args.download, n_eval)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return data, desc, note
+
+
+# ---------------------------------------------------------------------------------- environment
+def cpu_cores() -> int | None:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(**extra) -> dict:
+    """The ``env`` entry of a result: versions, machine, cores, torch threads, device; ``extra`` appended."""
+    return dict(torch=torch.__version__, mulocal=getattr(mulocal, "__version__", "?"),
+                python=platform.python_version(), machine=platform.machine(), cpu_cores=cpu_cores(),
+                torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
+                device="cpu", **extra)
+
+
+def env_line(env: dict) -> str:
+    """The table's line about torch, the machine and the threads."""
+    return (f"torch {env['torch']} on {env['machine']}, {env['cpu_cores']} cores available, torch threads "
+            f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device cpu")
+
+
+def data_line(r: dict) -> str:
+    """The table's line about the data set (with the fallback note, if any)."""
+    return f"data: {r['dataset']}" + (f"  [NOTE: {r['dataset_note']}]" if r["dataset_note"] else "")
+
+
+# --------------------------------------------------------------------------------------- timing
+def best(fn, repeats: int):
+    """Run ``fn`` ``repeats`` times; return (fastest result, all times). ``fn`` returns (seconds, extra...)."""
+    results = [fn() for _ in range(repeats)]
+    times = [r[0] if isinstance(r, tuple) else r for r in results]
+    i = min(range(len(times)), key=times.__getitem__)
+    return results[i], times
+
+
+def interleaved(jobs: dict, repeats: int) -> dict:
+    """Run every job once per round, ``repeats`` rounds; {name: [results]}. A job returns seconds or (seconds, ...)."""
+    out = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            out[name].append(fn())
+    return out
+
+
+def per_epoch(seconds: float, steps: int, steps_per_epoch: int) -> float:
+    return seconds / steps * steps_per_epoch
+
+
+def spread(times: list[float]) -> float:
+    """Slowest / fastest of the repeats of one measurement."""
+    return max(times) / min(times)
+
+
+# ---------------------------------------------------------------------------------- command line
+def parse_ints(text: str, flag: str) -> list[int]:
+    """Comma-separated positive integers, or exit with a message naming ``flag``."""
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated positive integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise SystemExit(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return vals
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of ``doc`` (the script's docstring), kept as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_timing_args(p: argparse.ArgumentParser, steps: int, warmup: int, repeats: int = 3) -> None:
+    """--steps, --warmup, --repeats with these defaults."""
+    p.add_argument("--steps", type=int, default=steps, help=f"timed steps per measurement (default {steps})")
+    p.add_argument("--warmup", type=int, default=warmup,
+                   help=f"untimed warm-up steps before each measurement (default {warmup})")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"repeat each measurement, report the fastest (default {repeats})")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data-dir, --download and --json."""
+    p.add_argument("--dataset", choices=("fashion-mnist", "synthetic"), default="fashion-mnist",
+                   help="fashion-mnist (falls back to synthetic if missing) or synthetic random data of that shape")
+    p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX files (default: auto)")
+    p.add_argument("--download", action="store_true", help="allow downloading FashionMNIST if it is not found")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def print_header(title: str, r: dict, env_suffix: str = "") -> None:
+    """The table's first lines: ``title``, the data set line and the environment line (plus ``env_suffix``)."""
+    print(title)
+    print(data_line(r))
+    print(env_line(r["env"]) + env_suffix)
+
+
+def emit(result: dict, as_json: bool, print_table) -> None:
+    """Print ``result`` as one JSON object, or as the script's table."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
