@@ -167,9 +167,11 @@ def _fig3(budget, out, data_dir, say) -> dict:
     for j, (key, res) in enumerate(panels.items()):
         for i, (mode, label) in enumerate(modes):
             ax = grid[i][j]
-            rows = res["modes"][mode]["cos_bp"]
+            rows, seeds = res["modes"][mode]["cos_bp"], res["modes"][mode]["cos_bp_seeds"]
             for l in range(len(rows[0])):
                 ax.plot(res["widths"], [r[l] for r in rows], marker="o", ms=3, color=f"C{l}", label=f"layer {l + 1}")
+                ax.fill_between(res["widths"], [min(s[l]) for s in seeds], [max(s[l]) for s in seeds],
+                                color=f"C{l}", alpha=0.2, lw=0)  # min-max over seeds
             ax.set_xscale("log", base=2)
             ax.set_title(f"{label}: {key}", fontsize=8)
             ax.grid(alpha=0.3)
@@ -180,7 +182,7 @@ def _fig3(budget, out, data_dir, say) -> dict:
     axes = grid[0]
     axes[0].legend(fontsize=7)
     fig.suptitle("Fig. 3: per-layer cosine of PC (equilibrium, single-shot) and GNT updates with BP, vs width "
-                 "(3 seeds, batch 32)", fontsize=9)
+                 "(mean and min-max band over 3 seeds, batch 32)", fontsize=9)
     fig.tight_layout()
     path = out / "fig3.png"
     fig.savefig(path, dpi=80)

@@ -22,14 +22,15 @@ from .coord import coord_check
 from .linear import pc_fixed_point, preconditioner
 
 
-def layer_cosines(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], net) -> list[float]:
-    """Cosine per weight matrix (replica-averaged) between two gradient lists."""
+def layer_cosines(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], net, per_replica: bool = False) -> list:
+    """Cosine per weight matrix between two gradient lists: the replica mean, or (``per_replica``) the
+    list of each replica's (seed's) value."""
     out = []
     for (i, what), x, y in zip(net.param_info(), a, b):
         if what == "weight":
             x, y = x.flatten(1).double(), y.flatten(1).double()
             cos = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-300)
-            out.append(float(cos.mean()))
+            out.append(cos.tolist() if per_replica else float(cos.mean()))
     return out
 
 
@@ -55,14 +56,15 @@ def cosine_vs_width(widths: Sequence[int], x: torch.Tensor, y: torch.Tensor, *, 
                     gamma_bar_L: float = 0.0, base_width: int = 64, seeds: Sequence[int] = (0, 1, 2),
                     loss: str = "mse", modes: Sequence[str] = ("pc-equilibrium", "pc-single-shot", "gnt"),
                     dtype=torch.float64) -> dict:
-    """Per-layer cosine of each update mode with the BP gradient (``cos_bp``) and with the GNT update
-    (``cos_gnt``), at each width; networks without biases under PC's muP for ``gamma_bar_L``."""
+    """Per-layer cosine of each update mode with the BP gradient (``cos_bp``, seed mean; ``cos_bp_seeds``,
+    one value per seed) and with the GNT update (``cos_gnt``), at each width; networks without biases
+    under PC's muP for ``gamma_bar_L``."""
     param = preset("mup", "sgd", gamma_bar_L=gamma_bar_L, base_width=base_width)
     out: dict = {"widths": list(widths), "activation": activation, "gamma_bar_L": gamma_bar_L, "modes": {}}
     for mode in modes:
         if mode not in ("pc-equilibrium", "pc-single-shot", "gnt"):
             raise ConfigError(f"unknown mode '{mode}'; choose pc-equilibrium, pc-single-shot or gnt")
-        out["modes"][mode] = {"cos_bp": [], "cos_gnt": []}
+        out["modes"][mode] = {"cos_bp": [], "cos_bp_seeds": [], "cos_gnt": []}
     for w in widths:
         net = build("mlp", tuple(x.shape[1:]), int(y.max()) + 1 if y.numel() else 10, w, param,
                     activation=activation, bias=False, K=len(seeds), seeds=seeds, dtype=dtype)
@@ -76,6 +78,7 @@ def cosine_vs_width(widths: Sequence[int], x: torch.Tensor, y: torch.Tensor, *, 
             else:
                 g = gnt
             out["modes"][mode]["cos_bp"].append(layer_cosines(g, bp, net))
+            out["modes"][mode]["cos_bp_seeds"].append(layer_cosines(g, bp, net, per_replica=True))
             out["modes"][mode]["cos_gnt"].append(layer_cosines(g, gnt, net))
     return out
 
