@@ -134,10 +134,12 @@ def _algo_options(args) -> dict:
     return opts
 
 
-def _net_factory(args, param, dtype, data, K, seeds):
+def _net_factory(args, param, dtype, data, K, seeds, bias: bool | None = None):
+    """width -> network from the model flags (``bias`` overrides --no-bias)."""
     from .nets import build
+    bias = not args.no_bias if bias is None else bias
     return lambda width: build(args.arch, data.input_shape, data.n_classes, width, param, depth=args.depth,
-                               activation=args.activation, bias=not args.no_bias, K=K, seeds=seeds, dtype=dtype,
+                               activation=args.activation, bias=bias, K=K, seeds=seeds, dtype=dtype,
                                device=args.device)
 
 
@@ -201,7 +203,6 @@ def cmd_coord(args) -> dict:
 def cmd_derive(args) -> dict:
     from .diagnostics.coord import coord_batches
     from .diagnostics.derive import derive
-    from .nets import build
     from .param import preset
 
     ref, algo, dtype, data = _common(args)
@@ -211,10 +212,8 @@ def cmd_derive(args) -> dict:
     batches, probe = coord_batches(data, args.steps, args.batch_size, seed=args.seed)
     seeds = range(args.seed, args.seed + args.replicas)
 
-    def make(param, width):
-        return build(args.arch, data.input_shape, data.n_classes, width, param, depth=args.depth,
-                     activation=args.activation, bias=False, K=args.replicas, seeds=seeds, dtype=dtype,
-                     device=args.device)
+    def make(param, width):  # the fitter uses bias-free networks (a bias has its own exponent)
+        return _net_factory(args, param, dtype, data, args.replicas, seeds, bias=False)(width)
     res = derive(make, algo, start, args.widths, batches, probe, lr, args.optimizer, rounds=args.rounds,
                  reference=ref)
     out = {"algo": args.algo, "optimizer": args.optimizer, "gamma_bar_L": args.gamma_bar_L, "lr": lr,

@@ -188,10 +188,6 @@ class Net:
         """Activity a_l fed to layer l+1 from the value u_l (l = 0 is the input)."""
         raise NotImplementedError
 
-    def post_vjp(self, l: int, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """(d a_l / d u_l)^T g for 1 <= l < L."""
-        return self.linearize(l, u)(g)
-
     def linearize(self, l: int, u: torch.Tensor, a: torch.Tensor | None = None):
         """The map g -> (d a_l / d u_l)^T g at u (``a = post(l, u)`` may be passed to save work).
 

@@ -29,6 +29,7 @@ BUDGETS = {
     # for the test suite only: the same code path in seconds (numbers meaningless)
     "tiny": dict(widths=[16, 32], lrs=[0.25, 1.0], seeds=[0, 1, 2], epochs=1, train_subset=600, test_subset=300),
 }
+ANALYSIS_WIDTHS = {"small": [64, 128, 256, 512, 1024], "paper": [128, 256, 512, 1024, 2048, 4096], "tiny": [16, 32]}
 CNN_WIDTHS = {"small": [8, 16, 32], "paper": [16, 32, 64, 128, 256], "tiny": [4, 8]}
 
 # name -> (title, list of sweep specs without the budget keys)
@@ -202,8 +203,7 @@ def _fig8(budget, out, data_dir, say) -> dict:
     from .diagnostics.align import alignment_vs_step
     from .diagnostics.coord import coord_batches
     from .plots import _plt
-    widths = {"small": [64, 128, 256, 512, 1024], "paper": [128, 256, 512, 1024, 2048, 4096],
-              "tiny": [16, 32]}[budget]
+    widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
     runs = {}
@@ -251,8 +251,7 @@ def _table1(budget, out, data_dir, say) -> dict:
     from .nets import build
     from .param import preset
     from .plots import _plt
-    widths = {"small": [64, 128, 256, 512, 1024], "paper": [128, 256, 512, 1024, 2048, 4096],
-              "tiny": [16, 32]}[budget]
+    widths = ANALYSIS_WIDTHS[budget]
     data = load_dataset("fashion-mnist", data_dir)
     batches, probe = coord_batches(data, 1, 64, seed=0)
     rows = []

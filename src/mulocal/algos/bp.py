@@ -1,6 +1,6 @@
 """Backpropagation written as the same explicit layer-local computation the other rules use.
 
-    delta_L = dl/df,   delta_l = phi'(u_l) * (W_{l+1}^T delta_{l+1})   (post_vjp for the CNN)
+    delta_L = dl/df,   delta_l = phi'(u_l) * (W_{l+1}^T delta_{l+1})   (Net.linearize: phi' for the MLP, a vjp through pooling for the CNN)
     grad W_l = mean_batch(delta_l a_{l-1}^T),   grad b_l = mean_batch(delta_l)
 
 No autograd graph is built; tests check it against autograd.

@@ -68,7 +68,6 @@ class PC:
         self._gens: tuple | None = None  # per-replica generators for random value initialisation
         self.stats: dict = {}
         self._last = None
-        self.coord_counted: tuple = ()
 
     # ------------------------------------------------------------------ set-up
     def energy_weights(self, net: Net) -> list[float]:

@@ -116,7 +116,6 @@ class TargetRule:
             raise ConfigError(f"beta (output target step) must be a positive number, got {beta!r}")
         self.beta, self.record = float(beta), record
         self.stats: dict = {}
-        self.coord_counted: tuple = ()
 
     def targets(self, net: Net, us, acts, f, dldf) -> list:
         """Targets t_1..t_L (index l; t[0] unused), each shaped like h_l (acts[l], or f)."""
