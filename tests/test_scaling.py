@@ -58,9 +58,13 @@ def test_pc_gnt_with_sgd_learning_rates_blows_up(fmnist):
     assert max(res.slopes[k] for k in res.counted) >= 0.5, res.table()
 
 
-def test_pc_mup_adam_flat(fmnist):
-    res = _coord(fmnist, None, "adam", 1e-3, algo="pc", param=preset("mup", "adam", gamma_bar_L=0.0), T=1)
+@pytest.mark.parametrize("gbar", [-1.0, 0.0, 1.0])
+def test_pc_mup_adam_flat(fmnist, gbar):
+    """Adam normalises gamma_L away: muP-Adam's c = (0, 1, 1) for every gbar_L, and the inference
+    perturbation of v_{L-1} still scales as M^(-1 - gbar)."""
+    res = _coord(fmnist, None, "adam", 1e-3, algo="pc", param=preset("mup", "adam", gamma_bar_L=gbar), T=1)
     assert res.max_abs_slope <= 0.15, res.table()
+    assert res.slopes["pert_2"] == pytest.approx(-1 - gbar, abs=0.15), res.table()
 
 
 # ----------------------------------------------------------------------------- target propagation
