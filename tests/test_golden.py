@@ -1,0 +1,54 @@
+"""Guard rails for restructuring: a store written by an earlier version resumes with nothing rerun (same cell
+hashes), and a fixed set of commands prints the same JSON (tests/golden/make_golden.py wrote both)."""
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+_spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+make_golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_golden)
+CLI = json.loads((GOLDEN / "cli.json").read_text())
+
+
+def test_old_store_resumes_with_nothing_rerun(tmp_path):
+    from mulocal.sweep import expand, run_sweep
+    from mulocal.store import Store, config_hash
+    store = tmp_path / "store.sqlite"
+    shutil.copy(GOLDEN / "store.sqlite", store)
+    spec = json.loads((GOLDEN / "store_spec.json").read_text())
+    hashes = [config_hash(c) for c in expand(spec)]
+    with Store(store, create=False) as st:
+        old = {r["hash"]: r["status"] for r in st.rows(columns=("hash", "status"))}
+    assert len(hashes) == len(old) == 64 and set(hashes) == set(old)
+    assert set(old.values()) <= {"done", "diverged"}
+    summary = run_sweep(spec, store, workers=0, threads=1, progress=False)
+    assert summary["new"] == 0 and summary["ran"] == 0 and summary["complete"], summary
+
+
+def _same(a, b, path="$"):
+    """Equal JSON, machine- and clock-dependent keys left out, floats to 1e-12 relative."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict), path
+        keys = set(b) - make_golden.VOLATILE
+        assert set(a) - make_golden.VOLATILE == keys, (path, sorted(set(a) ^ set(b)))
+        for k in keys:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool):
+        assert a == b or (math.isfinite(b) and math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("case", CLI, ids=[" ".join(c["argv"][:3]) + f"#{i}" for i, c in enumerate(CLI)])
+def test_cli_json_unchanged(case, tmp_path):
+    shutil.copy(GOLDEN / "store.sqlite", tmp_path / "store.sqlite")
+    _same(make_golden.run_cli(case["argv"], tmp_path), case["json"])
