@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mulocal.errors import ConfigError, DataError
+from mulocal.streams import generator
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 
@@ -348,7 +349,7 @@ def synthetic_teacher(n_train=2048, n_test=512, d=32, n_classes=10, seed=0, hidd
                          ("n_classes", n_classes, 2), ("hidden", hidden, 1)):
         if not isinstance(val, int) or val < lo:
             raise ConfigError(f"synthetic_teacher: {arg} must be an integer >= {lo}, got {val!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator("subset", seed)
     w1 = torch.randn(d, hidden, generator=g) / math.sqrt(d)
     b1 = 0.1 * torch.randn(hidden, generator=g)
     w2 = torch.randn(hidden, n_classes, generator=g) / math.sqrt(hidden)
@@ -368,7 +369,7 @@ def _check_split_args(val_fraction: float, train_subset, test_subset) -> None:
 def _split_indices(n_train: int, n_test: int, val_fraction: float, train_subset, test_subset, seed: int):
     """Seeded (val, train, test) row indices; None means "all rows, in order".
 
-    One permutation of the training set (``torch.Generator().manual_seed(seed)``) gives the validation
+    One permutation of the training set (stream ``subset`` of ``streams.py``) gives the validation
     rows first and the (optionally truncated) training rows after them; the test subset uses its own
     generator seeded the same way.
     """
@@ -377,7 +378,7 @@ def _split_indices(n_train: int, n_test: int, val_fraction: float, train_subset,
         raise ConfigError(f"val_fraction {val_fraction} leaves no training samples out of {n_train}")
     val_idx = train_idx = test_idx = None
     if n_val or train_subset is not None:
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(n_train, generator=generator("subset", seed))
         val_idx, train_idx = (perm[:n_val] if n_val else None), perm[n_val:]
         if train_subset is not None:
             if train_subset > len(train_idx):
@@ -386,7 +387,7 @@ def _split_indices(n_train: int, n_test: int, val_fraction: float, train_subset,
     if test_subset is not None:
         if test_subset > n_test:
             raise ConfigError(f"test_subset {test_subset} exceeds the {n_test} test samples")
-        test_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:test_subset]
+        test_idx = torch.randperm(n_test, generator=generator("subset", seed))[:test_subset]
     return val_idx, train_idx, test_idx
 
 

@@ -25,6 +25,7 @@ from torch.nn.grad import conv2d_weight
 
 from .errors import CheckpointError, ConfigError
 from .param import Parameterization, check_width, layer_roles
+from .streams import generator
 
 ACTIVATIONS = ("tanh", "relu", "linear")
 
@@ -161,7 +162,7 @@ class Net:
             raise ConfigError(f"need one seed per replica: got {len(seeds)} seeds for K = {self.K}")
         self.seeds = seeds  # learning rules with their own random state (TP feedback) derive it from these
         for k, seed in enumerate(seeds):
-            gen = torch.Generator().manual_seed(seed)
+            gen = generator("init", seed)
             for layer in self.layers:
                 w = torch.randn(layer.weight.shape[1:], generator=gen, dtype=torch.float64) * layer.rule.init_std
                 layer.weight[k].copy_(w)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError
 from .losses import check_loss, loss_value
 from .nets import Net
 from .optim import LayerwiseOptimizer, replica_lrs
+from .streams import generators, seed_of
 
 
 @dataclass
@@ -45,8 +45,8 @@ class TrainConfig:
 
 
 def data_seed(seed: int) -> int:
-    """The data-order stream of a replica, independent of its init stream."""
-    return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1, np.uint64)[0] >> 1)
+    """The data-order stream of a replica, independent of its init stream (``streams.py``)."""
+    return seed_of("data_order", seed)
 
 
 def _finite_replicas(net: Net) -> torch.Tensor:
@@ -86,7 +86,7 @@ class Trainer:
         self.status = ["running"] * net.K
         self.history: list[list[dict]] = [[] for _ in range(net.K)]
         self.epoch = 0
-        self.gens = [torch.Generator().manual_seed(data_seed(s)) for s in self.seeds]
+        self.gens = generators("data_order", self.seeds)
         if cfg.resume and cfg.checkpoint_path and Path(cfg.checkpoint_path).exists():
             self.load(cfg.checkpoint_path)
 
@@ -169,7 +169,7 @@ class Trainer:
 
     def _pretrain(self, x_all, n: int, steps: int) -> None:
         """Feedback-only epochs (target propagation) on their own data-order stream."""
-        gens = [torch.Generator().manual_seed(data_seed(s + 7919)) for s in self.seeds]
+        gens = generators("pretrain_order", self.seeds)
         for _ in range(self.algo.pretrain_epochs):
             perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(self.net.device)
             for i in range(steps):

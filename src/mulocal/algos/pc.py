@@ -34,6 +34,7 @@ import torch
 from ..errors import ConfigError
 from ..losses import check_loss, loss_and_grad
 from ..nets import Net
+from ..streams import generators
 
 INFERENCE = ("sequential", "parallel")
 INITS = ("forward", "zero", "random")
@@ -171,7 +172,7 @@ class PC:
         # one stream per replica, derived from the replica's seed: K replicas = K separate runs
         seeds = tuple(getattr(net, "seeds", range(net.K)))
         if self._gens is None or self._gens[0] != seeds:
-            self._gens = (seeds, [torch.Generator().manual_seed(s * 1_000_003 + self.seed) for s in seeds])
+            self._gens = (seeds, generators("pc_values", seeds, self.seed))
         return torch.stack([torch.randn(u.shape[1:], generator=g, dtype=u.dtype) for g in self._gens[1]]).to(u.device)
 
     def _move(self, v, grad, kappa, vel, l):

@@ -32,21 +32,17 @@ import math
 import weakref
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..losses import check_loss, loss_and_grad
 from ..nets import Dense, Net
 from ..optim import LayerwiseOptimizer
+from ..streams import generator, generators
 from .bp import backprop
 
 FEEDBACK = ("trainable", "linear", "ridge", "inverse")
 FB_LOSSES = ("rec", "drl", "ldrl")
-
-
-def _stream(seed: int, tag: int) -> int:
-    return int(np.random.SeedSequence([int(seed), tag]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -246,12 +242,11 @@ class TP(TargetRule):
                 self.fb[l] = UpConvFeedback(self._shapes[l], self._shapes[l - 1], net.K, rule, k, net.dtype,
                                             net.device)
         for k, seed in enumerate(getattr(net, "seeds", range(net.K))):
-            gen = torch.Generator().manual_seed(_stream(seed, 0xFEED))
+            gen = generator("feedback_init", seed)
             for l in range(2, L + 1):
                 w = torch.randn(self.fb[l].weight.shape[1:], generator=gen, dtype=torch.float64)
                 self.fb[l].weight[k].copy_(w * self.fb[l].rule.init_std)
-        self.noise_gens = [torch.Generator().manual_seed(_stream(s, 0x0015E)) for s in
-                           getattr(net, "seeds", range(net.K))]
+        self.noise_gens = generators("feedback_noise", getattr(net, "seeds", range(net.K)))
         params, scales = [], []
         for l in range(2, L + 1):
             params += [self.fb[l].weight, self.fb[l].bias]

@@ -37,6 +37,7 @@ import torch
 from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
+from ..streams import generator
 
 
 def rms(t: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ def coord_batches(data, steps: int, batch_size: int = 64, probe_size: int = 256,
     n = len(data.x_train)
     if n < steps * batch_size + probe_size:
         raise ConfigError(f"dataset has {n} training samples, the check needs {steps * batch_size + probe_size}")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    idx = torch.randperm(n, generator=generator("subset", seed))
     batches = [(data.x_train[idx[i * batch_size:(i + 1) * batch_size]],
                 data.y_train[idx[i * batch_size:(i + 1) * batch_size]]) for i in range(steps)]
     return batches, data.x_train[idx[-probe_size:]]
