@@ -28,6 +28,7 @@ from .param import Parameterization, check_width, layer_roles
 from .streams import generator
 
 ACTIVATIONS = ("tanh", "relu", "linear")
+KERNEL = 3  # the CNN's default kernel size
 
 
 def act_fn(name: str):
@@ -272,7 +273,7 @@ class CNN(Net):
 
     def __init__(self, in_shape: Sequence[int], width: int, out_dim: int, depth: int = 3,
                  param: Parameterization | None = None, activation: str = "tanh", bias: bool = True, K: int = 1,
-                 seeds: Sequence[int] | None = None, kernel: int = 3, pool: str = "max", dtype=torch.float32,
+                 seeds: Sequence[int] | None = None, kernel: int = KERNEL, pool: str = "max", dtype=torch.float32,
                  device="cpu"):
         super().__init__(param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
         if len(in_shape) != 3:
@@ -281,14 +282,10 @@ class CNN(Net):
             raise ConfigError(f"unknown pooling '{pool}'; choose max or avg")
         self.input_shape = tuple(int(s) for s in in_shape)
         self.out_dim, self.kernel, self.pool = int(out_dim), int(kernel), pool
-        roles = layer_roles(depth)
-        c, h, w = self.input_shape
-        for role in roles[:-1]:
-            rule = self.param.rule(role, c * kernel * kernel, self.width)
-            self.layers.append(Conv(role, c, self.width, kernel, K, bias, rule, dtype, self.device))
-            c, h, w = self.width, h // 2, w // 2
-            if h == 0 or w == 0:
-                raise ConfigError(f"CNN of depth {depth} pools a {self.input_shape} image to nothing; use less depth")
+        convs, (c, h, w) = cnn_plan(self.input_shape, self.width, depth)
+        for role, c_in, _ in convs:
+            rule = self.param.rule(role, c_in * kernel * kernel, self.width)
+            self.layers.append(Conv(role, c_in, self.width, kernel, K, bias, rule, dtype, self.device))
         self.spatial = (h, w)
         rule = self.param.rule("output", c * h * w, self.width)
         self.layers.append(Dense("output", c * h * w, self.out_dim, K, bias, rule, dtype, self.device))
@@ -317,6 +314,30 @@ class CNN(Net):
 
 
 ARCHS = ("mlp", "cnn")
+
+
+def cnn_plan(in_shape: Sequence[int], width: int, depth: int):
+    """The CNN's conv layers as (role, input channels, input spatial size), and the readout's input (C, h, w)."""
+    c, h, w = (int(s) for s in in_shape)
+    convs = []
+    for role in layer_roles(depth)[:-1]:
+        convs.append((role, c, (h, w)))
+        c, h, w = width, h // 2, w // 2
+        if h == 0 or w == 0:
+            raise ConfigError(f"CNN of depth {depth} pools a {tuple(in_shape)} image to nothing; use less depth")
+    return convs, (c, h, w)
+
+
+def sizes(arch: str, input_shape: Sequence[int], out_dim: int, width: int, depth: int, kernel: int = KERNEL,
+          bias: bool = True) -> tuple[int, int]:
+    """(parameters, activations per sample) of one replica, without building it (memory planning)."""
+    if arch == "cnn":
+        convs, (c, h, w) = cnn_plan(input_shape, width, depth)
+        params = sum(c_in * kernel * kernel * width + width * bias for _, c_in, _ in convs)
+        acts = sum(width * hw[0] * hw[1] for _, _, hw in convs) + out_dim
+        return params + c * h * w * out_dim + out_dim * bias, acts
+    dims = [math.prod(input_shape)] + [width] * (depth - 1) + [out_dim]
+    return sum(a * b + b * bias for a, b in zip(dims[:-1], dims[1:])), sum(dims[1:])
 
 
 def build(arch: str, input_shape: Sequence[int], out_dim: int, width: int, param: Parameterization, *,

@@ -40,6 +40,7 @@ from typing import Sequence
 from .errors import ConfigError
 
 ROLES = ("input", "hidden", "output")
+BASE_WIDTH = 64  # the default base width M_0: every preset equals SP at this width
 B_SP = (0.0, 0.5, 0.5)
 A_SP = (0.0, 0.0, 0.0)
 
@@ -70,7 +71,7 @@ class Parameterization:
     c: tuple[float, float, float] = (0.0, 0.0, 0.0)
     a: tuple[float, float, float] = A_SP
     c_bias: tuple[float, float] = (0.0, 0.0)
-    base_width: int = 64
+    base_width: int = BASE_WIDTH
     sigma: float = 1.0
     gamma_bar_L: float = 0.0
     gamma_L_prime: float = 1.0

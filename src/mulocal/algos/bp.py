@@ -17,6 +17,8 @@ class BP:
     """Gradient of the batch-mean loss of every replica."""
 
     name = "bp"
+    family = "backpropagation"
+    OPTIONS = ()
 
     def __init__(self, loss: str = "ce"):
         self.loss = check_loss(loss)

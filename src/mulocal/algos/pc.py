@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..losses import check_loss, loss_and_grad
 from ..nets import Net
 from ..streams import generators
+from .options import Option
 
 INFERENCE = ("sequential", "parallel")
 INITS = ("forward", "zero", "random")
@@ -44,6 +45,18 @@ class PC:
     """Predictive coding learning rule. ``step(net, x, y, opt=None) -> (grads, loss)``."""
 
     name = "pc"
+    family = "predictive coding"
+    OPTIONS = (
+        Option("T", "int", 1, "inference steps (1: single-shot)"),
+        Option("inference", "str", "sequential", "sequential (top-down) or parallel", choices=INFERENCE),
+        Option("init", "str", "forward", "value initialisation: forward, zero or random", choices=INITS),
+        Option("fpa", "bool", False, "fixed prediction assumption"),
+        Option("kappa", "floats", None, "inference step size, one or one per hidden layer (default 1/gamma_l)"),
+        Option("momentum", "float", 0.0, "inference momentum", flag="inference-momentum"),
+        Option("tol", "float", None, "stop inference when the energy changes less than this (relative)"),
+        Option("incremental", "bool", False, "incremental PC: update weights at every inference step"),
+        Option("gammas", "floats", None, "hidden-layer energy weights gamma_1..gamma_{L-1} (default 1)"),
+    )
 
     def __init__(self, loss: str = "ce", T: int = 1, inference: str = "sequential", init: str = "forward",
                  fpa: bool = False, kappa: float | Sequence[float] | None = None, momentum: float = 0.0,

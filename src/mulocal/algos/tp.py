@@ -39,6 +39,7 @@ from ..losses import check_loss, loss_and_grad
 from ..nets import Dense, Net
 from ..optim import LayerwiseOptimizer
 from ..streams import generator, generators
+from .options import Option
 from .bp import backprop
 
 FEEDBACK = ("trainable", "linear", "ridge", "inverse")
@@ -105,6 +106,8 @@ class TargetRule:
     """Shared machinery: forward pass, targets (subclass), local losses, diagnostics."""
 
     name = "targets"
+    family = "target propagation"
+    OPTIONS = (Option("beta", "float", 1.0, "output target step: t_L = f - beta dloss/df"),)
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, record: bool = False):
         self.loss = check_loss(loss)
@@ -177,6 +180,17 @@ class TP(TargetRule):
 
     name = "tp"
     difference = False
+    OPTIONS = TargetRule.OPTIONS + (
+        Option("feedback", "str", "trainable", "trainable (phi(V a + c)), linear (V a + c), ridge (batch optimum) "
+               "or inverse", choices=FEEDBACK),
+        Option("fb_loss", "str", "rec", "feedback loss: rec, drl or ldrl", choices=FB_LOSSES),
+        Option("sigma", "floats", 0.1, "feedback-training noise, one or one per hidden layer"),
+        Option("fb_iters", "int", 1, "feedback iterations per batch"),
+        Option("fb_lr", "float", 0.01, "feedback learning rate"),
+        Option("fb_optimizer", "str", "sgd", "feedback optimizer: sgd or adam", choices=("sgd", "adam")),
+        Option("ridge", "float", 1e-3, "ridge constant per unit of width (ridge feedback)"),
+        Option("pretrain_epochs", "int", 0, "feedback-only epochs before training", flag="fb-pretrain-epochs"),
+    )
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
                  sigma: float | Sequence[float] = 0.1, fb_iters: int = 1, fb_lr: float = 0.01,
@@ -375,8 +389,9 @@ class TP(TargetRule):
                     t[l - 1] = h[l - 1] + Q(t[l] - h[l])
                 else:
                     t[l - 1] = Q(t[l])
-                    if self.feedback == "linear":
-                        t[l - 1] = t[l - 1] + self.fb[l].bias.unsqueeze(1)
+                    if self.feedback == "linear":  # the bias is per channel for conv feedback
+                        b = self.fb[l].bias
+                        t[l - 1] = t[l - 1] + (b[:, None, :, None, None] if t[l - 1].dim() == 5 else b.unsqueeze(1))
         return t
 
 
