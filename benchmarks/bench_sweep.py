@@ -44,7 +44,7 @@ import torch
 
 from _common import mulocal
 from mulocal.errors import MulocalError
-from mulocal.store import Store
+from mulocal.sweep.store import Store
 from mulocal.sweep import run_sweep
 
 MODES = {

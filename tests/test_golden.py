@@ -17,7 +17,8 @@ CLI = json.loads((GOLDEN / "cli.json").read_text())
 
 def test_old_store_resumes_with_nothing_rerun(tmp_path):
     from mulocal.sweep import expand, run_sweep
-    from mulocal.store import Store, config_hash
+    from mulocal.config import config_hash
+    from mulocal.sweep.store import Store
     store = tmp_path / "store.sqlite"
     shutil.copy(GOLDEN / "store.sqlite", store)
     spec = json.loads((GOLDEN / "store_spec.json").read_text())
@@ -67,3 +68,17 @@ def test_named_streams_are_frozen():
     assert set(STREAMS) == set(STREAM_SEEDS)
     for name, seeds in STREAM_SEEDS.items():
         assert [seed_of(name, s, 3) for s in (0, 5)] == seeds, name
+
+
+def test_a_new_implicit_field_keeps_old_hashes(monkeypatch):
+    """How a field is added without invalidating stores: implicit fields stay out of a cell at their default."""
+    from mulocal import config
+    from mulocal.config import config_hash
+    from mulocal.sweep import expand
+    spec = json.loads((GOLDEN / "store_spec.json").read_text())
+    before = [config_hash(c) for c in expand(spec)]
+    monkeypatch.setitem(config.FIELDS, "residual", config.Field("residual", "bool", False, "residual blocks",
+                                                                "model", implicit=True))
+    assert [config_hash(c) for c in expand(spec)] == before
+    changed = [config_hash(c) for c in expand({**spec, "residual": True})]
+    assert not set(changed) & set(before) and len(changed) == len(before)

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mulocal.analysis import analyze, best_of_curve, format_table, mean_curve
+from mulocal.cli.sweeps import register as register_cli
+from mulocal.config import config_hash
+from mulocal.sweep.transfer import analyze, best_of_curve, format_table, mean_curve
 from mulocal.errors import ConfigError, MulocalError
-from mulocal.store import Store, StoreError, config_hash
-from mulocal.sweep import expand, load_spec_file, plan, register_cli, run_sweep
+from mulocal.sweep.store import Store, StoreError
+from mulocal.sweep import expand, load_spec_file, plan, run_sweep
 
 TINY = dict(dataset="synthetic", train_subset=256, test_subset=128, epochs=1, batch_size=64)
 METRICS = ("train_loss", "test_loss", "test_accuracy")
@@ -165,7 +167,7 @@ def test_sigkill_mid_sweep_then_restart_completes_with_same_results(tmp_path):
     killed, ref = tmp_path / "killed.sqlite", tmp_path / "ref.sqlite"
     axes = ["--widths", "16,32,48", "--lrs", "0.05,0.1,0.2,0.4", "--seeds", "0,1", "--dataset", "synthetic",
             "--train-subset", "2048", "--test-subset", "128", "--epochs", "3", "--batch-size", "32"]
-    cmd = [sys.executable, "-m", "mulocal.sweep", "sweep", *axes, "--store", str(killed), "--workers", "1",
+    cmd = [sys.executable, "-m", "mulocal", "sweep", *axes, "--store", str(killed), "--workers", "1",
            "--threads", "1", "--max-replicas", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done_at_kill = 0
@@ -310,7 +312,7 @@ def test_corrupt_or_foreign_store_gives_clear_error(tmp_path):
     for path, cmd in ((garbage, "report"), (garbage, "sweep"), (foreign, "sweep"), (cut, "report")):
         for argv in [["report", "--store", str(path)] if cmd == "report" else
                      ["sweep", "--store", str(path), "--widths", "16", "--lrs", "0.1", "--dataset", "synthetic"]]:
-            p = subprocess.run([sys.executable, "-m", "mulocal.sweep", *argv], capture_output=True, text=True)
+            p = subprocess.run([sys.executable, "-m", "mulocal", *argv], capture_output=True, text=True)
             assert p.returncode == 2, (argv, p.stderr)
             err = p.stderr.strip()
             assert err.startswith("mulocal: error:") and "\n" not in err and "Traceback" not in err, err
@@ -347,7 +349,7 @@ def test_cli_sweep_report_plot(tmp_path, capsys):
 def test_demo_plumbing_small(tmp_path, monkeypatch, capsys):
     """run_demo on a tiny FashionMNIST spec: store, plots, table; `report` on its store gives the same numbers;
     a second run trains nothing."""
-    from mulocal import demo
+    from mulocal.experiments import demo
     monkeypatch.setattr(demo, "QUICK", dict(widths=[64, 128], lrs=[0.05, 0.2, 0.8], seeds=[0, 1], epochs=1,
                                             train_subset=512, test_subset=256))
     monkeypatch.setattr(demo, "RULES", ("bp",))
@@ -369,7 +371,7 @@ def test_demo_plumbing_small(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_quick_demo_shows_transfer(tmp_path):
     """The quick demo (about a minute on 2 cores): under muP the best LR stays put, under SP it moves."""
-    from mulocal.demo import run_demo
+    from mulocal.experiments.demo import run_demo
     res = run_demo(str(tmp_path), quick=True, json_mode=True)
     slopes = {(r["algo"], r["param"]): r["slope"] for r in res["results"]}
     for algo in {a for a, _ in slopes}:

@@ -9,7 +9,7 @@ from mulocal.errors import CheckpointError
 from mulocal.nets import build
 from mulocal.param import preset
 from mulocal.train import Trainer, TrainConfig, load_checkpoint
-from mulocal.cli import DEFAULT_LR
+from mulocal.config import DEFAULT_LR
 
 
 def test_floor_bp_mup_fashion_mnist(fmnist):

@@ -9,7 +9,7 @@ each bound more than three bootstrap errors (about 0.03-0.1 here) away from the 
 """
 import pytest
 
-from mulocal import demo
+from mulocal.experiments import demo
 
 
 def test_best_lr_stays_under_mup_and_drifts_under_sp(tmp_path, monkeypatch):

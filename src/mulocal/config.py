@@ -40,6 +40,10 @@ class Field:
     default: Any
     help: str
     group: str
+    off: str = ""  # bool fields: the help of the --no-... flag
+    # A field added after stores exist sets implicit=True: a cell leaves it out while it is at its default, so
+    # every existing cell keeps its hash (old stores resume with nothing rerun) and only new values are new cells.
+    implicit: bool = False
 
     @property
     def flag(self) -> str:
@@ -57,7 +61,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("arch", "str", "mlp", "mlp or cnn", "model"),
     Field("depth", "int", 3, "number of weight layers", "model"),
     Field("activation", "str", "tanh", "tanh, relu or linear", "model"),
-    Field("bias", "bool", True, "layers with biases", "model"),
+    Field("bias", "bool", True, "layers with biases", "model", off="layers without biases"),
     Field("loss", "str", "ce", "ce or mse", "learning rule"),
     Field("dtype", "str", "float32", "float32 or float64", "model"),
     Field("dataset", "str", "fashion-mnist", "fashion-mnist, mnist, cifar10 or synthetic", "data"),

@@ -1,4 +1,11 @@
-"""Transfer plots of a sweep report (matplotlib, Agg backend: no display needed).
+"""Every figure of mulocal (matplotlib, Agg backend: no display needed). Each function takes plain results
+(a report dict, a CoordResult, ...) and a path, draws, and returns the path.
+
+* sweeps: ``plot_family``, ``plot_transfer``, ``plot_report`` (below);
+* diagnostics: ``plot_coord`` (coordinate check), ``plot_derive`` (exponent fit), ``plot_lines``;
+* the paper's experiments: ``transfer_figure``, ``fig3_figure``, ``fig8_figure``, ``table1_figure``.
+
+Sweep plots:
 
 For every family (same configuration except width): the metric (training loss by default) and
 the test accuracy against the learning rate on a log2 axis, one curve per width (mean over
@@ -126,4 +133,180 @@ def plot_report(report: dict, out_dir) -> list[str]:
     return paths
 
 
-__all__ = ["plot_report", "plot_family", "plot_transfer"]
+# ------------------------------------------------------------------------------ diagnostics
+def plot_coord(res, path: str, title: str = "") -> str:
+    """Coordinate check: RMS at the last step against width, one panel per kind of quantity."""
+    plt = _plt()
+    groups = {}
+    for name in res.rms:
+        groups.setdefault(name.split("_")[0], []).append(name)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.0), squeeze=False)
+    for ax, (g, names) in zip(axes[0], groups.items()):
+        for name in names:
+            ax.plot(res.widths, [r[-1] for r in res.rms[name]], "o-", label=f"{name} ({res.slopes[name]:+.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(g)
+        ax.set_xlabel("width")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("RMS")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_derive(res, path: str, title: str = "") -> str:
+    """Exponent fit: fitted b and c per role against the reference, and the slopes of the fitted table."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    roles = ["input", "hidden", "output"]
+    x = range(3)
+    axes[0].plot(x, res.c, "o-", label="fitted c")
+    axes[0].plot(x, res.b, "s-", label="fitted b")
+    if res.reference:
+        axes[0].plot(x, res.reference.c, "o:", color="gray", label=f"{res.reference.name} c")
+        axes[0].plot(x, res.reference.b, "s:", color="silver", label=f"{res.reference.name} b")
+    axes[0].set_xticks(list(x), roles)
+    axes[0].set_ylabel("exponent")
+    axes[0].legend(fontsize=7)
+    if res.final is not None:
+        names = res.final.counted
+        axes[1].bar(range(len(names)), [res.final.slopes[n] for n in names])
+        axes[1].axhline(0.15, color="r", lw=0.8, ls=":")
+        axes[1].axhline(-0.15, color="r", lw=0.8, ls=":")
+        axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        axes[1].set_ylabel("slope vs width (fitted table)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_lines(path: str, x, series: dict[str, list], xlabel: str, ylabel: str, title: str = "", logx=True,
+               logy=False) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, ys in series.items():
+        ax.plot(x, ys, "o-", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ reproduce figures
+def transfer_figure(report: dict, path, title: str) -> str:
+    """A reproduce figure: per family (column), test accuracy (top) and training loss (bottom) against the
+    learning rate, a curve per width with its min-max band over seeds and the estimated optimum."""
+    plt = _plt()
+    fams = report["families"]
+    fig, axes = plt.subplots(2, len(fams), figsize=(3.6 * len(fams), 6.2), squeeze=False)
+    for j, f in enumerate(fams):
+        best = {e["width"]: e for e in f["best"]}
+        _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
+               "test accuracy", False, False)
+        positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
+        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive)
+        t = f["transfer"]
+        slope = "" if t["slope"] is None else f"\nslope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}"
+        axes[0][j].set_title(f["label"] + slope, fontsize=8)
+        best_acc = [max((p["test_accuracy_mean"] or 0) for p in c["points"]) for c in f["curves"]]
+        if best_acc:  # show the useful range: from 0.25 below the worst width's best accuracy
+            axes[0][j].set_ylim(max(0.0, min(best_acc) - 0.25), min(1.0, max(best_acc) + 0.03))
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def fig3_figure(panels: dict, path) -> str:
+    """Fig. 3: per-layer cosine with BP against width, a column per (activation, gbar_L), a row per mode."""
+    plt = _plt()
+    modes = (("pc-equilibrium", "PC at equilibrium"), ("pc-single-shot", "PC single-shot (no FPA)"), ("gnt", "GNT"))
+    fig, grid = plt.subplots(3, 4, figsize=(15, 8.4), sharex=True)
+    for j, (key, res) in enumerate(panels.items()):
+        for i, (mode, label) in enumerate(modes):
+            ax = grid[i][j]
+            rows, seeds = res["modes"][mode]["cos_bp"], res["modes"][mode]["cos_bp_seeds"]
+            for l in range(len(rows[0])):
+                ax.plot(res["widths"], [r[l] for r in rows], marker="o", ms=3, color=f"C{l}", label=f"layer {l + 1}")
+                ax.fill_between(res["widths"], [min(s[l]) for s in seeds], [max(s[l]) for s in seeds],
+                                color=f"C{l}", alpha=0.2, lw=0)  # min-max over seeds
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{label}: {key}", fontsize=8)
+            ax.grid(alpha=0.3)
+            if i == 2:
+                ax.set_xlabel("width")
+            if j == 0:
+                ax.set_ylabel("cosine with BP")
+    axes = grid[0]
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Fig. 3: per-layer cosine of PC (equilibrium, single-shot) and GNT updates with BP, vs width "
+                 "(mean and min-max band over 3 seeds, batch 32)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def fig8_figure(runs: dict, widths, steps: int, path) -> str:
+    """Fig. 8: the alignment exponent omega_L per training step, mean and min-max band over seeds."""
+    import numpy as np
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, key in enumerate(runs[next(iter(runs))]["configs"]):
+        om = np.array([runs[s]["configs"][key]["omega"] for s in runs])
+        xs = range(1, steps + 1)
+        ax.plot(xs, om.mean(0), color=f"C{i}", label=key)
+        ax.fill_between(xs, om.min(0), om.max(0), color=f"C{i}", alpha=0.2)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.axhline(1.0, color="gray", ls=":", lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("omega_L (fitted across widths)")
+    ax.set_title(f"Fig. 8: alignment exponent of W_L Delta h_(L-1); widths {widths[0]}..{widths[-1]}, {len(runs)} seeds",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def table1_figure(rows: list, widths, path) -> str:
+    """Table 1: the exponents fitted from SP next to the spec's, as a table figure."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax.axis("off")
+    cells = [[f"{r['algo'].upper()} {r['optimizer']}" + (f" gbar={r['gamma_bar_L']:g}" if r["algo"] == "pc" else ""),
+              f"{r['fitted_b'][2]:.2f}", ", ".join(f"{v:.2f}" for v in r["fitted_c"]), f"{r['spec_b'][2]:g}",
+              ", ".join(f"{v:g}" for v in r["spec_c"]), f"{r['max_deviation']:.2f}"] for r in rows]
+    tab = ax.table(cellText=cells, colLabels=["rule", "fitted b_L", "fitted c", "spec b_L", "spec c", "max dev"],
+                   loc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(8)
+    ax.set_title(f"Table 1: exponents fitted from SP by the coordinate check (widths {widths[0]}..{widths[-1]})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
+__all__ = ["fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines", "plot_report",
+           "plot_transfer", "table1_figure", "transfer_figure"]

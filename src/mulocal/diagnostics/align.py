@@ -115,26 +115,3 @@ def preconditioner_vs_width(widths: Sequence[int], gamma_bars: Sequence[float] =
             norms.append(sum(vals) / len(vals))
         out["norms"][str(g)] = norms
     return out
-
-
-def plot_lines(path: str, x, series: dict[str, list], xlabel: str, ylabel: str, title: str = "", logx=True,
-               logy=False) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, ys in series.items():
-        ax.plot(x, ys, "o-", label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -110,28 +110,8 @@ class CoordResult:
         return "\n".join(lines)
 
     def plot(self, path: str, title: str = "") -> str:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        groups = {}
-        for name in self.rms:
-            groups.setdefault(name.split("_")[0], []).append(name)
-        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.0), squeeze=False)
-        for ax, (g, names) in zip(axes[0], groups.items()):
-            for name in names:
-                ax.plot(self.widths, [r[-1] for r in self.rms[name]], "o-", label=f"{name} ({self.slopes[name]:+.2f})")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(g)
-            ax.set_xlabel("width")
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("RMS")
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        from ..plots import plot_coord
+        return plot_coord(self, path, title)
 
 
 @torch.no_grad()

@@ -84,33 +84,8 @@ class DeriveResult:
         return "\n".join(lines)
 
     def plot(self, path: str, title: str = "") -> str:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        roles = ["input", "hidden", "output"]
-        x = range(3)
-        axes[0].plot(x, self.c, "o-", label="fitted c")
-        axes[0].plot(x, self.b, "s-", label="fitted b")
-        if self.reference:
-            axes[0].plot(x, self.reference.c, "o:", color="gray", label=f"{self.reference.name} c")
-            axes[0].plot(x, self.reference.b, "s:", color="silver", label=f"{self.reference.name} b")
-        axes[0].set_xticks(list(x), roles)
-        axes[0].set_ylabel("exponent")
-        axes[0].legend(fontsize=7)
-        if self.final is not None:
-            names = self.final.counted
-            axes[1].bar(range(len(names)), [self.final.slopes[n] for n in names])
-            axes[1].axhline(0.15, color="r", lw=0.8, ls=":")
-            axes[1].axhline(-0.15, color="r", lw=0.8, ls=":")
-            axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-            axes[1].set_ylabel("slope vs width (fitted table)")
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        from ..plots import plot_derive
+        return plot_derive(self, path, title)
 
 
 def derive(make_net: Callable[[Parameterization, int], object], algo, start: Parameterization,

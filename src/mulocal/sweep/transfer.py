@@ -29,7 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .store import canonical_json, config_hash, family_of, flatten
+from ..config import canonical_json, config_hash, family_of
+from .store import flatten
 
 METRICS = ("train_loss", "test_loss", "test_accuracy")
 SHOWN_ALWAYS = ("algo", "param", "optimizer")
@@ -182,7 +183,7 @@ def analyze(rows: Sequence[dict], metric: str = "train_loss", n_boot: int = 200,
     """The transfer report of store rows (``Store.rows()``): per family, per-width curves and best learning
     rates, and the transfer metrics. See the module docstring for the definitions."""
     if metric not in METRICS:
-        from .errors import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     fams: dict[str, tuple[dict, list]] = {}
     counts = {"done": 0, "diverged": 0, "pending": 0, "running": 0, "failed": 0}

@@ -7,7 +7,7 @@ replicas of one batched model. Results go to ``OUT/demo.sqlite``: running the de
 runs what is missing, and ``mulocal report --store OUT/demo.sqlite`` prints the same numbers.
 
 The best learning rate per width is the vertex of a quadratic fitted in log2(LR) to the
-seed-averaged training loss (``mulocal.analysis``). Under muP it stays put as the width grows
+seed-averaged training loss (``mulocal.sweep.transfer``). Under muP it stays put as the width grows
 (slope of log2(best LR) against log2(width) near 0, small penalty for reusing the width-64
 optimum at width 512); under SP it moves.
 """
@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from .util import json_safe
+from ..util import json_safe
 
 LR_GRID = [2.0 ** k for k in range(-6, 3)]
 DEMO = dict(widths=[64, 128, 256, 512], lrs=LR_GRID, seeds=[0, 1], epochs=1, train_subset=30000,
@@ -29,7 +29,7 @@ RULES = ("bp", "pc", "dtp")  # the ones make_algo knows are used
 
 def demo_spec(quick: bool = False) -> dict:
     """The demo's sweep spec (a plain dict: ``mulocal sweep`` takes the same keys in a TOML [sweep] table)."""
-    from .algos import ALGOS
+    from ..algos import ALGOS
     base = QUICK if quick else DEMO
     return dict(algo=[a for a in RULES if a in ALGOS], param=["mup", "sp"], optimizer="sgd", base_width=64,
                 arch="mlp", depth=3, activation="tanh", dataset="fashion-mnist", batch_size=128, **base)
@@ -42,10 +42,11 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     ``seed`` shifts the two seeds used; ``workers`` is passed to the sweep (default one process per core,
     0 = in this process).
     """
-    from .analysis import analyze, format_table
-    from .plots import plot_report
-    from .store import Store, config_hash
-    from .sweep import expand, format_summary, run_sweep
+    from ..sweep.transfer import analyze, format_table
+    from ..plots import plot_report
+    from ..config import config_hash
+    from ..sweep.store import Store
+    from ..sweep import expand, format_summary, run_sweep
 
     spec = demo_spec(quick)
     spec["seeds"] = [seed + s for s in spec["seeds"]]

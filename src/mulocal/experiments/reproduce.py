@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError
-from .util import json_safe
+from ..errors import ConfigError
+from ..util import json_safe
 
 LR_GRID_SMALL = [2.0 ** k for k in range(-6, 3)]
 LR_GRID_PAPER = [2.0 ** k for k in range(-8, 4)]
@@ -83,7 +83,7 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
                command=f"mulocal reproduce {name} --budget {budget}")
     (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
     if name in ANALYSES:  # the numbers live in a store too, so `mulocal report --store` shows every experiment
-        from .store import Store
+        from ..sweep.store import Store
         with Store(out / "results.sqlite") as st:
             st.put_result(name, json_safe(res))
         res["store"] = str(out / "results.sqlite")
@@ -94,9 +94,11 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
 
 # ------------------------------------------------------------------------------------ transfer
 def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
-    from .analysis import analyze, format_table
-    from .store import Store, config_hash
-    from .sweep import expand, run_sweep
+    from ..sweep.transfer import analyze, format_table
+    from ..config import config_hash
+    from ..plots import transfer_figure
+    from ..sweep import expand, run_sweep
+    from ..sweep.store import Store
 
     store = out / "results.sqlite"
     specs = _specs(name, budget)
@@ -110,7 +112,7 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
     b = specs[0]
     sub = f"{b['train_subset'] or 'all'} training samples, {b['epochs']} epoch(s), {len(b['seeds'])} seeds, " \
           f"widths {b['widths']}"
-    fig = _transfer_figure(report, out / f"{name}.png", f"{title}\n({budget} budget: {sub})")
+    fig = transfer_figure(report, out / f"{name}.png", f"{title}\n({budget} budget: {sub})")
     say(format_table(report))
     fams = [{"label": f["label"], "family": f["family"],
              "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
@@ -122,36 +124,11 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
             "report_command": f"mulocal report --store {store}"}
 
 
-def _transfer_figure(report: dict, path: Path, title: str) -> str:
-    from .plots import _panel, _plt
-    plt = _plt()
-    fams = report["families"]
-    fig, axes = plt.subplots(2, len(fams), figsize=(3.6 * len(fams), 6.2), squeeze=False)
-    for j, f in enumerate(fams):
-        best = {e["width"]: e for e in f["best"]}
-        _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
-               "test accuracy", False, False)
-        positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
-        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive)
-        t = f["transfer"]
-        slope = "" if t["slope"] is None else f"\nslope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}"
-        axes[0][j].set_title(f["label"] + slope, fontsize=8)
-        best_acc = [max((p["test_accuracy_mean"] or 0) for p in c["points"]) for c in f["curves"]]
-        if best_acc:  # show the useful range: from 0.25 below the worst width's best accuracy
-            axes[0][j].set_ylim(max(0.0, min(best_acc) - 0.25), min(1.0, max(best_acc) + 0.03))
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
 # ------------------------------------------------------------------------------------ analyses
 def _fig3(budget, out, data_dir, say) -> dict:
-    from .data import load_dataset
-    from .diagnostics.align import cosine_vs_width
-    from .plots import _plt
+    from ..data import load_dataset
+    from ..diagnostics.align import cosine_vs_width
+    from ..plots import fig3_figure
     widths = {"small": [64, 128, 256, 512, 1024, 2048], "paper": [64, 128, 256, 512, 1024, 2048, 4096],
               "tiny": [16, 32]}[budget]
     data = load_dataset("fashion-mnist", data_dir, train_subset=1000, seed=0)
@@ -162,32 +139,7 @@ def _fig3(budget, out, data_dir, say) -> dict:
             say(f"fig3: {act}, gbar_L = {g:g}")
             ws = widths if act == "linear" or budget != "small" else widths[:-1]
             panels[f"{act} gbar_L={g:g}"] = cosine_vs_width(ws, x, y, activation=act, gamma_bar_L=g, seeds=(0, 1, 2))
-    plt = _plt()
-    modes = (("pc-equilibrium", "PC at equilibrium"), ("pc-single-shot", "PC single-shot (no FPA)"), ("gnt", "GNT"))
-    fig, grid = plt.subplots(3, 4, figsize=(15, 8.4), sharex=True)
-    for j, (key, res) in enumerate(panels.items()):
-        for i, (mode, label) in enumerate(modes):
-            ax = grid[i][j]
-            rows, seeds = res["modes"][mode]["cos_bp"], res["modes"][mode]["cos_bp_seeds"]
-            for l in range(len(rows[0])):
-                ax.plot(res["widths"], [r[l] for r in rows], marker="o", ms=3, color=f"C{l}", label=f"layer {l + 1}")
-                ax.fill_between(res["widths"], [min(s[l]) for s in seeds], [max(s[l]) for s in seeds],
-                                color=f"C{l}", alpha=0.2, lw=0)  # min-max over seeds
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{label}: {key}", fontsize=8)
-            ax.grid(alpha=0.3)
-            if i == 2:
-                ax.set_xlabel("width")
-            if j == 0:
-                ax.set_ylabel("cosine with BP")
-    axes = grid[0]
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Fig. 3: per-layer cosine of PC (equilibrium, single-shot) and GNT updates with BP, vs width "
-                 "(mean and min-max band over 3 seeds, batch 32)", fontsize=9)
-    fig.tight_layout()
-    path = out / "fig3.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    path = fig3_figure(panels, out / "fig3.png")
     for key, res in panels.items():
         eq = res["modes"]["pc-equilibrium"]["cos_bp"]
         say(f"  {key}: PC equilibrium cosine at width {res['widths'][0]}: "
@@ -199,10 +151,10 @@ def _fig3(budget, out, data_dir, say) -> dict:
 
 
 def _fig8(budget, out, data_dir, say) -> dict:
-    from .data import load_dataset
-    from .diagnostics.align import alignment_vs_step
-    from .diagnostics.coord import coord_batches
-    from .plots import _plt
+    from ..data import load_dataset
+    from ..diagnostics.align import alignment_vs_step
+    from ..diagnostics.coord import coord_batches
+    from ..plots import fig8_figure
     widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
@@ -213,28 +165,12 @@ def _fig8(budget, out, data_dir, say) -> dict:
                                        lr=0.1, K=4)
         say(f"fig8: seed {seed} done")
     import numpy as np
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
     summary = {}
-    for i, key in enumerate(runs[0]["configs"]):
-        om = np.array([runs[s]["configs"][key]["omega"] for s in runs])
-        m = om.mean(0)
-        xs = range(1, steps + 1)
-        ax.plot(xs, m, color=f"C{i}", label=key)
-        ax.fill_between(xs, om.min(0), om.max(0), color=f"C{i}", alpha=0.2)
+    for key in runs[0]["configs"]:
+        m = np.array([runs[s]["configs"][key]["omega"] for s in runs]).mean(0)
         summary[key] = {"mean_over_steps": float(m.mean()), "per_step_mean": m.tolist()}
         say(f"  {key}: omega_L averaged over steps {m.mean():.3f}")
-    ax.axhline(0.5, color="gray", ls=":", lw=1)
-    ax.axhline(1.0, color="gray", ls=":", lw=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("omega_L (fitted across widths)")
-    ax.set_title(f"Fig. 8: alignment exponent of W_L Delta h_(L-1); widths {widths[0]}..{widths[-1]}, 3 seeds",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "fig8.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    path = fig8_figure(runs, widths, steps, out / "fig8.png")
     return {"figure": str(path), "omega_L": summary, "widths": widths, "steps": steps,
             "summary": {k: round(v["mean_over_steps"], 3) for k, v in summary.items()}}
 
@@ -244,13 +180,13 @@ TABLE1 = [("bp", "sgd", 0.0), ("bp", "adam", 0.0), ("pc", "sgd", -1.0), ("pc", "
 
 
 def _table1(budget, out, data_dir, say) -> dict:
-    from .algos import make_algo
-    from .data import load_dataset
-    from .diagnostics.coord import coord_batches
-    from .diagnostics.derive import derive
-    from .nets import build
-    from .param import preset
-    from .plots import _plt
+    from ..algos import make_algo
+    from ..data import load_dataset
+    from ..diagnostics.coord import coord_batches
+    from ..diagnostics.derive import derive
+    from ..nets import build
+    from ..param import preset
+    from ..plots import table1_figure
     widths = ANALYSIS_WIDTHS[budget]
     data = load_dataset("fashion-mnist", data_dir)
     batches, probe = coord_batches(data, 1, 64, seed=0)
@@ -270,22 +206,7 @@ def _table1(budget, out, data_dir, say) -> dict:
         say(f"table1: {algo:<4}{opt:<5} gbar {g:+g}: fitted b_L {res.b[2]:.2f}, c ({', '.join(f'{v:.2f}' for v in res.c)})"
             f" vs spec c ({', '.join(f'{v:g}' for v in ref.c)}), b_L {ref.b[2]:g}: "
             + ("agrees" if res.agrees else "DISAGREES"))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.axis("off")
-    cells = [[f"{r['algo'].upper()} {r['optimizer']}" + (f" gbar={r['gamma_bar_L']:g}" if r["algo"] == "pc" else ""),
-              f"{r['fitted_b'][2]:.2f}", ", ".join(f"{v:.2f}" for v in r["fitted_c"]), f"{r['spec_b'][2]:g}",
-              ", ".join(f"{v:g}" for v in r["spec_c"]), f"{r['max_deviation']:.2f}"] for r in rows]
-    tab = ax.table(cellText=cells, colLabels=["rule", "fitted b_L", "fitted c", "spec b_L", "spec c", "max dev"],
-                   loc="center")
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(8)
-    ax.set_title(f"Table 1: exponents fitted from SP by the coordinate check (widths {widths[0]}..{widths[-1]})",
-                 fontsize=9)
-    fig.tight_layout()
-    path = out / "table1.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    path = table1_figure(rows, widths, out / "table1.png")
     return {"figure": str(path), "rows": rows, "widths": widths,
             "summary": [f"{r['algo']} {r['optimizer']} gbar {r['gamma_bar_L']:g}: b_L {r['fitted_b'][2]:.2f}, c "
                         + ", ".join(f"{v:.2f}" for v in r["fitted_c"]) + (" agrees" if r["agrees"] else " DISAGREES")

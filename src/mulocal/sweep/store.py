@@ -18,7 +18,6 @@ timestamps, the host and the library version. ``export_csv`` writes it all out.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import MulocalError
+from ..config import canonical_json, config_hash, family_of, group_of  # noqa: F401 (re-exported)
+from ..errors import MulocalError
 
 FORMAT = "mulocal-sweep-store"
 SCHEMA_VERSION = 1
@@ -73,26 +73,6 @@ COLUMNS = ("hash", "group_hash", "family_hash", "config", "width", "lr", "seed",
 
 class StoreError(MulocalError):
     """The store file is missing, corrupt, foreign, or from a newer mulocal."""
-
-
-# ------------------------------------------------------------------------------------ hashing
-def canonical_json(obj) -> str:
-    """Key-sorted, compact JSON: the same configuration always gives the same text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def config_hash(obj) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def group_of(cell: dict) -> dict:
-    """The group configuration of a cell: everything but ``lr`` and ``seed``."""
-    return {k: v for k, v in cell.items() if k not in ("lr", "seed")}
-
-
-def family_of(cell: dict) -> dict:
-    """The family of a cell: everything but ``lr``, ``seed`` and ``width`` (one transfer curve set)."""
-    return {k: v for k, v in cell.items() if k not in ("lr", "seed", "width")}
 
 
 def _finite_or_none(v):
@@ -177,7 +157,7 @@ class Store:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         if not exists:
-            from . import __version__
+            from .. import __version__
             with self._tx():
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
@@ -294,7 +274,7 @@ class Store:
                host: str | None = None) -> None:
         """Record finished cells in one transaction. Each result: ``hash``, ``status`` (done / diverged),
         ``train_loss``, ``test_loss``, ``test_accuracy``, ``history``."""
-        from . import __version__
+        from .. import __version__
         now = time.time()
         rows = []
         for r in results:
@@ -314,7 +294,7 @@ class Store:
         self._run(go)
 
     def fail(self, hashes: Iterable[str], error: str) -> None:
-        from . import __version__
+        from .. import __version__
         now = time.time()
         rows = [(str(error)[:2000], __version__, now, h) for h in hashes]
 

@@ -1,0 +1,69 @@
+"""Command line: ``mulocal train | coord | derive | describe | analyze | data | sweep | report | plot |
+reproduce | demo`` (also ``python -m mulocal``).
+
+Every command that produces numbers accepts ``--json`` and then prints exactly one JSON object on stdout
+(progress goes to stderr). Bad input exits with status 2 and one line on stderr. The flags that describe a
+run are generated from ``config.FIELDS`` and the learning rules' declared options (``flags.py``); the
+commands build their runs with ``config.assemble``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import MulocalError
+from ..util import json_safe
+from . import commands, sweeps
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + message
+        self.exit(2, f"mulocal: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    p = _Parser(prog="mulocal", description="Width-stable local learning: muP for PC and TP, muTransfer.")
+    p.add_argument("--version", action="version", version=f"mulocal {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    commands.register(sub)
+    sweeps.register(sub)
+    return p
+
+
+POSITIVE = ("width", "steps", "epochs", "batch_size", "replicas", "depth", "base_width", "rounds")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    for key in POSITIVE:
+        v = getattr(args, key, None)
+        if v is not None and not isinstance(v, list) and v <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {v}")
+    for w in getattr(args, "widths", None) or []:
+        if w <= 0:
+            parser.error(f"--widths must be positive, got {w}")
+    return dispatch(args)
+
+
+def dispatch(args) -> int:
+    """Run a parsed command: one error line and status 2 for bad input, one JSON object with --json."""
+    try:
+        out = args.func(args)
+    except MulocalError as err:
+        print(f"mulocal: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mulocal: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(json_safe(out)))
+    return 0
+
+
+__all__ = ["build_parser", "dispatch", "main"]

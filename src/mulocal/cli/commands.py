@@ -1,0 +1,259 @@
+"""Single-run commands: ``train``, ``coord``, ``derive``, ``describe``, ``analyze``, ``data``.
+
+Each builds its run with ``config.assemble`` from a cell made of the generated flags (``flags.py``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..config import DEFAULT_LR, assemble, param_of
+from ..errors import MulocalError
+from ..param import BASE_WIDTH
+from .flags import add_algo_options, add_fields, cell_from_args, floats, ints
+
+NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
+
+
+def _run_kw(args) -> dict:
+    return dict(device=args.device, data_dir=args.data_dir, download=not args.no_download)
+
+
+def _default_lr(args, cell) -> float:
+    return args.lr if args.lr is not None else DEFAULT_LR.get(cell["optimizer"], 0.1)
+
+
+# ---------------------------------------------------------------------------- train
+def cmd_train(args) -> dict:
+    cell = cell_from_args(args, width=args.width)
+    lrs = args.lr or [DEFAULT_LR.get(cell["optimizer"], 0.1)]
+    seeds = args.seeds
+    K = max(len(lrs), len(seeds))
+    if len(lrs) not in (1, K) or len(seeds) not in (1, K):
+        raise MulocalError(f"--lr has {len(lrs)} values and --seeds {len(seeds)}: give one, or the same number")
+    lrs, seeds = (lrs * K)[:K] if len(lrs) == 1 else lrs, (seeds * K)[:K] if len(seeds) == 1 else seeds
+    run = assemble(cell, lrs, seeds, val_fraction=args.val_fraction, progress=not args.no_progress,
+                   metrics_path=args.metrics, checkpoint_path=args.checkpoint, resume=args.resume, **_run_kw(args))
+
+    def report(epoch, rows):
+        if not args.json:
+            for r in rows:
+                acc = "diverged" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+                print(f"epoch {epoch} replica {r['replica']} lr {r['lr']:g} seed {r['seed']}: "
+                      f"train loss {r['train_loss']:.4f}  test acc {acc}", file=sys.stderr)
+
+    res = run.trainer().run(on_epoch=report)
+    reps = [{k: v for k, v in r.items() if k != "history"} for r in res["replicas"]]
+    out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "width": args.width,
+           "dataset": cell["dataset"], "epochs": res["epochs"], "replicas": reps}
+    if K == 1:
+        out.update(test_accuracy=reps[0]["test_accuracy"], test_loss=reps[0]["test_loss"], status=reps[0]["status"])
+    else:
+        out.update(test_accuracy=[r["test_accuracy"] for r in reps], status=[r["status"] for r in reps])
+    if not args.json:
+        for r in reps:
+            acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+            print(f"replica {r['replica']} (lr {r['lr']:g}, seed {r['seed']}): {r['status']}, test accuracy {acc}")
+    return out
+
+
+# ---------------------------------------------------------------------------- coord / derive
+def _check_run(args):
+    """The cell, learning rate and assembled run of a coordinate check (no net yet: one per width)."""
+    cell = cell_from_args(args)
+    lr = _default_lr(args, cell)
+    run = assemble(cell, [lr] * args.replicas, range(args.seed, args.seed + args.replicas), **_run_kw(args))
+    return cell, lr, run
+
+
+def cmd_coord(args) -> dict:
+    from ..diagnostics.coord import coord_batches, coord_check
+
+    cell, lr, run = _check_run(args)
+    batches, probe = coord_batches(run.data, args.steps, args.batch_size, seed=args.seed)
+    res = coord_check(run.build_net, run.algo, args.widths, batches, probe, lr, cell["optimizer"], cell["momentum"])
+    out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "lr": lr, **res.to_dict()}
+    if args.plot:
+        out["plot"] = res.plot(args.plot, f"{cell['algo']} {run.param.name} lr={lr:g}")
+    if not args.json:
+        print(res.table())
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return out
+
+
+def cmd_derive(args) -> dict:
+    from ..diagnostics.coord import coord_batches
+    from ..diagnostics.derive import derive
+
+    cell, lr, run = _check_run(args)
+    start = param_of({**cell, "param": args.start})
+    batches, probe = coord_batches(run.data, args.steps, args.batch_size, seed=args.seed)
+
+    def make(param, width):  # the fitter uses bias-free networks (a bias has its own exponent)
+        return run.build_net(width, param=param, bias=False)
+    res = derive(make, run.algo, start, args.widths, batches, probe, lr, cell["optimizer"], rounds=args.rounds,
+                 reference=run.param)
+    out = {"algo": cell["algo"], "optimizer": cell["optimizer"], "gamma_bar_L": cell["gamma_bar_L"], "lr": lr,
+           "widths": args.widths, **res.to_dict()}
+    if args.plot:
+        out["plot"] = res.plot(args.plot, f"derive {cell['algo']} {cell['optimizer']} gbar_L={cell['gamma_bar_L']:g}")
+    if not args.json:
+        print(res.table())
+    return out
+
+
+# ---------------------------------------------------------------------------- analyze / describe / data
+def cmd_analyze(args) -> dict:
+    from ..diagnostics import align
+    from ..plots import plot_lines
+    widths = args.widths
+    if args.what == "linear":
+        gbars = args.gamma_bars or [-1.0, 0.0, 1.0]
+        res = align.preconditioner_vs_width(widths, gbars, base_width=args.base_width)
+        if args.plot:
+            res["plot"] = plot_lines(args.plot, widths, {f"gbar_L = {g}": v for g, v in res["norms"].items()},
+                                           "width", "||C|| (spectral norm)", "deep-linear PC preconditioner",
+                                           logy=True)
+        if not args.json:
+            for g, v in res["norms"].items():
+                print(f"gbar_L = {g:>5}: " + "  ".join(f"{w}: {n:.4g}" for w, n in zip(widths, v)))
+        return res
+    from ..data import load_dataset
+    from ..diagnostics.coord import coord_batches
+    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    if args.what == "cosine":
+        x = data.x_train[:args.batch_size].double().flatten(1)
+        y = data.y_train[:args.batch_size]
+        res = align.cosine_vs_width(widths, x, y, activation=args.activation, gamma_bar_L=args.gamma_bar_L,
+                                    base_width=args.base_width, seeds=tuple(range(args.replicas)))
+        if args.plot:
+            series = {f"{m} layer {l + 1}": [row[l] for row in v["cos_bp"]]
+                      for m, v in res["modes"].items() for l in range(len(v["cos_bp"][0]))}
+            res["plot"] = plot_lines(args.plot, widths, series, "width", "cosine with BP",
+                                           f"{args.activation}, gbar_L = {args.gamma_bar_L:g}")
+        if not args.json:
+            for m, v in res["modes"].items():
+                print(f"{m}: cosine with BP per layer")
+                for w, row in zip(widths, v["cos_bp"]):
+                    print(f"  width {w:>5}: " + "  ".join(f"{c:.4f}" for c in row))
+        return res
+    batches, probe = coord_batches(data, args.steps, 64)
+    configs = [(a, "mup") for a in args.algos.split(",")]
+    res = align.alignment_vs_step(configs, widths, batches, probe, lr=args.lr, K=args.replicas)
+    if args.plot:
+        res["plot"] = plot_lines(args.plot, list(range(1, args.steps + 1)),
+                                       {k: v["omega"] for k, v in res["configs"].items()}, "step",
+                                       "omega_L", "alignment exponent of W_L Delta h_{L-1}", logx=False)
+    if not args.json:
+        for k, v in res["configs"].items():
+            print(f"{k:<24} omega_L per step: " + " ".join(f"{o:.2f}" for o in v["omega"]))
+    return res
+
+
+def cmd_describe(args) -> dict:
+    p = param_of(cell_from_args(args))
+    if not args.json:
+        print(p.describe(args.width, args.depth or 3, lr=args.lr))
+    return {"parameterization": p.to_dict(), "width": args.width}
+
+
+def cmd_data(args) -> dict:
+    from .. import data as D
+    if args.action == "fetch":
+        path = D.fetch(args.name, args.data_dir)
+        out = {"name": args.name, "dir": str(path), "ok": True}
+    else:
+        out = D.check(args.name, args.data_dir)
+    if not args.json:
+        print(json.dumps(out, indent=1))
+    return out
+
+
+# ---------------------------------------------------------------------------- parsers
+def _run_flags(p) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train one model (or K replicas) and evaluate it")
+    t.add_argument("--width", type=int, default=256, help="width of the hidden layers (CNN: channels) (default 256)")
+    t.add_argument("--lr", type=floats, default=None,
+                   help="base learning rate(s), comma-separated: one replica each (default: 0.1 SGD, 1e-3 Adam)")
+    t.add_argument("--seeds", type=ints, default=[0], help="seed(s), comma-separated: one replica each")
+    t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the training set")
+    t.add_argument("--metrics", default=None, help="append per-epoch metrics as JSON lines to this file")
+    t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
+    t.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_flags(t)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    add_fields(t)
+    add_algo_options(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("coord", help="coordinate check: per-layer update sizes vs width, fitted slopes")
+    c.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths compared (default 64..1024)")
+    c.add_argument("--steps", type=int, default=3, help="training steps measured")
+    c.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--plot", default=None, help="write a PNG here")
+    _run_flags(c)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    add_fields(c, skip=NOT_FOR_CHECKS)
+    add_algo_options(c)
+    c.set_defaults(func=cmd_coord)
+
+    dv = sub.add_parser("derive", help="fit the width exponents (b_L, c) that make every update Theta(1)")
+    dv.add_argument("--start", default="sp", help="parameterization the fit starts from (default sp)")
+    dv.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths fitted (default 64..1024)")
+    dv.add_argument("--steps", type=int, default=1, help="training steps measured (the fit reads the first)")
+    dv.add_argument("--rounds", type=int, default=5)
+    dv.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
+    dv.add_argument("--batch-size", type=int, default=64)
+    dv.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
+    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--plot", default=None, help="write a PNG here")
+    _run_flags(dv)
+    dv.add_argument("--json", action="store_true", help="print one JSON object")
+    add_fields(dv, skip=NOT_FOR_CHECKS)
+    add_algo_options(dv)
+    dv.set_defaults(func=cmd_derive)
+
+    an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||")
+    an.add_argument("what", choices=["cosine", "alignment", "linear"])
+    an.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024, 2048])
+    an.add_argument("--activation", default="linear", help="cosine: linear or tanh")
+    an.add_argument("--gamma-bar-L", type=float, default=0.0, help="cosine: PC's output energy exponent")
+    an.add_argument("--gamma-bars", type=floats, default=None, help="linear: gbar_L values (default -1,0,1)")
+    an.add_argument("--algos", default="bp,tp,dtp", help="alignment: learning rules (each under its muP)")
+    an.add_argument("--steps", type=int, default=10, help="alignment: training steps")
+    an.add_argument("--lr", type=float, default=0.1)
+    an.add_argument("--batch-size", type=int, default=32, help="cosine: batch size")
+    an.add_argument("--replicas", type=int, default=3)
+    an.add_argument("--base-width", type=int, default=BASE_WIDTH)
+    an.add_argument("--dataset", default="fashion-mnist")
+    an.add_argument("--data-dir", default=None)
+    an.add_argument("--no-download", action="store_true")
+    an.add_argument("--plot", default=None)
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
+    d = sub.add_parser("describe", help="print what a preset resolves to at a width")
+    d.add_argument("--width", type=int, default=256)
+    d.add_argument("--lr", type=float, default=1.0, help="base learning rate the table multiplies")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    add_fields(d, only=("algo", "param", "optimizer", "gamma_bar_L", "base_width", "depth"), run_flags=False)
+    d.set_defaults(func=cmd_describe)
+
+    dd = sub.add_parser("data", help="fetch or check a dataset")
+    dd.add_argument("action", choices=["fetch", "check"])
+    dd.add_argument("name", help="fashion-mnist, mnist or cifar10")
+    dd.add_argument("--data-dir", default=None)
+    dd.add_argument("--json", action="store_true")
+    dd.set_defaults(func=cmd_data)
+
+
+__all__ = ["register", "cmd_train", "cmd_coord", "cmd_derive", "cmd_analyze", "cmd_describe", "cmd_data"]

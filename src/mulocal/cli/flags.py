@@ -1,0 +1,175 @@
+"""Command-line flags generated from one description: the run fields (``config.FIELDS``) and the options
+each learning rule declares (``algos.options_of``). A new field or rule option gets its flag, its help and
+its check here without being written again.
+
+Single-run commands (train, coord, derive) take one value per flag; ``sweep`` takes comma-separated
+lists (every value is an axis of the sweep).
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..algos import ALGOS
+from ..config import FIELDS, GROUPS, coerce, default_cell
+from ..errors import ConfigError, MulocalError
+
+# flags that describe how to run, not what: not fields of a cell
+RUN_FLAGS = ("device", "data_dir", "no_download")
+
+
+def _typed(key: str, kind: str):
+    """argparse type for one value of a field (the field's own check, as a one-line argparse error)."""
+    def parse(text: str):
+        try:
+            return coerce(key, text, kind, what="the value")
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = kind
+    return parse
+
+
+def list_of(kind: str, key: str = "value"):
+    """argparse type for comma-separated values of a field kind."""
+    def parse(text: str):
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        try:
+            return [coerce(key, p, kind, what="each value") for p in parts]
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = f"list of {kind}"
+    return parse
+
+
+def floats(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _help(text: str, default) -> str:
+    return text if default is None or "default" in text else f"{text} (default {default})"
+
+
+# ---------------------------------------------------------------------------------------- fields
+def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, lists: bool = False,
+               run_flags: bool = True):
+    """One flag per field of ``groups`` (or the fields named in ``only``), in argument groups titled like the
+    fields' groups; ``run_flags`` adds --data-dir and --no-download next to --dataset.
+
+    ``lists``: comma-separated values, stored as ``ax_<field>`` (the sweep's axes); otherwise one value,
+    stored under the field's name with default None (unset: the field's default)."""
+    titles = {}
+    for f in FIELDS.values():
+        if (f.group not in groups if only is None else f.name not in only) or f.name in skip:
+            continue
+        if f.group not in titles:
+            titles[f.group] = p.add_argument_group(f.group)
+        g = titles[f.group]
+        if f.kind == "bool":  # --no-bias
+            g.add_argument("--no-" + f.name.replace("_", "-"), dest=("ax_" if lists else "") + f.name,
+                           action="store_const", const=[False] if lists else False, default=None,
+                           help=f.off or f"not: {f.help}")
+        elif lists:
+            g.add_argument(f.flag, dest="ax_" + f.name, type=list_of(f.kind, f.name), default=None,
+                           metavar="V[,V...]", help=_help(f.help, f.default))
+        else:
+            g.add_argument(f.flag, type=_typed(f.name, f.kind), default=None, metavar=f.name.upper(),
+                           help=_help(f.help, f.default))
+        if f.name == "gamma_bar_L" and not lists:
+            g.add_argument("--gamma-L-prime", type=float, default=None, help="gamma'_L (default 1)")
+        if f.name == "dataset" and run_flags:
+            g.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+            g.add_argument("--no-download", action="store_true", help="never try to download the data")
+
+
+def cell_from_args(args, **extra) -> dict:
+    """The cell a single-run command describes: fields from their flags (unset: default), the chosen rule's
+    options from theirs, and ``extra`` (e.g. width)."""
+    values = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    cell = default_cell(**values, **extra)
+    cell["algo_options"] = algo_options_from_args(args, cell["algo"])
+    if getattr(args, "gamma_L_prime", None) is not None:
+        cell["param_options"] = {"gamma_L_prime": args.gamma_L_prime}
+    return cell
+
+
+# ---------------------------------------------------------------------------------------- rule options
+def _declared() -> dict[str, tuple]:
+    """flag dest -> (option, rules that declare it), in the order rules declare them."""
+    out: dict[str, tuple] = {}
+    for name, cls in ALGOS.items():
+        for o in cls.OPTIONS:
+            opt, rules = out.get(o.dest, (o, ()))
+            out[o.dest] = (opt, rules + (name,))
+    return out
+
+
+def _option_type(o, lists: bool):
+    if lists:
+        return list_of({"int": "int", "float": "float", "floats": "float", "str": "str"}[o.kind], o.name)
+    if o.kind == "floats":
+        from ..algos.options import parse_floats
+        return parse_floats
+    return {"int": int, "float": float, "str": str}[o.kind]
+
+
+def add_algo_options(p: argparse.ArgumentParser, lists: bool = False) -> None:
+    """One flag per declared option of every learning rule, grouped by the rules that take it."""
+    groups: dict[tuple, argparse._ArgumentGroup] = {}
+    for dest, (o, rules) in _declared().items():
+        if rules not in groups:
+            family = ALGOS[rules[0]].family
+            groups[rules] = p.add_argument_group(f"{family} (--algo {', '.join(rules)})")
+        g = groups[rules]
+        text = o.help
+        if o.kind == "bool":
+            g.add_argument(o.cli, dest=dest, action="store_const", const=[True] if lists else True, default=None,
+                           help=text)
+        else:
+            g.add_argument(o.cli, dest=dest, type=_option_type(o, lists), default=None,
+                           metavar="V[,V...]" if lists else dest.upper(), help=_help(text, o.default))
+
+
+def algo_options_from_args(args, algo: str) -> dict:
+    """Options of ``algo`` from their flags; a flag of another rule is an error naming the rules that take it."""
+    opts = {}
+    for dest, (o, rules) in _declared().items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if algo not in rules:
+            raise MulocalError(f"{o.cli} applies to --algo {'/'.join(rules)} only")
+        opts[o.name] = value
+    return opts
+
+
+def scoped_algo_options(args, algos) -> dict:
+    """Sweep: rule options from their (list) flags, scoped to the swept rules that declare them."""
+    out: dict = {}
+    for dest, (o, rules) in _declared().items():
+        values = getattr(args, dest, None)
+        if values is None:
+            continue
+        takers = [a for a in algos if a in rules]
+        if not takers:
+            raise MulocalError(f"{o.cli} applies to --algo {'/'.join(rules)} only")
+        for a in takers:
+            out.setdefault(a, {})[o.name] = values
+    return out
+
+
+__all__ = ["RUN_FLAGS", "add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
+           "ints", "list_of", "scoped_algo_options"]

@@ -1,0 +1,257 @@
+"""Sweep commands: ``sweep``, ``report``, ``plot``, and the experiments built on sweeps: ``reproduce``, ``demo``.
+
+The sweep's axes are the run fields (``config.FIELDS``) and the learning rules' options, generated as
+comma-separated list flags (``flags.py``): ``mulocal sweep --algo bp,pc --T 1,4 --widths 64,128 --lrs ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..config import FIELDS, config_hash
+from ..errors import ConfigError
+from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
+from ..sweep.spec import ALIASES
+from .flags import add_algo_options, add_fields, list_of, scoped_algo_options
+
+
+def _log2_range(text: str) -> list[float]:
+    """'A:B[:S]' -> 2^A, 2^(A+S), ..., 2^B (exponents may be fractional)."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+        a, b = parts[0], parts[1]
+        step = parts[2] if len(parts) == 3 else 1.0
+        if step <= 0 or b < a:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP[:STEP] log2 exponents with START <= STOP, got {text!r}"
+                                         ) from None
+    n = int(math.floor((b - a) / step + 1e-9)) + 1
+    return [2.0 ** (a + i * step) for i in range(n)]
+
+
+def _parse_value(text: str):
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def _option(text: str) -> tuple[str | None, str, list]:
+    """'[algo.]KEY=V1[,V2...]' -> (scope, key, values)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,VALUE...], got {text!r}")
+    key, _, vals = text.partition("=")
+    scope, _, key = key.strip().rpartition(".")
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,VALUE...], got {text!r}")
+    values = [_parse_value(v) for v in vals.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"option {key} has no value")
+    return (scope or None), key, values
+
+
+
+
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", default=None, help="a TOML file with a [sweep] table (and optionally a [run] table)")
+    p.add_argument("--store", default=None, help="the SQLite store to add the cells to and resume from")
+    a = p.add_argument_group("axes (comma-separated values are swept; they override the spec file)")
+    a.add_argument("--widths", dest="ax_widths", type=list_of("int"), default=None, metavar="W[,W...]",
+                   help="widths, e.g. 64,128,256")
+    a.add_argument("--lrs", dest="ax_lrs", type=list_of("lr"), default=None, metavar="LR[,LR...]",
+                   help="base learning rates")
+    a.add_argument("--log2-lrs", dest="log2_lrs", type=_log2_range, default=None, metavar="START:STOP[:STEP]",
+                   help="learning rates 2^START..2^STOP, e.g. --log2-lrs=-6:2 or --log2-lrs=-6:2:0.5 (write the '=' "
+                        "when START is negative); instead of --lrs")
+    a.add_argument("--seeds", dest="ax_seeds", type=list_of("int0"), default=None, metavar="S[,S...]",
+                   help="seeds (default 0)")
+    a.add_argument("--algo-opt", dest="algo_opt", type=_option, action="append", default=[],
+                   metavar="[ALGO.]KEY=V[,V...]", help="an option of the learning rule, e.g. pc.T=1,4 (repeatable)")
+    a.add_argument("--param-opt", dest="param_opt", type=_option, action="append", default=[],
+                   metavar="KEY=V[,V...]", help="a parameterization field override, e.g. gamma_L_prime=1,2")
+    add_fields(p, lists=True, run_flags=False)
+    add_algo_options(p, lists=True)
+    r = p.add_argument_group("running")
+    r.add_argument("--executor", default=None, choices=EXECUTORS, help="local process pool (default) or ray")
+    r.add_argument("--workers", type=int, default=None,
+                   help="parallel tasks (default: one per core; 0 = run in this process)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads per task (default: cores // workers; with --workers 0: unchanged)")
+    r.add_argument("--ray-address", default=None, help="address of a running Ray cluster (default: start one here)")
+    r.add_argument("--max-replicas", type=int, default=None, help="most cells trained as one batched model (64)")
+    r.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="memory per task used to size the replica chunks (default: RAM / (2 workers), <= 4 GiB)")
+    r.add_argument("--device", default=None, help="cpu (default) or cuda")
+    r.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    r.add_argument("--no-download", action="store_true", help="never try to download data")
+    r.add_argument("--reset-running", action="store_true",
+                   help="also take over cells marked running by another (crashed) sweep process")
+    r.add_argument("--dry-run", action="store_true", help="only add the cells and show the plan")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+
+
+def spec_from_args(args) -> tuple[dict, dict]:
+    """The sweep spec and run options from parsed ``mulocal sweep`` arguments (file first, flags override)."""
+    spec, run = ({}, {}) if not args.spec else load_spec_file(args.spec)
+    spec = {ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in spec.items()}
+    for key in list(LISTS) + list(FIELDS):
+        v = getattr(args, "ax_" + key, None)
+        if v is not None:
+            spec[key] = v
+    if args.log2_lrs is not None:
+        if args.ax_lrs is not None:
+            raise ConfigError("give --lrs or --log2-lrs, not both")
+        spec["lrs"] = args.log2_lrs
+    declared = scoped_algo_options(args, spec.get("algo") if isinstance(spec.get("algo"), list) else
+                                   [spec.get("algo", FIELDS["algo"].default)])
+    if declared:
+        opts = dict(spec.get("algo_options") or {})
+        for scope, values in declared.items():
+            opts[scope] = {**(opts.get(scope) or {}), **values}
+        spec["algo_options"] = opts
+    for key, given in (("algo_options", args.algo_opt), ("param_options", args.param_opt)):
+        if not given:
+            continue
+        opts = dict(spec.get(key) or {})
+        for scope, k, values in given:
+            if scope is None:
+                opts[k] = values
+            elif key == "param_options":
+                raise ConfigError(f"--param-opt takes KEY=VALUE, got a scope '{scope}.'")
+            else:
+                sub = dict(opts.get(scope) or {})
+                sub[k] = values
+                opts[scope] = sub
+        spec[key] = opts
+    for key in RUN_KEYS:
+        v = getattr(args, key, None)
+        if v is not None:
+            run[key] = v
+    return spec, run
+
+
+def cmd_sweep(args) -> dict:
+    spec, run = spec_from_args(args)
+    store = run.get("store")
+    if not store:
+        raise ConfigError("give the store: --store PATH (a SQLite file; created if missing)")
+    run = {k: v for k, v in run.items() if k != "store"}
+    summary = run_sweep(spec, store, download=not args.no_download, progress=not args.no_progress,
+                        reset_running=args.reset_running, dry_run=args.dry_run, **run)
+    if not args.json:
+        print(format_summary(summary))
+        if summary.get("complete"):
+            from ..sweep.transfer import analyze, format_table
+            with Store(store, create=False) as st:
+                rep = analyze(st.rows(hashes=[config_hash(c) for c in expand(spec)]))
+            if rep["families"]:
+                print()
+                print(format_table(rep))
+    return summary
+
+
+def _report_from_args(args):
+    from ..sweep.transfer import analyze
+    with Store(args.store, create=False) as st:
+        rep = analyze(st.rows(), metric=args.metric)
+        results = st.results()
+        if results:
+            rep["results"] = results
+        if getattr(args, "csv", None):
+            rep["csv"] = str(args.csv)
+            rep["csv_rows"] = st.export_csv(args.csv)
+    rep["store"] = str(args.store)
+    return rep
+
+
+def cmd_report(args) -> dict:
+    from ..sweep.transfer import format_table
+    rep = _report_from_args(args)
+    if not args.json:
+        if rep["families"] or not rep.get("results"):
+            print(format_table(rep))
+        for name, res in rep.get("results", {}).items():
+            print(f"{name}: " + json.dumps(res.get("summary", res), indent=1))
+        if rep.get("csv"):
+            print(f"csv: {rep['csv']} ({rep['csv_rows']} rows)")
+    return rep
+
+
+def cmd_plot(args) -> dict:
+    from ..plots import plot_report
+    rep = _report_from_args(args)
+    out = args.out or str(Path(args.store).with_suffix("")) + "_plots"
+    paths = plot_report(rep, out)
+    if not args.json:
+        for p in paths:
+            print(p)
+    return {"store": str(args.store), "out": str(out), "plots": paths, "metric": rep["metric"]}
+
+
+
+def register(subparsers) -> None:
+    """Add ``sweep``, ``report`` and ``plot`` to an argparse subparsers object."""
+    from ..sweep.transfer import METRICS
+    s = subparsers.add_parser("sweep", help="run a grid of widths x learning rates x seeds x ... into a store",
+                              description="Run every cell of a sweep not yet finished in the store. Learning rates "
+                                          "and seeds of one configuration train as replicas of one batched model.")
+    _add_sweep_args(s)
+    s.set_defaults(func=cmd_sweep)
+    r = subparsers.add_parser("report", help="best LR per width, transfer slope and penalty from a sweep store")
+    r.add_argument("--store", required=True, help="the sweep's SQLite store")
+    r.add_argument("--metric", default="train_loss", choices=METRICS,
+                   help="what picks the best LR (default train_loss, averaged over seeds)")
+    r.add_argument("--csv", default=None, help="also export every cell to this CSV file")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
+    p = subparsers.add_parser("plot", help="write loss / accuracy vs learning rate plots of a sweep store")
+    p.add_argument("--store", required=True, help="the sweep's SQLite store")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: next to the store)")
+    p.add_argument("--metric", default="train_loss", choices=METRICS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plot)
+    m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "
+                                                "fig8, cnn, table1")
+    m.add_argument("name")
+    m.add_argument("--budget", default="small", help="small (about 20 min on 2 CPU cores) or paper (GPU)")
+    m.add_argument("--out", default="runs/reproduce")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--data-dir", default=None)
+    m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_reproduce)
+    d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
+    d.add_argument("--out", default="runs/demo", help="folder for the plot and results")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster version")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_reproduce(args) -> dict:
+    from ..experiments.reproduce import run
+    return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json)
+
+
+def cmd_demo(args) -> dict:
+    from ..experiments.demo import run_demo
+    return run_demo(out_dir=args.out, quick=args.quick, data_dir=args.data_dir, json_mode=args.json)
+
+
+__all__ = ["register", "spec_from_args", "cmd_sweep", "cmd_report", "cmd_plot", "cmd_reproduce", "cmd_demo"]

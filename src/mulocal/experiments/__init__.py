@@ -1,0 +1,1 @@
+"""Experiments built on the library: the paper's figures (``reproduce``) and the muTransfer demo (``demo``)."""
