@@ -116,3 +116,31 @@ def test_cnn_target_propagation_learns(fmnist, algo, feedback):
     res = Trainer(net, make_algo(algo, feedback=feedback), d,
                   TrainConfig(epochs=1, lr=0.1, batch_size=32, progress=False)).run()
     assert res["replicas"][0]["test_accuracy"] > 0.55
+
+
+def test_a_finite_but_exploding_loss_is_diverged_with_its_step(synth):
+    """LR 1e6 with tanh gives a huge but finite loss: diverged (loss > 10 x its first-step loss), with the step."""
+    net = build("mlp", synth.input_shape, 10, 64, preset("sp"), K=2, seeds=[0, 1])
+    tr = Trainer(net, make_algo("bp"), synth, TrainConfig(epochs=1, lr=[0.05, 1e6], batch_size=64, progress=False))
+    res = tr.run()
+    assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
+    event = [h for h in res["replicas"][1]["history"] if h.get("event") == "diverged"]
+    assert len(event) == 1 and 0 <= event[0]["step"] < 16
+    # the bound is configurable: off, the same replica is only "done" with a loss far above its start
+    net = build("mlp", synth.input_shape, 10, 64, preset("sp"), K=2, seeds=[0, 1])
+    res = Trainer(net, make_algo("bp"), synth, TrainConfig(epochs=1, lr=[0.05, 1e6], batch_size=64, progress=False,
+                                                           diverge_factor=None)).run()
+    assert res["replicas"][1]["status"] == "done" and res["replicas"][1]["train_loss"] > 100
+
+
+def test_optimizer_comes_from_the_parameterization(synth):
+    """preset("mup", "adam") trains with Adam at Adam's default LR; naming SGD for it is an error."""
+    from mulocal.errors import ConfigError
+    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "adam", base_width=16), seeds=[0])
+    tr = Trainer(net, make_algo("bp"), synth, TrainConfig(epochs=1, batch_size=64, progress=False))
+    assert tr.opt.kind == "adam" and tr.lrs.tolist() == [DEFAULT_LR["adam"]] == [1e-3]
+    with pytest.raises(ConfigError, match="exponents for adam"):
+        Trainer(net, make_algo("bp"), synth, TrainConfig(optimizer="sgd", progress=False))
+    sp = build("mlp", synth.input_shape, 10, 32, preset("sp"), seeds=[0])
+    assert Trainer(sp, make_algo("bp"), synth, TrainConfig(progress=False)).opt.kind == "sgd"
+    assert Trainer(sp, make_algo("bp"), synth, TrainConfig(progress=False)).lrs.tolist() == [0.1]

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 from .algos import check_algo, defaults_of, make_algo
 from .errors import ConfigError
+from .optim import DEFAULT_LR  # noqa: F401 (the command line reads it here)
 from .param import BASE_WIDTH, preset
 
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 DTYPES = ("float32", "float64")
 GROUPS = ("learning rule", "parameterization", "model", "data", "training")
 
@@ -73,6 +73,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("max_steps", "int?", None, "stop each epoch after this many steps", "training"),
     Field("momentum", "float", 0.0, "SGD momentum", "training"),
     Field("weight_decay", "float", 0.0, "weight decay", "training"),
+    Field("diverge_factor", "float", 10.0, "a replica diverges when its loss exceeds this times its first-step "
+          "loss, or is not finite (0: only non-finite)", "training", implicit=True),
 )}
 OPTION_KEYS = ("algo_options", "param_options")
 
@@ -190,6 +192,7 @@ def resolved_param(cell: dict) -> dict:
     """What the cell's preset resolves to (recorded in the cell: a preset that changes meaning changes the hash)."""
     d = param_of(cell).to_dict()
     d.pop("note", None)
+    d.pop("optimizer", None)  # the cell's own field; recorded here it would change every stored hash
     return jsonable(d)
 
 
@@ -310,6 +313,7 @@ def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: 
         data = load_data(cell, data_dir, download, val_fraction)
     train = TrainConfig(epochs=cell["epochs"], batch_size=cell["batch_size"], lr=lrs, optimizer=cell["optimizer"],
                         momentum=cell["momentum"], weight_decay=cell["weight_decay"], max_steps=cell["max_steps"],
+                        diverge_factor=cell["diverge_factor"] or None,
                         eval_batch_size=eval_batch_size, progress=progress, metrics_path=metrics_path,
                         checkpoint_path=checkpoint_path, resume=resume)
     run = Run(cell, data, param, algo, None, train, seeds, device)

@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .nets import Net
 
 OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}  # the base learning rate when none is given
 
 
 def replica_lrs(lr, K: int) -> torch.Tensor:
@@ -112,4 +113,4 @@ def lr_table(net: Net, lr: float) -> list[dict]:
     return out
 
 
-__all__ = ["LayerwiseOptimizer", "replica_lrs", "lr_table", "OPTIMIZERS"]
+__all__ = ["DEFAULT_LR", "LayerwiseOptimizer", "replica_lrs", "lr_table", "OPTIMIZERS"]

@@ -39,6 +39,7 @@ from typing import Sequence
 
 from .errors import ConfigError
 
+OPTIMIZERS = ("sgd", "adam")
 ROLES = ("input", "hidden", "output")
 BASE_WIDTH = 64  # the default base width M_0: every preset equals SP at this width
 B_SP = (0.0, 0.5, 0.5)
@@ -63,7 +64,8 @@ class Parameterization:
     ``gamma_bar_L`` / ``gamma_L_prime`` weight the output energy of predictive coding
     (gamma_L = gamma'_L m^{-gbar_L}); ``feedback_b`` / ``feedback_c`` are the init and
     learning-rate exponents of target propagation's feedback weights (roles as above, read
-    in the feedback direction). ``sigma`` multiplies every init std.
+    in the feedback direction). ``sigma`` multiplies every init std. ``optimizer`` names the optimizer the
+    learning-rate exponents are for (muP's c differ for SGD and Adam); training with another is an error.
     """
 
     name: str = "custom"
@@ -77,6 +79,7 @@ class Parameterization:
     gamma_L_prime: float = 1.0
     feedback_b: tuple[float, float, float] | None = None
     feedback_c: tuple[float, float, float] | None = None
+    optimizer: str | None = None  # the optimizer these exponents are for (None: any); training checks it
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -101,6 +104,9 @@ class Parameterization:
         for key in ("sigma", "gamma_bar_L", "gamma_L_prime"):
             if not math.isfinite(float(getattr(self, key))):
                 raise ConfigError(f"parameterization '{self.name}': {key} must be finite")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"parameterization '{self.name}': unknown optimizer '{self.optimizer}'; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
         if self.sigma <= 0 or self.gamma_L_prime <= 0:
             raise ConfigError(f"parameterization '{self.name}': sigma and gamma_L_prime must be positive")
 
@@ -233,7 +239,6 @@ def _mup_bL1(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
 
 
 PRESETS = {"sp": _sp, "mup": _mup, "gnt": _gnt, "mup-bl1": _mup_bL1}
-OPTIMIZERS = ("sgd", "adam")
 
 
 def register_preset(name: str, factory) -> None:
@@ -269,4 +274,5 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
     if not math.isfinite(g):
         raise ConfigError(f"gamma_bar_L must be finite, got {gamma_bar_L!r}")
     base = PRESETS[key](optimizer, g, algo)
+    base = base.with_(optimizer=optimizer) if base.optimizer is None else base
     return base.with_(**overrides) if overrides else base

@@ -18,18 +18,35 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .losses import check_loss, loss_value
 from .nets import Net
-from .optim import LayerwiseOptimizer, replica_lrs
+from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
 from .streams import generators, seed_of
 
 
 @dataclass
 class TrainConfig:
+    """How to train (the model, the learning rule and the parameterization are given separately).
+
+    epochs, batch_size     passes over the training set; samples per step
+    lr                     base learning rate, or one per replica (K values); None: 0.1 for SGD, 1e-3 for Adam
+    optimizer              "sgd" or "adam"; None: the one the parameterization's exponents are for
+                           (``Parameterization.optimizer``); naming another one is a ConfigError
+    momentum, weight_decay SGD momentum; decoupled-free L2 added to the gradient
+    diverge_factor         a replica diverges when its loss is non-finite or exceeds this times its loss at
+                           the first step (None or 0: only non-finite); it is then zeroed and frozen
+    eval_batch_size        samples per evaluation batch
+    max_steps              stop each epoch after this many steps (quick runs)
+    progress               a progress bar on stderr
+    metrics_path           append one JSON line per replica and epoch to this file
+    checkpoint_path        write a checkpoint here after every epoch; ``resume`` continues from it
+    """
+
     epochs: int = 1
     batch_size: int = 128
-    lr: float | Sequence[float] = 0.1
-    optimizer: str = "sgd"
+    lr: float | Sequence[float] | None = None
+    optimizer: str | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
+    diverge_factor: float | None = 10.0
     eval_batch_size: int = 2000
     max_steps: int | None = None  # per epoch, for quick runs
     progress: bool = True
@@ -42,6 +59,20 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "epochs" else 1):
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor >= 0):
+            raise ConfigError(f"diverge_factor must be a non-negative number or None, got {self.diverge_factor!r}")
+
+
+def resolve_optimizer(cfg_optimizer: str | None, param) -> str:
+    """The optimizer a run uses: the one its parameterization is for, unless the config names it (a mismatch
+    is an error: the exponents of muP for SGD are wrong for Adam and vice versa)."""
+    mine = getattr(param, "optimizer", None)
+    if cfg_optimizer and mine and cfg_optimizer != mine:
+        raise ConfigError(f"the parameterization '{param.name}' has exponents for {mine}, but the training config "
+                          f"asks for {cfg_optimizer}: use preset(..., '{cfg_optimizer}') or optimizer='{mine}'")
+    return cfg_optimizer or mine or "sgd"
 
 
 def data_seed(seed: int) -> int:
@@ -80,9 +111,11 @@ class Trainer:
         if len(self.seeds) != net.K:
             raise ConfigError(f"need one seed per replica: got {len(self.seeds)} for K = {net.K}")
         self.loss = check_loss(getattr(algo, "loss", "ce"))
-        self.lrs = replica_lrs(cfg.lr, net.K)
-        self.opt = LayerwiseOptimizer.for_net(net, self.lrs, cfg.optimizer, momentum=cfg.momentum,
+        self.optimizer = resolve_optimizer(cfg.optimizer, net.param)
+        self.lrs = replica_lrs(DEFAULT_LR[self.optimizer] if cfg.lr is None else cfg.lr, net.K)
+        self.opt = LayerwiseOptimizer.for_net(net, self.lrs, self.optimizer, momentum=cfg.momentum,
                                               weight_decay=cfg.weight_decay)
+        self.loss0: torch.Tensor | None = None  # each replica's loss at its first step (the divergence bound)
         self.status = ["running"] * net.K
         self.history: list[list[dict]] = [[] for _ in range(net.K)]
         self.epoch = 0
@@ -127,7 +160,11 @@ class Trainer:
                 self.opt.step(grads)
                 loss = loss.detach().double().cpu()
                 loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+                if self.loss0 is None:
+                    self.loss0 = loss.clone()
                 bad = ~torch.isfinite(loss)
+                if cfg.diverge_factor:
+                    bad |= loss > cfg.diverge_factor * self.loss0.abs()
                 if bad.any():
                     self._mark_diverged(bad, i)
                 if bar is not None:
@@ -191,13 +228,14 @@ class Trainer:
         torch.save({"net": self.net.config(), "param": self.net.param.to_dict(), "state": self.net.state(),
                     "opt": self.opt.state_dict(), "epoch": self.epoch, "status": self.status,
                     "history": self.history, "seeds": self.seeds,
-                    "gens": [g.get_state() for g in self.gens]}, tmp)
+                    "gens": [g.get_state() for g in self.gens], "loss0": self.loss0}, tmp)
         tmp.replace(path)
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, self.net)
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
+        self.loss0 = ck.get("loss0")
         for g, s in zip(self.gens, ck["gens"]):
             g.set_state(s)
 
