@@ -1,5 +1,6 @@
 """Command line: JSON contracts and one clear line on bad input."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -104,3 +105,75 @@ def test_analyze_json(capsys, tmp_path, what):
     out = json.loads(capsys.readouterr().out)
     assert (tmp_path / "a.png").stat().st_size > 1000
     assert ("norms" in out) if what == "linear" else (len(out["configs"]) == 2)
+
+
+# ---------------------------------------------------------------------------- failures: one line, right status
+def _one_line(rc, err, needle, code=2):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == code and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (rc, err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--dataset", "synthetic", "--metrics", "{bad}/m.jsonl"],
+    ["train", "--dataset", "synthetic", "--checkpoint", "{bad}/c.pt"],
+    ["coord", "--dataset", "synthetic", "--plot", "{bad}/c.png"],
+    ["derive", "--dataset", "synthetic", "--plot", "{bad}/d.png"],
+    ["report", "--store", "{store}", "--csv", "{bad}/r.csv"],
+    ["plot", "--store", "{store}", "--out", "{bad}/plots"],
+    ["reproduce", "fig1-left", "--budget", "tiny", "--out", "{bad}/rep"],
+    ["demo", "--quick", "--out", "{bad}/demo"],
+    ["sweep", "--dataset", "synthetic", "--widths", "8", "--lrs", "0.1", "--store", "{bad}/s.sqlite"],
+])
+def test_unwritable_output_is_one_line_before_compute(argv, tmp_path):
+    """An output path under a file (not a folder) is refused at parse time, with exit 2."""
+    (tmp_path / "afile").write_text("x")
+    store = Path(__file__).resolve().parent / "golden" / "store.sqlite"
+    argv = [a.replace("{bad}", str(tmp_path / "afile")).replace("{store}", str(store)) for a in argv]
+    rc, out, err = _run(argv)
+    _one_line(rc, err, "is not a folder")
+
+
+def test_read_only_folder_is_named(tmp_path, monkeypatch, capsys):
+    """Writing into a read-only folder is refused naming it; a store in one is still reported (read only)."""
+    import os
+    import shutil
+    store = tmp_path / "ro" / "store.sqlite"
+    store.parent.mkdir()
+    shutil.copy(Path(__file__).resolve().parent / "golden" / "store.sqlite", store)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == store.parent and mode & os.W_OK
+                        else real(p, mode, **kw))
+    assert main(["report", "--store", str(store), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["families"]) == 8
+    with pytest.raises(SystemExit) as e:
+        main(["plot", "--store", str(store), "--out", str(store.parent / "plots")])
+    assert e.value.code == 2 and "read-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps"])
+def test_unknown_device_names_the_choices(device):
+    rc, out, err = _run(["train", "--dataset", "synthetic", "--device", device])
+    _one_line(rc, err, f"unknown device '{device}'; choose cpu or cuda")
+
+
+def test_a_command_that_ignores_the_device_refuses_it():
+    rc, out, err = _run(["reproduce", "fig3", "--device", "cuda"])
+    _one_line(rc, err, "fig3 runs on the CPU only")
+
+
+def test_sweep_with_a_failed_cell_exits_non_zero(tmp_path):
+    """A cell whose worker fails (a CNN on flat inputs) is failed, not diverged: the sweep exits 1."""
+    rc, out, err = _run(["sweep", "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "64",
+                         "--arch", "cnn", "--widths", "4", "--lrs", "0.1", "--workers", "0", "--no-progress",
+                         "--store", str(tmp_path / "s.sqlite"), "--json"])
+    assert rc == 1, err
+    assert json.loads(out)["failed"] == 1
+
+
+def test_data_check_exits_1_when_not_ok(tmp_path):
+    from test_data import make_fake_mnist
+    make_fake_mnist(tmp_path)
+    assert _run(["data", "check", "fashion-mnist", "--data-dir", str(tmp_path), "--json"])[0] == 0
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
+    rc, out, err = _run(["data", "check", "fashion-mnist", "--data-dir", str(tmp_path), "--json"])
+    assert rc == 1 and json.loads(out)["ok"] is False

@@ -50,7 +50,8 @@ def _cli(argv):
     sub = parser.add_subparsers(dest="command")
     register_cli(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    out = args.func(args)
+    return out[0] if isinstance(out, tuple) else out  # (result, exit status)
 
 
 # ----------------------------------------------------------------------------------------- specs

@@ -53,17 +53,23 @@ def main(argv=None) -> int:
 
 def dispatch(args) -> int:
     """Run a parsed command: one error line and status 2 for bad input, one JSON object with --json."""
+    code = 0
     try:
         out = args.func(args)
+        if isinstance(out, tuple):  # (result, exit status): a command that ran but failed (sweep, data check)
+            out, code = out
     except MulocalError as err:
         print(f"mulocal: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that could not be written or read after all (disk full, removed folder)
+        print(f"mulocal: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mulocal: interrupted", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
         print(json.dumps(json_safe(out)))
-    return 0
+    return code
 
 
 __all__ = ["build_parser", "dispatch", "main"]

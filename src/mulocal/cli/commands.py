@@ -10,7 +10,7 @@ import sys
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
-from .flags import add_algo_options, add_fields, cell_from_args, floats, ints
+from .flags import add_algo_options, add_fields, cell_from_args, floats, ints, out_file
 
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
 
@@ -167,7 +167,7 @@ def cmd_data(args) -> dict:
         out = D.check(args.name, args.data_dir)
     if not args.json:
         print(json.dumps(out, indent=1))
-    return out
+    return out, (0 if out.get("ok") else 1)  # run.sh relies on the status
 
 
 # ---------------------------------------------------------------------------- parsers
@@ -182,8 +182,8 @@ def register(sub) -> None:
                    help="base learning rate(s), comma-separated: one replica each (default: 0.1 SGD, 1e-3 Adam)")
     t.add_argument("--seeds", type=ints, default=[0], help="seed(s), comma-separated: one replica each")
     t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the training set")
-    t.add_argument("--metrics", default=None, help="append per-epoch metrics as JSON lines to this file")
-    t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
+    t.add_argument("--metrics", type=out_file, default=None, help="append per-epoch metrics as JSON lines to this file")
+    t.add_argument("--checkpoint", type=out_file, default=None, help="save a checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _run_flags(t)
@@ -199,7 +199,7 @@ def register(sub) -> None:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--plot", default=None, help="write a PNG here")
+    c.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     _run_flags(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(c, skip=NOT_FOR_CHECKS)
@@ -215,7 +215,7 @@ def register(sub) -> None:
     dv.add_argument("--batch-size", type=int, default=64)
     dv.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
     dv.add_argument("--seed", type=int, default=0)
-    dv.add_argument("--plot", default=None, help="write a PNG here")
+    dv.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     _run_flags(dv)
     dv.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(dv, skip=NOT_FOR_CHECKS)
@@ -237,7 +237,7 @@ def register(sub) -> None:
     an.add_argument("--dataset", default="fashion-mnist")
     an.add_argument("--data-dir", default=None)
     an.add_argument("--no-download", action="store_true")
-    an.add_argument("--plot", default=None)
+    an.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analyze)
 

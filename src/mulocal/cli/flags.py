@@ -8,6 +8,8 @@ lists (every value is an axis of the sweep).
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..algos import ALGOS
 from ..config import FIELDS, GROUPS, coerce, default_cell
@@ -57,6 +59,47 @@ def ints(text: str) -> list[int]:
         return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """The folder (or, if missing, its nearest existing ancestor, where it would be created) is writable."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {what}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {what}: the folder {probe} is read-only")
+
+
+def out_file(text: str) -> str:
+    """argparse type of an output file: checked before any compute (its folder writable, not a folder)."""
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the file is read-only")
+    _writable_folder(p.resolve().parent, text)
+    return text
+
+
+def out_dir(text: str) -> str:
+    """argparse type of an output folder: checked before any compute."""
+    p = Path(text).expanduser()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    _writable_folder(p.resolve(), text)
+    return text
+
+
+def checked_dir(text: str) -> str:
+    """``out_dir`` for a default folder (a ConfigError instead of an argparse error)."""
+    try:
+        return out_dir(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _help(text: str, default) -> str:
@@ -172,4 +215,4 @@ def scoped_algo_options(args, algos) -> dict:
 
 
 __all__ = ["RUN_FLAGS", "add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
-           "ints", "list_of", "scoped_algo_options"]
+           "checked_dir", "ints", "list_of", "out_dir", "out_file", "scoped_algo_options"]

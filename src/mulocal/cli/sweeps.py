@@ -14,7 +14,7 @@ from ..config import FIELDS, config_hash
 from ..errors import ConfigError
 from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
 from ..sweep.spec import ALIASES
-from .flags import add_algo_options, add_fields, list_of, scoped_algo_options
+from .flags import add_algo_options, add_fields, checked_dir, list_of, out_dir, out_file, scoped_algo_options
 
 
 def _log2_range(text: str) -> list[float]:
@@ -67,7 +67,7 @@ def _option(text: str) -> tuple[str | None, str, list]:
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default=None, help="a TOML file with a [sweep] table (and optionally a [run] table)")
-    p.add_argument("--store", default=None, help="the SQLite store to add the cells to and resume from")
+    p.add_argument("--store", type=out_file, default=None, help="the SQLite store to add the cells to and resume from")
     a = p.add_argument_group("axes (comma-separated values are swept; they override the spec file)")
     a.add_argument("--widths", dest="ax_widths", type=list_of("int"), default=None, metavar="W[,W...]",
                    help="widths, e.g. 64,128,256")
@@ -163,12 +163,12 @@ def cmd_sweep(args) -> dict:
             if rep["families"]:
                 print()
                 print(format_table(rep))
-    return summary
+    return summary, (1 if summary.get("failed") else 0)  # failed (an error in a worker) is not diverged
 
 
 def _report_from_args(args):
     from ..sweep.transfer import analyze
-    with Store(args.store, create=False) as st:
+    with Store(args.store, create=False, readonly=True) as st:
         rep = analyze(st.rows(), metric=args.metric)
         results = st.results()
         if results:
@@ -196,7 +196,7 @@ def cmd_report(args) -> dict:
 def cmd_plot(args) -> dict:
     from ..plots import plot_report
     rep = _report_from_args(args)
-    out = args.out or str(Path(args.store).with_suffix("")) + "_plots"
+    out = args.out or checked_dir(str(Path(args.store).with_suffix("")) + "_plots")
     paths = plot_report(rep, out)
     if not args.json:
         for p in paths:
@@ -217,12 +217,12 @@ def register(subparsers) -> None:
     r.add_argument("--store", required=True, help="the sweep's SQLite store")
     r.add_argument("--metric", default="train_loss", choices=METRICS,
                    help="what picks the best LR (default train_loss, averaged over seeds)")
-    r.add_argument("--csv", default=None, help="also export every cell to this CSV file")
+    r.add_argument("--csv", type=out_file, default=None, help="also export every cell to this CSV file")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
     p = subparsers.add_parser("plot", help="write loss / accuracy vs learning rate plots of a sweep store")
     p.add_argument("--store", required=True, help="the sweep's SQLite store")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: next to the store)")
+    p.add_argument("--out", type=out_dir, default=None, help="folder for the PNGs (default: next to the store)")
     p.add_argument("--metric", default="train_loss", choices=METRICS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plot)
@@ -230,14 +230,14 @@ def register(subparsers) -> None:
                                                 "fig8, cnn, table1")
     m.add_argument("name")
     m.add_argument("--budget", default="small", help="small (about 20 min on 2 CPU cores) or paper (GPU)")
-    m.add_argument("--out", default="runs/reproduce")
-    m.add_argument("--device", default="cpu")
+    m.add_argument("--out", type=out_dir, default="runs/reproduce", help="folder for results, stores and figures")
+    m.add_argument("--device", default=None, help="cpu (default) or cuda, for the transfer experiments")
     m.add_argument("--data-dir", default=None)
     m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_reproduce)
     d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
-    d.add_argument("--out", default="runs/demo", help="folder for the plot and results")
+    d.add_argument("--out", type=out_dir, default=None, help="folder for the plot and results")
     d.add_argument("--quick", action="store_true", help="a smaller, faster version")
     d.add_argument("--data-dir", default=None)
     d.add_argument("--json", action="store_true")
@@ -251,7 +251,8 @@ def cmd_reproduce(args) -> dict:
 
 def cmd_demo(args) -> dict:
     from ..experiments.demo import run_demo
-    return run_demo(out_dir=args.out, quick=args.quick, data_dir=args.data_dir, json_mode=args.json)
+    out = args.out or checked_dir("runs/demo-quick" if args.quick else "runs/demo")  # the quick demo: its own store
+    return run_demo(out_dir=out, quick=args.quick, data_dir=args.data_dir, json_mode=args.json)
 
 
 __all__ = ["register", "spec_from_args", "cmd_sweep", "cmd_report", "cmd_plot", "cmd_reproduce", "cmd_demo"]

@@ -64,6 +64,10 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
         raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}")
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
+    from ..config import check_device
+    if name in ANALYSES and (device or "cpu") != "cpu":
+        raise ConfigError(f"{name} runs on the CPU only (float64 analyses): drop --device {device}")
+    device = check_device(device or "cpu")
     tiny = budget == "tiny"
     out = Path(out_dir) / name
     out.mkdir(parents=True, exist_ok=True)

@@ -100,22 +100,31 @@ def _pid_alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------------------------ the store
 class Store:
-    """One sweep database. ``Store(path)`` creates it if needed; ``create=False`` requires it."""
+    """One sweep database. ``Store(path)`` creates it if needed; ``create=False`` requires it; ``readonly=True``
+    only reads it (``report``, ``plot``), which works in a folder this process cannot write to."""
 
-    def __init__(self, path, create: bool = True):
-        self.path = Path(path)
+    def __init__(self, path, create: bool = True, readonly: bool = False):
+        self.path, self.readonly = Path(path), bool(readonly)
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a sweep store")
         exists = self.path.exists() and self.path.stat().st_size > 0
-        if not exists and not create:
+        if not exists and (not create or readonly):
             raise StoreError(f"no sweep store at {self.path}")
         if not exists:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot create the folder of {self.path}: {e}") from None
+        folder = self.path.resolve().parent
+        folder_ro = not os.access(folder, os.W_OK)
+        if folder_ro and not readonly:
+            raise StoreError(f"cannot write the sweep store {self.path}: its folder {folder} is read-only")
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+            if readonly:  # a WAL database in a read-only folder can only be opened as immutable
+                uri = f"{self.path.resolve().as_uri()}?{'immutable=1' if folder_ro else 'mode=ro'}"
+                self.db = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
+            else:
+                self.db = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open sweep store {self.path}: {e}") from None
         try:
@@ -154,6 +163,8 @@ class Store:
                 raise StoreError(f"{self.path} is corrupt (SQLite quick_check: {check})")
         elif tables:
             raise StoreError(f"{self.path} is a SQLite database but not a mulocal sweep store")
+        if self.readonly:
+            return
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         if not exists:
