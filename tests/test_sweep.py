@@ -378,3 +378,13 @@ def test_quick_demo_shows_transfer(tmp_path):
     for algo in {a for a, _ in slopes}:
         assert abs(slopes[(algo, "mup")]) < 0.2, slopes
         assert slopes[(algo, "sp")] < -0.3, slopes
+
+
+def test_documented_spec_example_loads_and_expands():
+    """docs/examples/sweep.toml (the documented spec format) loads and expands to its cross product."""
+    spec, run = load_spec_file(Path(__file__).resolve().parents[1] / "docs" / "examples" / "sweep.toml")
+    cells = expand(spec)
+    # bp: 2 params x 3 widths x 7 lrs x 2 seeds; pc: the same x 2 values of T
+    assert len(cells) == 84 + 168
+    assert {c["algo_options"].get("T") for c in cells if c["algo"] == "pc"} == {1, 4}
+    assert run["store"] == "runs/example.sqlite" and run["workers"] == 2

@@ -62,7 +62,8 @@ def _check_run(args):
     """The cell, learning rate and assembled run of a coordinate check (no net yet: one per width)."""
     cell = cell_from_args(args)
     lr = _default_lr(args, cell)
-    run = assemble(cell, [lr] * args.replicas, range(args.seed, args.seed + args.replicas), **_run_kw(args))
+    seeds = args.seeds or list(range(args.seed, args.seed + args.replicas))
+    run = assemble(cell, [lr] * len(seeds), seeds, **_run_kw(args))
     return cell, lr, run
 
 
@@ -178,7 +179,7 @@ def _run_flags(p) -> None:
 def register(sub) -> None:
     t = sub.add_parser("train", help="train one model (or K replicas) and evaluate it")
     t.add_argument("--width", type=int, default=256, help="width of the hidden layers (CNN: channels) (default 256)")
-    t.add_argument("--lr", type=floats, default=None,
+    t.add_argument("--lrs", "--lr", dest="lr", type=floats, default=None,
                    help="base learning rate(s), comma-separated: one replica each (default: 0.1 SGD, 1e-3 Adam)")
     t.add_argument("--seeds", type=ints, default=[0], help="seed(s), comma-separated: one replica each")
     t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of the training set")
@@ -197,8 +198,9 @@ def register(sub) -> None:
     c.add_argument("--steps", type=int, default=3, help="training steps measured")
     c.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
+    c.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
+    c.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
     c.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     _run_flags(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
@@ -213,8 +215,9 @@ def register(sub) -> None:
     dv.add_argument("--rounds", type=int, default=5)
     dv.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
     dv.add_argument("--batch-size", type=int, default=64)
-    dv.add_argument("--replicas", type=int, default=4, help="seeds averaged at every width")
-    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
+    dv.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
+    dv.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
     dv.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     _run_flags(dv)
     dv.add_argument("--json", action="store_true", help="print one JSON object")
@@ -228,7 +231,8 @@ def register(sub) -> None:
     an.add_argument("--activation", default="linear", help="cosine: linear or tanh")
     an.add_argument("--gamma-bar-L", type=float, default=0.0, help="cosine: PC's output energy exponent")
     an.add_argument("--gamma-bars", type=floats, default=None, help="linear: gbar_L values (default -1,0,1)")
-    an.add_argument("--algos", default="bp,tp,dtp", help="alignment: learning rules (each under its muP)")
+    an.add_argument("--algo", "--algos", dest="algos", default="bp,tp,dtp",
+                    help="alignment: learning rules, comma-separated (each under its muP)")
     an.add_argument("--steps", type=int, default=10, help="alignment: training steps")
     an.add_argument("--lr", type=float, default=0.1)
     an.add_argument("--batch-size", type=int, default=32, help="cosine: batch size")

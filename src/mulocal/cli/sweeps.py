@@ -71,7 +71,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("axes (comma-separated values are swept; they override the spec file)")
     a.add_argument("--widths", dest="ax_widths", type=list_of("int"), default=None, metavar="W[,W...]",
                    help="widths, e.g. 64,128,256")
-    a.add_argument("--lrs", dest="ax_lrs", type=list_of("lr"), default=None, metavar="LR[,LR...]",
+    a.add_argument("--lrs", "--lr", dest="ax_lrs", type=list_of("lr"), default=None, metavar="LR[,LR...]",
                    help="base learning rates")
     a.add_argument("--log2-lrs", dest="log2_lrs", type=_log2_range, default=None, metavar="START:STOP[:STEP]",
                    help="learning rates 2^START..2^STOP, e.g. --log2-lrs=-6:2 or --log2-lrs=-6:2:0.5 (write the '=' "
