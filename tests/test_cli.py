@@ -177,3 +177,15 @@ def test_data_check_exits_1_when_not_ok(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
     rc, out, err = _run(["data", "check", "fashion-mnist", "--data-dir", str(tmp_path), "--json"])
     assert rc == 1 and json.loads(out)["ok"] is False
+
+
+def test_report_shows_both_metrics_accuracy_and_flags_families_that_do_not_learn(capsys):
+    store = str(Path(__file__).resolve().parent / "golden" / "store.sqlite")
+    assert main(["report", "--store", store]) == 0
+    text = capsys.readouterr().out
+    assert "penalty(acc)" in text and "slope(acc)" in text and "best acc" in text
+    assert text.count("does not learn") == 8 + 1  # 8 families (tiny synthetic runs) + the legend
+    assert main(["report", "--store", store, "--learn-floor", "0.05", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert all(f["learns"] for f in rep["families"]) and rep["other_metric"]["metric"] == "test_accuracy"
+    assert len(rep["other_metric"]["families"]) == 8

@@ -166,10 +166,20 @@ def cmd_sweep(args) -> dict:
     return summary, (1 if summary.get("failed") else 0)  # failed (an error in a worker) is not diverged
 
 
-def _report_from_args(args):
-    from ..sweep.transfer import analyze
+def _report_from_args(args, both: bool = False):
+    from ..sweep.transfer import analyze, best_accuracy, learns
     with Store(args.store, create=False, readonly=True) as st:
-        rep = analyze(st.rows(), metric=args.metric)
+        rows = st.rows()
+        rep = analyze(rows, metric=args.metric)
+        for f in rep["families"]:
+            f["best_test_accuracy"] = {str(w): a for w, a in best_accuracy(f).items()}
+            f["learns"] = learns(f, args.learn_floor)
+        if both:  # the other metric: the paper plots test accuracy, the estimator defaults to training loss
+            other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss")
+            rep["_other"] = other
+            rep["other_metric"] = {"metric": other["metric"],
+                                   "families": [{"label": f["label"], "transfer": f["transfer"]}
+                                                for f in other["families"]]}
         results = st.results()
         if results:
             rep["results"] = results
@@ -182,10 +192,11 @@ def _report_from_args(args):
 
 def cmd_report(args) -> dict:
     from ..sweep.transfer import format_table
-    rep = _report_from_args(args)
+    rep = _report_from_args(args, both=True)
+    other = rep.pop("_other")
     if not args.json:
         if rep["families"] or not rep.get("results"):
-            print(format_table(rep))
+            print(format_table(rep, other, args.learn_floor))
         for name, res in rep.get("results", {}).items():
             print(f"{name}: " + json.dumps(res.get("summary", res), indent=1))
         if rep.get("csv"):
@@ -218,12 +229,15 @@ def register(subparsers) -> None:
     r.add_argument("--metric", default="train_loss", choices=METRICS,
                    help="what picks the best LR (default train_loss, averaged over seeds)")
     r.add_argument("--csv", type=out_file, default=None, help="also export every cell to this CSV file")
+    r.add_argument("--learn-floor", type=float, default=0.5,
+                   help="flag a family whose best test accuracy stays below this at every width (default 0.5)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
     p = subparsers.add_parser("plot", help="write loss / accuracy vs learning rate plots of a sweep store")
     p.add_argument("--store", required=True, help="the sweep's SQLite store")
     p.add_argument("--out", type=out_dir, default=None, help="folder for the PNGs (default: next to the store)")
     p.add_argument("--metric", default="train_loss", choices=METRICS)
+    p.add_argument("--learn-floor", type=float, default=0.5, help="see report")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plot)
     m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "

@@ -298,8 +298,40 @@ def _fmt_lr(e: dict) -> str:
     return s
 
 
-def format_table(report: dict) -> str:
-    """The best learning rate per width and the transfer metrics of every family, as a text table."""
+LEARN_FLOOR = 0.5  # a family whose best test accuracy stays below this at every width is flagged "does not learn"
+
+
+def best_accuracy(fam: dict) -> dict[int, float | None]:
+    """Per width, the best seed-mean test accuracy over the learning-rate grid."""
+    out = {}
+    for c in fam["curves"]:
+        accs = [p["test_accuracy_mean"] for p in c["points"] if p["test_accuracy_mean"] is not None]
+        out[c["width"]] = max(accs) if accs else None
+    return out
+
+
+def learns(fam: dict, floor: float = LEARN_FLOOR) -> bool:
+    return any(a is not None and a >= floor for a in best_accuracy(fam).values())
+
+
+def _slope_text(t: dict) -> str:
+    if t["slope"] is None:
+        return "-"
+    return f"{t['slope']:+.2f}" + (f" ± {t['slope_err']:.2f}" if t["slope_err"] is not None else "")
+
+
+def _pen_text(t: dict) -> str:
+    if t["penalty"] is None:
+        return "-"
+    return "diverges" if not math.isfinite(t["penalty"]) else f"{t['penalty']:.4f}"
+
+
+def format_table(report: dict, other: dict | None = None, floor: float = LEARN_FLOOR) -> str:
+    """The best learning rate per width and the transfer metrics of every family, as a text table.
+
+    With ``other`` (the report of the other metric, e.g. test accuracy), its penalty and slope are shown
+    too; the best test accuracy at the largest width is always shown, and a family that never reaches
+    ``floor`` is flagged (its transfer numbers say nothing about training)."""
     fams = report["families"]
     if not fams:
         c = report.get("cells", {})
@@ -308,20 +340,35 @@ def format_table(report: dict) -> str:
     widths = sorted({w for f in fams for w in f["widths"]})
     lw = max(14, max(len(f["label"]) for f in fams) + 2)
     what = "1 - test accuracy" if report["metric"] == "test_accuracy" else report["metric"].replace("_", " ")
-    lines = [f"best learning rate per width ({what}, mean over seeds; quadratic vertex in log2 LR)",
-             f"{'config':<{lw}}" + "".join(f"{w:>10}" for w in widths) + f"{'slope':>17}{'penalty':>11}"]
+    others = {canonical_json(f["family"]): f for f in (other or {}).get("families", [])}
+    o_what = "" if other is None else ("acc" if other["metric"] == "test_accuracy" else other["metric"].split("_")[0])
+    head = f"{'config':<{lw}}" + "".join(f"{w:>10}" for w in widths) + f"{'penalty':>11}{'slope':>17}"
+    if other is not None:
+        head += f"{'penalty(' + o_what + ')':>14}{'slope(' + o_what + ')':>17}"
+    head += f"{'best acc':>10}"
+    lines = [f"best learning rate per width ({what}, mean over seeds; quadratic vertex in log2 LR)", head]
+    quiet = []
     for f in fams:
         by_w = {e["width"]: e for e in f["best"]}
         t = f["transfer"]
-        slope = "-" if t["slope"] is None else (f"{t['slope']:+.2f}" + (f" ± {t['slope_err']:.2f}"
-                                                                        if t["slope_err"] is not None else ""))
-        pen = "-" if t["penalty"] is None else \
-            ("diverges" if not math.isfinite(t["penalty"]) else f"{t['penalty']:.4f}")
-        lines.append(f"{f['label']:<{lw}}" + "".join(f"{_fmt_lr(by_w.get(w)):>10}" for w in widths)
-                     + f"{slope:>17}{pen:>11}")
-    lines.append("slope: d log2(best LR) / d log2(width) (0: the optimum transfers). penalty: extra "
+        row = f"{f['label']:<{lw}}" + "".join(f"{_fmt_lr(by_w.get(w)):>10}" for w in widths)
+        row += f"{_pen_text(t):>11}{_slope_text(t):>17}"
+        if other is not None:
+            o = others.get(canonical_json(f["family"]))
+            row += (f"{_pen_text(o['transfer']):>14}{_slope_text(o['transfer']):>17}" if o else f"{'-':>14}{'-':>17}")
+        acc = best_accuracy(f).get(max(f["widths"])) if f["widths"] else None
+        row += f"{'-' if acc is None else f'{acc:.3f}':>10}"
+        if not learns(f, floor):
+            row += "  does not learn"
+            quiet.append(f["label"])
+        lines.append(row)
+    lines.append("penalty: extra "
                  f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest width with the "
-                 "smallest width's best LR.")
+                 "smallest width's best LR (what muTransfer promises: 0). slope: d log2(best LR) / d log2(width) "
+                 "(0: the optimum transfers). best acc: best seed-mean test accuracy at the largest width.")
+    if quiet:
+        lines.append(f"does not learn: best test accuracy below {floor:g} at every width; its transfer numbers "
+                     "say nothing about training")
     if any(e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
         lines.append("!: the minimum is at the edge of the LR grid (the optimum may lie outside it)")
     if any(e["method"] == "argmin" and not e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
@@ -333,4 +380,5 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METRICS", "analyze", "best_of_curve", "mean_curve", "value_at", "linear_fit", "format_table"]
+__all__ = ["LEARN_FLOOR", "METRICS", "analyze", "best_accuracy", "best_of_curve", "format_table", "learns",
+           "linear_fit", "mean_curve", "value_at"]
