@@ -82,7 +82,10 @@ def plot_family(fam: dict, metric: str, path) -> str:
         err = f" ± {t['slope_err']:.2f}" if t["slope_err"] is not None else ""
         title += f": slope of log2(best LR) vs log2(width) {t['slope']:+.2f}{err}"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.text(0.01, 0.005, "curves: mean over seeds, one per width; bands: min-max over seeds; x at the top: a seed "
+             "diverged at that LR; star and dotted line: the estimated optimum (quadratic vertex in log2 LR).",
+             fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
@@ -90,28 +93,37 @@ def plot_family(fam: dict, metric: str, path) -> str:
 
 def plot_transfer(report: dict, path) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    pairs: dict[str, int] = {}  # a configuration under muP and under SP share a colour
     for f in report["families"]:
         pts = [e for e in f["best"] if e["best_lr"] is not None]
         if not pts:
             continue
+        param = str(f["family"].get("param", ""))
+        key = " ".join(w for w in f["label"].split() if w != param)
+        color = f"C{pairs.setdefault(key, len(pairs)) % 10}"
+        sp = param.startswith("sp")
         ws = [e["width"] for e in pts]
         ys = [e["log2_best_lr"] for e in pts]
         errs = [e["log2_std"] or 0.0 for e in pts]
         t = f["transfer"]
         label = f["label"] + (f" (slope {t['slope']:+.2f})" if t["slope"] is not None else "")
-        line = ax.errorbar(ws, ys, yerr=errs, fmt="o", capsize=3, label=label)
+        ax.errorbar(ws, ys, yerr=errs, fmt="s" if sp else "o", mfc="white" if sp else color, color=color,
+                    capsize=3, label=label)
         if t["slope"] is not None:
             xs = [min(ws), max(ws)]
-            ax.plot(xs, [t["slope"] * math.log2(x) + t["intercept"] for x in xs], "-", lw=1,
-                    color=line[0].get_color())
+            ax.plot(xs, [t["slope"] * math.log2(x) + t["intercept"] for x in xs], "--" if sp else "-", lw=1,
+                    color=color)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width")
     ax.set_ylabel("log2(best learning rate)")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7)
     ax.set_title("best learning rate against width (flat = transfers)", fontsize=10)
-    fig.tight_layout()
+    fig.text(0.01, 0.005, "same colour: one configuration; filled circles and solid fit: muP; open squares and dashed "
+             "fit: SP. Error bars: bootstrap std over seeds of log2(best LR); lines: least-squares fit (its slope in "
+             "the legend).", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
@@ -135,25 +147,43 @@ def plot_report(report: dict, out_dir) -> list[str]:
 
 # ------------------------------------------------------------------------------ diagnostics
 def plot_coord(res, path: str, title: str = "") -> str:
-    """Coordinate check: RMS at the last step against width, one panel per kind of quantity."""
+    """Coordinate check: a panel per quantity, its RMS against width for every measured step (colour = step),
+    on log-log axes spanning at least three decades around the data, so that a flat quantity looks flat; the
+    panel title gives the fitted slope per doubling of width (counted quantities in bold)."""
+    import math
     plt = _plt()
-    groups = {}
-    for name in res.rms:
-        groups.setdefault(name.split("_")[0], []).append(name)
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.0), squeeze=False)
-    for ax, (g, names) in zip(axes[0], groups.items()):
-        for name in names:
-            ax.plot(res.widths, [r[-1] for r in res.rms[name]], "o-", label=f"{name} ({res.slopes[name]:+.2f})")
+    names = list(res.rms)
+    ncol = min(5, len(names))
+    nrow = math.ceil(len(names) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.5 * nrow), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, name in zip(axes.flat, names):
+        table = res.rms[name]  # [width][step]
+        steps = len(table[0]) if table else 0
+        vals = [v for row in table for v in row if v and math.isfinite(v) and v > 0]
+        for t in range(steps):
+            ax.plot(res.widths, [row[t] for row in table], "o-", ms=3, lw=1,
+                    color=cmap(t / max(steps - 1, 1)), label=f"step {t + 1}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(g)
-        ax.set_xlabel("width")
-        ax.legend(fontsize=7)
+        if vals:
+            lo, hi = min(vals), max(vals)
+            mid = math.sqrt(lo * hi)
+            ax.set_ylim(min(lo / 2, mid / 10 ** 1.5), max(hi * 2, mid * 10 ** 1.5))
+        counted = name in getattr(res, "counted", ())
+        ax.set_title(f"{name}: slope {res.slopes[name]:+.2f}", fontsize=8, fontweight="bold" if counted else "normal")
+        ax.set_xlabel("width", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.25, which="both")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
     axes[0][0].set_ylabel("RMS")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if names:
+        axes[0][0].legend(fontsize=6)
+    fig.suptitle((title + "; " if title else "") + "coordinate check: bold = counted quantities (flat under muP: "
+                 "|slope| <= 0.15)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 

@@ -117,8 +117,10 @@ def cmd_analyze(args) -> dict:
                                            "width", "||C|| (spectral norm)", "deep-linear PC preconditioner",
                                            logy=True)
         if not args.json:
+            print("spectral norm ||C|| of the deep-linear PC preconditioner, per width")
+            print(f"{'gbar_L':>8}" + "".join(f"{w:>11}" for w in widths))
             for g, v in res["norms"].items():
-                print(f"gbar_L = {g:>5}: " + "  ".join(f"{w}: {n:.4g}" for w, n in zip(widths, v)))
+                print(f"{g:>8}" + "".join(f"{n:>11.4g}" for n in v))
         return res
     from ..data import load_dataset
     from ..diagnostics.coord import coord_batches
@@ -135,9 +137,10 @@ def cmd_analyze(args) -> dict:
                                            f"{args.activation}, gbar_L = {args.gamma_bar_L:g}")
         if not args.json:
             for m, v in res["modes"].items():
-                print(f"{m}: cosine with BP per layer")
+                print(f"{m}: cosine of each layer's weight update with BP's (mean over seeds)")
+                print(f"  {'width':>6}" + "".join(f"{'layer ' + str(l + 1):>10}" for l in range(len(v["cos_bp"][0]))))
                 for w, row in zip(widths, v["cos_bp"]):
-                    print(f"  width {w:>5}: " + "  ".join(f"{c:.4f}" for c in row))
+                    print(f"  {w:>6}" + "".join(f"{c:>10.4f}" for c in row))
         return res
     batches, probe = coord_batches(data, args.steps, 64)
     configs = [(a, "mup") for a in args.algos.split(",")]
@@ -147,8 +150,10 @@ def cmd_analyze(args) -> dict:
                                        {k: v["omega"] for k, v in res["configs"].items()}, "step",
                                        "omega_L", "alignment exponent of W_L Delta h_{L-1}", logx=False)
     if not args.json:
+        print("alignment exponent omega_L of W_L Delta h_(L-1), fitted across widths, per training step")
+        print(f"{'config':<24}" + "".join(f"{'step ' + str(t + 1):>8}" for t in range(args.steps)))
         for k, v in res["configs"].items():
-            print(f"{k:<24} omega_L per step: " + " ".join(f"{o:.2f}" for o in v["omega"]))
+            print(f"{k:<24}" + "".join(f"{o:>8.2f}" for o in v["omega"]))
     return res
 
 

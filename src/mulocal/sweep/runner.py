@@ -133,8 +133,12 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
     bar = None
     if opts.progress and todo:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(cells), initial=finished_before, desc="sweep", unit="cell", file=sys.stderr,
-                   dynamic_ncols=True, smoothing=0.05)
+        # progress in units of planned work (task cost), so the ETA is the remaining work at the average rate so
+        # far: tasks run costliest first, and a count of cells would predict the whole sweep from the slowest ones
+        total_cost = sum(t["cost"] for t in tasks) or 1.0
+        bar = tqdm(total=total_cost, desc="sweep", file=sys.stderr, dynamic_ncols=True, smoothing=0,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+        bar.set_postfix_str(f"{finished_before}/{len(cells)} cells", refresh=False)
     t_run = time.perf_counter()
     queue, inflight, claimed = list(tasks), {}, set()
     extra = {"device": opts.device, "data_dir": None if opts.data_dir is None else str(opts.data_dir),
@@ -166,8 +170,10 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
                         errors.append(res["error"])
                 claimed -= set(mine)
                 if bar is not None:
-                    bar.update(len(mine))
-                    bar.set_postfix(diverged=counts["diverged"], failed=counts["failed"], refresh=False)
+                    n_fin = finished_before + counts["done"] + counts["diverged"] + counts["failed"]
+                    bar.set_postfix_str(f"{n_fin}/{len(cells)} cells, {counts['diverged']} diverged, "
+                                        f"{counts['failed']} failed", refresh=False)
+                    bar.update(t.get("cost", 0.0))
     except BaseException:
         if claimed:
             try:
