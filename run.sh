@@ -4,6 +4,7 @@
 #   ./run.sh test        set everything up, then run the test suite (CI runs exactly this)
 #   ./run.sh test-slow   the slow tests only
 #   ./run.sh bench       the benchmarks
+#   ./run.sh mutants     the mutation check: every planted bug of tests/mutants/catalogue.toml must fail the suite
 #   ./run.sh setup       only the set-up (idempotent; fast when already done)
 # Anything after the command is passed on (e.g. ./run.sh demo --quick, ./run.sh test -k coord).
 set -euo pipefail
@@ -47,6 +48,7 @@ case "$cmd" in
   demo) setup; exec "$VENV/bin/mulocal" demo "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   test-slow) setup; exec "$VENV/bin/python" -m pytest -q -m slow "$@" ;;
+  mutants) setup; exec "$VENV/bin/python" tests/mutants/run.py "$@" ;;
   bench) setup; for b in benchmarks/bench_*.py; do "$VENV/bin/python" "$b" "$@"; done ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

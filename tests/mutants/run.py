@@ -1,0 +1,127 @@
+"""The mutation check: every planted bug of catalogue.toml must make the non-slow suite fail.
+
+    python tests/mutants/run.py [--only ID[,ID...]] [--list] [--baseline] [--catalogue PATH]
+
+For each mutant: copy src/, tests/, docs/, README.md and pyproject.toml into a fresh temporary folder, replace
+the mutant's ``find`` text (it must occur exactly once: the catalogue is kept in step with the code) by its
+``replace`` text, check that the mutated package is the one imported, then run pytest there (the mutant's
+``focus`` tests first, then the rest of the non-slow suite, each with -x). A mutant is caught when pytest
+fails. Prints a table (mutant, caught by, seconds, why) and ``caught N/M``; exits 1 if any survives, 2 on a
+catalogue that does not match the code.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COPY = ("src", "tests", "docs", "README.md", "pyproject.toml")
+PYTEST = ["-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", "-rf"]
+
+
+def load(path: Path) -> list[dict]:
+    mutants = tomllib.loads(path.read_text())["mutant"]
+    ids = [m["id"] for m in mutants]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        sys.exit(f"mutants: duplicate ids {sorted(dup)}")
+    return mutants
+
+
+def prepare(m: dict, where: Path) -> None:
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, where / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, where / name)
+    target = where / m["file"]
+    text = target.read_text()
+    n = text.count(m["find"])
+    if n != 1:
+        raise LookupError(f"mutant {m['id']}: its find text occurs {n} times in {m['file']} (must be once): "
+                          "update the catalogue")
+    target.write_text(text.replace(m["find"], m["replace"]))
+
+
+def pytest(where: Path, args: list[str], env: dict) -> tuple[int, str]:
+    p = subprocess.run([sys.executable, "-m", "pytest", *PYTEST, *args], cwd=where, env=env, capture_output=True,
+                       text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def caught_by(out: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return m.group(1) if m else "collection / import error"
+
+
+def run_one(m: dict) -> tuple[str, float]:
+    """(what caught it, or "SURVIVED"; seconds)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        where = Path(tmp)
+        prepare(m, where)
+        env = {**os.environ, "PYTHONPATH": str(where / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+        probe = subprocess.run([sys.executable, "-c", "import mulocal; print(mulocal.__file__)"], cwd=where,
+                               env=env, capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(where)):
+            return f"caught (import: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else '?'})", \
+                time.perf_counter() - t0
+        focus = list(m.get("focus", []))
+        runs = ([focus] if focus else []) + [[*(f"--deselect={f}" for f in focus), "tests"]]
+        for args in runs:  # the likely catchers first (fast), then everything else
+            rc, out = pytest(where, args, env)
+            if rc != 0:
+                by = caught_by(out)
+                return (by if rc == 1 else f"caught (pytest exit {rc}: {by})"), time.perf_counter() - t0
+    return "SURVIVED", time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--catalogue", default=str(Path(__file__).with_name("catalogue.toml")))
+    ap.add_argument("--only", default=None, help="comma-separated mutant ids")
+    ap.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    ap.add_argument("--baseline", action="store_true", help="first check that the unmutated suite passes")
+    args = ap.parse_args(argv)
+    mutants = load(Path(args.catalogue))
+    if args.list:
+        for m in mutants:
+            print(f"{m['id']:<28} {m['file']:<34} {m['why']}")
+        return 0
+    if args.only:
+        want = args.only.split(",")
+        unknown = set(want) - {m["id"] for m in mutants}
+        if unknown:
+            print(f"mutants: unknown id(s) {sorted(unknown)}", file=sys.stderr)
+            return 2
+        mutants = [m for m in mutants if m["id"] in want]
+    if args.baseline:
+        rc, out = pytest(ROOT, ["tests"], {**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        if rc != 0:
+            print("mutants: the unmutated suite fails; fix it first\n" + out[-2000:], file=sys.stderr)
+            return 2
+    rows, survived = [], 0
+    for m in mutants:
+        try:
+            by, sec = run_one(m)
+        except LookupError as e:
+            print(f"mutants: {e}", file=sys.stderr)
+            return 2
+        survived += by == "SURVIVED"
+        rows.append((m["id"], by, sec, m["why"]))
+        print(f"{m['id']:<28} {by:<70} {sec:6.1f}s  {m['why']}", flush=True)
+    print(f"caught {len(rows) - survived}/{len(rows)}")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
