@@ -114,6 +114,16 @@ def test_resume_runs_only_missing_cells_and_is_idempotent(tmp_path):
     assert n == 8 and len(text) == 9 and text[0].startswith("hash,status,")
 
 
+def test_diverged_cells_are_results_and_are_not_rerun(tmp_path):
+    """A diverged cell is finished: a resumed sweep runs nothing again (only failed cells are retried)."""
+    store = tmp_path / "runs.sqlite"
+    spec = dict(widths=[16], lrs=[0.1, 1e6], seeds=[0], **TINY)
+    s1 = run_sweep(spec, store, **LOCAL)
+    assert (s1["done"], s1["diverged"]) == (1, 1)
+    s2 = run_sweep(spec, store, **LOCAL)
+    assert (s2["ran"], s2["finished_before"]) == (0, 2)
+
+
 def test_stale_running_cells_are_taken_over(tmp_path):
     """Cells claimed by a runner that is gone (dead pid) go back to pending and run."""
     store = tmp_path / "runs.sqlite"
