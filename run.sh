@@ -24,9 +24,9 @@ setup() {
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" || "$VENV/bin/python" -m pip install -q torch
   fi
   if [ ! -f "$VENV/.mulocal-installed" ] || [ pyproject.toml -nt "$VENV/.mulocal-installed" ] \
-     || ! "$VENV/bin/python" -c "import mulocal, pytest" 2>/dev/null; then
-    log "installing mulocal and its test dependencies"
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+     || ! "$VENV/bin/python" -c "import mulocal, pytest, ray" 2>/dev/null; then
+    log "installing mulocal, its test dependencies and the Ray extra (the distributed sweeps are tested too)"
+    "$VENV/bin/python" -m pip install -q -e ".[test,ray]"
     touch "$VENV/.mulocal-installed"
   fi
   if ! "$VENV/bin/mulocal" data check fashion-mnist --json >/dev/null 2>&1; then

@@ -216,6 +216,7 @@ def test_sigkill_mid_sweep_then_restart_completes_with_same_results(tmp_path):
     _assert_same_results(rk, rr)
 
 
+@pytest.mark.slow  # CI runs the cluster test (tests/test_ray.py); this one starts its own local Ray instance
 def test_ray_executor_matches_local(tmp_path):
     pytest.importorskip("ray")
     spec = dict(param=["mup", "sp"], widths=[16, 32], lrs=[0.1, 0.4], seeds=[0, 1], **TINY)
@@ -398,3 +399,16 @@ def test_documented_spec_example_loads_and_expands():
     assert len(cells) == 84 + 168
     assert {c["algo_options"].get("T") for c in cells if c["algo"] == "pc"} == {1, 4}
     assert run["store"] == "runs/example.sqlite" and run["workers"] == 2
+
+
+def test_an_empty_database_being_created_by_another_sweep_is_initialised(tmp_path):
+    """Two sweeps starting on a new store at once: the second may find the SQLite file with no tables yet; it
+    creates the (idempotent) schema too instead of calling the file foreign."""
+    p = tmp_path / "new.sqlite"
+    with sqlite3.connect(str(p)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+    assert p.stat().st_size > 0
+    with Store(p) as st:
+        assert st.counts()["pending"] == 0
+    with Store(p, create=False) as st:  # and it is a proper store afterwards
+        assert st.meta()["format"] == "mulocal-sweep-store"

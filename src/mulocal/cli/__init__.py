@@ -9,6 +9,7 @@ commands build their runs with ``config.assemble``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -54,8 +55,13 @@ def main(argv=None) -> int:
 def dispatch(args) -> int:
     """Run a parsed command: one error line and status 2 for bad input, one JSON object with --json."""
     code = 0
+    as_json = getattr(args, "json", False)
     try:
-        out = args.func(args)
+        if as_json:  # stdout carries one JSON object: anything else printed meanwhile (Ray's logs) goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                out = args.func(args)
+        else:
+            out = args.func(args)
         if isinstance(out, tuple):  # (result, exit status): a command that ran but failed (sweep, data check)
             out, code = out
     except MulocalError as err:
@@ -67,7 +73,7 @@ def dispatch(args) -> int:
     except KeyboardInterrupt:
         print("mulocal: interrupted", file=sys.stderr)
         return 130
-    if getattr(args, "json", False):
+    if as_json:
         print(json.dumps(json_safe(out)))
     return code
 

@@ -141,6 +141,8 @@ class Store:
         db = self.db
         db.execute("PRAGMA busy_timeout = 60000")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if exists and not tables and not self.readonly:
+            exists = False  # an empty database: another sweep is creating this store right now; create it too
         if exists:
             if "meta" not in tables:
                 found = ", ".join(sorted(tables)) or "no tables"
