@@ -127,7 +127,8 @@ def _one_line(rc, err, needle, code=2):
 def test_unwritable_output_is_one_line_before_compute(argv, tmp_path):
     """An output path under a file (not a folder) is refused at parse time, with exit 2."""
     (tmp_path / "afile").write_text("x")
-    store = Path(__file__).resolve().parent / "golden" / "store.sqlite"
+    store = tmp_path / "store.sqlite"  # a copy: reading a store leaves SQLite's side files next to it
+    store.write_bytes((Path(__file__).resolve().parent / "golden" / "store.sqlite").read_bytes())
     argv = [a.replace("{bad}", str(tmp_path / "afile")).replace("{store}", str(store)) for a in argv]
     rc, out, err = _run(argv)
     _one_line(rc, err, "is not a folder")
@@ -179,8 +180,9 @@ def test_data_check_exits_1_when_not_ok(tmp_path):
     assert rc == 1 and json.loads(out)["ok"] is False
 
 
-def test_report_shows_both_metrics_accuracy_and_flags_families_that_do_not_learn(capsys):
-    store = str(Path(__file__).resolve().parent / "golden" / "store.sqlite")
+def test_report_shows_both_metrics_accuracy_and_flags_families_that_do_not_learn(capsys, tmp_path):
+    store = str(tmp_path / "store.sqlite")
+    (tmp_path / "store.sqlite").write_bytes((Path(__file__).resolve().parent / "golden" / "store.sqlite").read_bytes())
     assert main(["report", "--store", store]) == 0
     text = capsys.readouterr().out
     assert "penalty(acc)" in text and "slope(acc)" in text and "best acc" in text

@@ -122,6 +122,7 @@ def test_diverged_cells_are_results_and_are_not_rerun(tmp_path):
     assert (s1["done"], s1["diverged"]) == (1, 1)
     s2 = run_sweep(spec, store, **LOCAL)
     assert (s2["ran"], s2["finished_before"]) == (0, 2)
+    assert s2["to_run"] == 0 and s2["skipped_claimed_elsewhere"] == 0  # not even planned again
 
 
 def test_stale_running_cells_are_taken_over(tmp_path):
