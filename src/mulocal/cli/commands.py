@@ -181,6 +181,22 @@ def _run_flags(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def _check_flags(p, steps: int, steps_help: str) -> None:
+    """The flags of the width checks (coord, derive): a few steps at several widths, seeds averaged."""
+    p.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths (default 64..1024)")
+    p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
+    p.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
+    p.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
+    _run_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_fields(p, skip=NOT_FOR_CHECKS)
+    add_algo_options(p)
+
+
 def register(sub) -> None:
     t = sub.add_parser("train", help="train one model (or K replicas) and evaluate it")
     t.add_argument("--width", type=int, default=256, help="width of the hidden layers (CNN: channels) (default 256)")
@@ -199,35 +215,13 @@ def register(sub) -> None:
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("coord", help="coordinate check: per-layer update sizes vs width, fitted slopes")
-    c.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths compared (default 64..1024)")
-    c.add_argument("--steps", type=int, default=3, help="training steps measured")
-    c.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
-    c.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
-    c.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
-    c.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
-    _run_flags(c)
-    c.add_argument("--json", action="store_true", help="print one JSON object")
-    add_fields(c, skip=NOT_FOR_CHECKS)
-    add_algo_options(c)
+    _check_flags(c, steps=3, steps_help="training steps measured")
     c.set_defaults(func=cmd_coord)
 
     dv = sub.add_parser("derive", help="fit the width exponents (b_L, c) that make every update Theta(1)")
     dv.add_argument("--start", default="sp", help="parameterization the fit starts from (default sp)")
-    dv.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths fitted (default 64..1024)")
-    dv.add_argument("--steps", type=int, default=1, help="training steps measured (the fit reads the first)")
-    dv.add_argument("--rounds", type=int, default=5)
-    dv.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
-    dv.add_argument("--batch-size", type=int, default=64)
-    dv.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
-    dv.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
-    dv.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
-    dv.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
-    _run_flags(dv)
-    dv.add_argument("--json", action="store_true", help="print one JSON object")
-    add_fields(dv, skip=NOT_FOR_CHECKS)
-    add_algo_options(dv)
+    dv.add_argument("--rounds", type=int, default=5, help="fixed-point rounds of the fit (default 5)")
+    _check_flags(dv, steps=1, steps_help="training steps measured (the fit reads the first)")
     dv.set_defaults(func=cmd_derive)
 
     an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||")
