@@ -92,3 +92,15 @@ def test_a_new_implicit_field_keeps_old_hashes(monkeypatch):
     assert [config_hash(c) for c in expand(spec)] == before
     changed = [config_hash(c) for c in expand({**spec, "residual": True})]
     assert not set(changed) & set(before) and len(changed) == len(before)
+
+
+def test_new_pc_options_keep_old_hashes_but_not_where_behaviour_changed():
+    """PC's options added later are implicit: sequential PC cells keep their hashes; parallel inference without
+    FPA and kappa (whose default step changed) records the new default, so old results are not reused."""
+    from mulocal.config import default_cell, resolved_algo
+    seq = resolved_algo(default_cell(algo="pc", algo_options={"T": 3}))
+    assert "parallel_step" not in seq and "guard" not in seq
+    par = resolved_algo(default_cell(algo="pc", algo_options={"T": 3, "inference": "parallel"}))
+    assert par["parallel_step"] == "bound"
+    fixed = resolved_algo(default_cell(algo="pc", algo_options={"T": 3, "inference": "parallel", "kappa": 0.2}))
+    assert "parallel_step" not in fixed

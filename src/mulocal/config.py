@@ -198,8 +198,14 @@ def resolved_param(cell: dict) -> dict:
 
 def resolved_algo(cell: dict) -> dict:
     """The learning rule's constructor defaults with the cell's options and loss applied (recorded likewise)."""
+    from .algos import check_algo, options_of
+    given = cell.get("algo_options") or {}
     out = defaults_of(cell["algo"])
-    out.update(cell.get("algo_options") or {}, loss=cell["loss"])
+    out.update(given, loss=cell["loss"])
+    keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)
+    for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
+        if o.implicit and name not in given and name not in keep:
+            out.pop(name, None)
     safe = {}
     for k, v in out.items():
         try:

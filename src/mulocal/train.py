@@ -178,6 +178,9 @@ class Trainer:
             test = evaluate(net, data.x_test, data.y_test, self.loss, cfg.eval_batch_size)
             val = (evaluate(net, data.x_val, data.y_val, self.loss, cfg.eval_batch_size)
                    if getattr(data, "x_val", None) is not None else None)
+            # the rule's per-replica inference status over this epoch (predictive coding: did the energy rise
+            # during inference, relative residual at its end), as pc_<key> columns
+            inference = self.algo.inference_status() if hasattr(self.algo, "inference_status") else {}
             rows = []
             for k in range(net.K):
                 row = {"epoch": self.epoch, "replica": k, "seed": self.seeds[k], "lr": float(self.lrs[k]),
@@ -186,6 +189,7 @@ class Trainer:
                        "epoch_time": train_time}
                 if val is not None:
                     row.update(val_loss=val["loss"][k], val_accuracy=val["accuracy"][k])
+                row.update({f"pc_{key}": vals[k] for key, vals in inference.items() if isinstance(vals, list)})
                 if self.status[k] == "diverged":
                     row.update(train_loss=math.inf, test_loss=math.inf, test_accuracy=None)
                     row.pop("val_loss", None), row.pop("val_accuracy", None)

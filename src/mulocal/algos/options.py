@@ -21,6 +21,10 @@ class Option:
     help: str
     flag: str | None = None  # command-line flag name if not the name with dashes (e.g. "inference-momentum")
     choices: tuple | None = None
+    # An option added after stores exist sets implicit=True: a cell's recorded options (``algo_resolved``, part
+    # of its hash) leave it out at its default, so old cells keep their hashes; a rule whose *behaviour* at
+    # the default changed for some cells names them in ``hash_defaults`` so that those get new hashes.
+    implicit: bool = False
 
     @property
     def cli(self) -> str:
