@@ -131,8 +131,8 @@ class PC:
                choices=PARALLEL_STEPS, implicit=True),
         Option("power_iters", "int", 1, "power iterations per step for ||W||_2 in the bound step (warm-started)",
                implicit=True),
-        Option("guard", "bool", False, "energy-decrease guard: undo a replica's step if its energy rose, halve its step",
-               implicit=True),
+        Option("guard", "bool", False, "energy-decrease guard: undo a replica's step if its energy rose and halve "
+               "its step", implicit=True),
         Option("no_status", "bool", False, "skip the per-replica inference status (inference_status(): energy rose, "
                "residual), saving an energy evaluation per step and a gradient evaluation per inference",
                flag="no-inference-status", implicit=True),
@@ -498,8 +498,8 @@ class PC:
 
     @staticmethod
     def _energy(v, mu, errs, loss, gam, L, start: bool = False) -> torch.Tensor:
-        """Total energy F per replica (K,), float64, on the device, in few operations (the status' per-step
-        energy; ``_energy_terms`` gives the per-layer terms that ``record`` keeps)."""
+        """Total energy F per replica (K,), float64, on the device, in few operations (the guard's energy after
+        each step; ``_energy_terms`` gives the per-layer terms that ``record`` keeps)."""
         out = loss.double() * gam[-1]
         if start:
             return out
