@@ -15,33 +15,13 @@ import torch.nn.functional as F
 from mulocal.algos import make_algo
 from mulocal.config import config_hash, default_cell
 from mulocal.nets import build
-from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import Parameterization, preset
 from mulocal.sweep.store import Store
 from mulocal.train import evaluate
 
 
 # ------------------------------------------------------------------------------------------ optimizer
-@pytest.mark.parametrize("kind,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
-def test_weight_decay_matches_torch(kind, momentum):
-    """L2 weight decay added to the gradient, as torch.optim's ``weight_decay`` (kills optim-weight-decay-sign)."""
-    lr, wd = (0.1, 0.05) if kind == "sgd" else (0.01, 0.1)
-    net = build("mlp", (6,), 4, 16, preset("mup", kind, base_width=4), dtype=torch.float64, seeds=[0])
-    ref = [p.clone().requires_grad_() for p in net.params()]
-    scales = [4, 4, 1, 4, 0.25, 1] if kind == "sgd" else [1, 1, 0.25, 1, 0.25, 1]  # m = 4 (see test_identities)
-    groups = [{"params": [r], "lr": lr * s} for r, s in zip(ref, scales)]
-    torch_opt = (torch.optim.SGD(groups, momentum=momentum, weight_decay=wd) if kind == "sgd"
-                 else torch.optim.Adam(groups, weight_decay=wd))
-    opt = LayerwiseOptimizer.for_net(net, lr, kind, momentum=momentum, weight_decay=wd)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in net.params()]
-        opt.step(grads)
-        for r, g in zip(ref, grads):
-            r.grad = g.clone()
-        torch_opt.step()
-    for p, r in zip(net.params(), ref):
-        assert torch.allclose(p, r.detach(), rtol=1e-10, atol=1e-12)
+# (weight decay against torch.optim: tests/test_identities.py::test_optimizer_matches_torch)
 
 
 # ------------------------------------------------------------------------------------------ multipliers
@@ -184,3 +164,17 @@ def test_reset_stale_takes_over_only_dead_runners(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# ------------------------------------------------------------------------------------------ memory planning
+@pytest.mark.parametrize("arch,shape,depth", [("mlp", (7,), 3), ("mlp", (1, 6, 6), 4), ("cnn", (2, 8, 8), 3),
+                                              ("cnn", (1, 12, 12), 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_planned_sizes_are_the_built_nets(arch, shape, depth, bias):
+    """nets.sizes (the sweep's memory plan) = the parameters of the built net and its activations per sample."""
+    from mulocal.nets import sizes
+    net = build(arch, shape, 5, 6, preset("sp"), depth=depth, bias=bias, seeds=[0])
+    params, acts = sizes(arch, shape, 5, 6, depth, bias=bias)
+    assert params == sum(p[0].numel() for p in net.params())
+    us, _ = net.forward(torch.zeros(1, *shape))
+    assert acts == sum(u[0, 0].numel() for u in us[1:])

@@ -86,26 +86,29 @@ def test_replicas_equal_separate_runs(arch, opt, synth):
     assert not torch.allclose(batched.params()[0][0], batched.params()[0][1])
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_optimizer_matches_torch(kind):
-    """Our per-layer SGD with momentum / Adam equals torch.optim's with the resolved learning rates."""
-    lr = 0.1 if kind == "sgd" else 0.01
+@pytest.mark.parametrize("kind,lr,momentum,wd,steps,seed", [
+    ("sgd", 0.1, 0.9, 0.0, 4, 0), ("adam", 0.01, 0.0, 0.0, 4, 0),
+    # L2 weight decay added to the gradient, as torch.optim's weight_decay (kills optim-weight-decay-sign)
+    ("sgd", 0.1, 0.0, 0.05, 3, 1), ("sgd", 0.1, 0.9, 0.05, 3, 1), ("adam", 0.01, 0.0, 0.1, 3, 1)])
+def test_optimizer_matches_torch(kind, lr, momentum, wd, steps, seed):
+    """Our per-layer SGD (momentum, weight decay) / Adam equals torch.optim's with the resolved learning rates."""
     net = build("mlp", (6,), 4, 16, preset("mup", kind, base_width=4), dtype=torch.float64, seeds=[0])
     ref = [p.clone().requires_grad_() for p in net.params()]
     # m = 4; W1, b1, W2, b2, W3, b3. SGD muP: c = (-1, 0, 1), biases (-1, 0); Adam: c = (0, 1, 1), biases 0
     scales = [4, 4, 1, 4, 0.25, 1] if kind == "sgd" else [1, 1, 0.25, 1, 0.25, 1]
     groups = [{"params": [r], "lr": lr * s} for r, s in zip(ref, scales)]
-    torch_opt = torch.optim.SGD(groups, momentum=0.9) if kind == "sgd" else torch.optim.Adam(groups)
-    opt = LayerwiseOptimizer.for_net(net, lr, kind, **({"momentum": 0.9} if kind == "sgd" else {}))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    torch_opt = (torch.optim.SGD(groups, momentum=momentum, weight_decay=wd) if kind == "sgd"
+                 else torch.optim.Adam(groups, weight_decay=wd))
+    opt = LayerwiseOptimizer.for_net(net, lr, kind, momentum=momentum, weight_decay=wd)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in net.params()]
         opt.step(grads)
         for r, g in zip(ref, grads):
             r.grad = g.clone()
         torch_opt.step()
     for p, r in zip(net.params(), ref):
-        assert torch.allclose(p, r.detach(), rtol=1e-10)
+        assert torch.allclose(p, r.detach(), rtol=1e-10, atol=1e-12 if wd else 0.0)
 
 
 # ----------------------------------------------------------------------------- predictive coding

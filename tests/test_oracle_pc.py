@@ -361,3 +361,26 @@ def test_single_shot_si_without_fpa_by_hand_in_numpy():
         for i, (g, e) in enumerate(zip(grads, expect)):
             ok, err = close(g[k], torch.from_numpy(e))
             assert ok, f"replica {k}, tensor {i}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("mode,init,fpa", [("parallel", "forward", False), ("sequential", "zero", False),
+                                           ("sequential", "forward", False), ("parallel", "zero", True)])
+def test_status_residual_is_the_relative_gradient_norm_of_the_oracle(mode, init, fpa):
+    """inference_status()["residual"] = ||dF/dv(v_T)|| / ||dF/dv(v_0)|| (all hidden layers, the batch), per
+    replica, with dF/dv from the written-out energy."""
+    net, x, y = _net("mlp", "tanh", 1.0)
+    gam = [1.0, 1.0, 1.0, 3.0 ** -1]
+    algo = make_algo("pc", T=3, inference=mode, init=init, fpa=fpa, kappa=0.3)
+    algo.step(net, x, y)
+    status = algo.inference_status()
+    oracle = Energy(net, "ce", gam)
+    x0 = net.post(0, x)
+    z = oracle.feedforward(x0)
+    v0 = _initial_values(algo, init, oracle, x0, z)
+    v = oracle.infer(v0, y, 3, mode, [0.3] * 3, fpa, z=z)
+
+    def sq(d):
+        return sum(d[l].flatten(1).pow(2).sum(1) for l in range(1, 4))
+    ratio = (sq(oracle.dFdv(v, y, z if fpa else None)) / sq(oracle.dFdv(v0, y, z if fpa else None))).sqrt()
+    ok, err = close(torch.tensor(status["residual"], dtype=torch.float64), ratio)
+    assert ok, f"status residual: rel err {err:.2e}"

@@ -192,15 +192,18 @@ def test_status_reports_energy_rise_for_a_too_large_step_and_not_for_the_default
 
 
 def test_status_reaches_the_epoch_rows(synth):
-    """Trainer: each replica's epoch row carries pc_energy_rose and pc_residual of that epoch."""
-    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=16), K=2, seeds=[0, 1])
-    res = Trainer(net, PC(T=3, inference="parallel", kappa=[1.0, 1.0]), synth,
-                  TrainConfig(epochs=2, lr=0.05, batch_size=64, max_steps=4, progress=False)).run()
-    for rep in res["replicas"]:
-        rows = [h for h in rep["history"] if "event" not in h]
-        assert len(rows) == 2
-        for row in rows:
-            assert 0.0 <= row["pc_energy_rose"] <= 1.0 and row["pc_residual"] > 0, row
+    """Trainer: each replica's epoch row carries pc_energy_rose and pc_residual of that epoch: with kappa = 1 in
+    parallel (the old, overshooting step) the energy rose in every step and the residual grew; with the default
+    it never rose and the residual fell."""
+    for kappa, rose in (([1.0, 1.0], 1.0), (None, 0.0)):
+        net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=16), K=2, seeds=[0, 1])
+        res = Trainer(net, PC(T=3, inference="parallel", kappa=kappa), synth,
+                      TrainConfig(epochs=2, lr=0.05, batch_size=64, max_steps=4, progress=False)).run()
+        for rep in res["replicas"]:
+            rows = [h for h in rep["history"] if "event" not in h]
+            assert len(rows) == 2
+            for row in rows:
+                assert row["pc_energy_rose"] == rose and (row["pc_residual"] > 1) == bool(rose), row
 
 
 # ----------------------------------------------------------------------------- (d) the default step by hand

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .algos import check_algo, defaults_of, make_algo
+from .algos import check_algo, defaults_of, make_algo, options_of
 from .errors import ConfigError
 from .optim import DEFAULT_LR  # noqa: F401 (the command line reads it here)
 from .param import BASE_WIDTH, preset
@@ -198,11 +198,10 @@ def resolved_param(cell: dict) -> dict:
 
 def resolved_algo(cell: dict) -> dict:
     """The learning rule's constructor defaults with the cell's options and loss applied (recorded likewise)."""
-    from .algos import check_algo, options_of
     given = cell.get("algo_options") or {}
     out = defaults_of(cell["algo"])
     out.update(given, loss=cell["loss"])
-    keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)
+    keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
         if o.implicit and name not in given and name not in keep:
             out.pop(name, None)
@@ -215,8 +214,9 @@ def resolved_algo(cell: dict) -> dict:
     return safe
 
 
-def validate(cell: dict) -> None:
-    """Raise ConfigError for a configuration that cannot run, before anything trains."""
+def validate(cell: dict) -> tuple:
+    """Raise ConfigError for a configuration that cannot run, before anything trains; else return its
+    (Parameterization, learning rule)."""
     from .data import DATASETS
     from .losses import check_loss
     from .nets import ACTIVATIONS, ARCHS
@@ -231,8 +231,7 @@ def validate(cell: dict) -> None:
         raise ConfigError(f"depth must be at least 2, got {cell['depth']}")
     if not 0 <= cell["momentum"] < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {cell['momentum']}")
-    param_of(cell)
-    algo_of(cell)
+    return param_of(cell), algo_of(cell)
 
 
 def check_device(device: str) -> str:
@@ -312,9 +311,8 @@ def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: 
     seeds, lrs = [int(s) for s in seeds], [float(v) for v in lrs]
     if len(lrs) != len(seeds):
         raise ConfigError(f"need one learning rate per replica: got {len(lrs)} learning rates for {len(seeds)} seeds")
-    validate(cell)
+    param, algo = validate(cell)
     device = check_device(device)
-    param, algo = param_of(cell), algo_of(cell)
     if data is None:
         data = load_data(cell, data_dir, download, val_fraction)
     train = TrainConfig(epochs=cell["epochs"], batch_size=cell["batch_size"], lr=lrs, optimizer=cell["optimizer"],

@@ -19,7 +19,7 @@ from .errors import CheckpointError, ConfigError
 from .losses import check_loss, loss_value
 from .nets import Net
 from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
-from .streams import generators, seed_of
+from .streams import generators
 
 
 @dataclass
@@ -73,11 +73,6 @@ def resolve_optimizer(cfg_optimizer: str | None, param) -> str:
         raise ConfigError(f"the parameterization '{param.name}' has exponents for {mine}, but the training config "
                           f"asks for {cfg_optimizer}: use preset(..., '{cfg_optimizer}') or optimizer='{mine}'")
     return cfg_optimizer or mine or "sgd"
-
-
-def data_seed(seed: int) -> int:
-    """The data-order stream of a replica, independent of its init stream (``streams.py``)."""
-    return seed_of("data_order", seed)
 
 
 def _finite_replicas(net: Net) -> torch.Tensor:
@@ -263,4 +258,4 @@ def load_checkpoint(path: str, net: Net) -> dict:
     return ck
 
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint", "data_seed"]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint"]

@@ -35,16 +35,22 @@ class Option:
         return (self.flag or self.name).replace("-", "_")
 
 
-def parse_floats(text: str):
-    """'0.5' -> 0.5, '0.5,0.2' -> [0.5, 0.2] (argparse type of ``floats`` options)."""
+def float_list(text: str) -> list[float]:
+    """'0.5,0.2' -> [0.5, 0.2] (argparse type; the command line's comma-separated numbers)."""
     import argparse
     try:
         vals = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
+def parse_floats(text: str):
+    """'0.5' -> 0.5, '0.5,0.2' -> [0.5, 0.2] (argparse type of ``floats`` options: one, or one per layer)."""
+    vals = float_list(text)
     return vals[0] if len(vals) == 1 else vals
 
 
-__all__ = ["KINDS", "Option", "parse_floats"]
+__all__ = ["KINDS", "Option", "float_list", "parse_floats"]

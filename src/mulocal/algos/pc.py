@@ -284,11 +284,7 @@ class PC:
         if lazy:
             parts = self._energy_parts(v, mu, errs, loss_now, L, start=self.init == "forward")
         elif track:
-            if record:
-                terms = self._energy_terms(v, mu, loss_now, gam, L, start=self.init == "forward")
-                energy = terms.double().sum(0)  # F per replica (K,)
-            else:
-                energy = self._energy(v, mu, errs, loss_now, gam, L, start=self.init == "forward")
+            terms, energy = self._state_energy(v, mu, errs, loss_now, gam, L, record, start=self.init == "forward")
             trace = [energy]  # F after every accepted step
         energies = [terms.double().cpu()] if record else []
         scale = torch.ones(K, dtype=u_ff[1].dtype, device=dev) if self.guard else None
@@ -338,11 +334,7 @@ class PC:
             if lazy:
                 parts += self._energy_parts(v, mu, errs, loss_now, L)
             elif track:
-                if record:
-                    new_terms = self._energy_terms(v, mu, loss_now, gam, L)
-                    new = new_terms.double().sum(0)
-                else:
-                    new = self._energy(v, mu, errs, loss_now, gam, L)
+                new_terms, new = self._state_energy(v, mu, errs, loss_now, gam, L, record)
                 if self.guard:  # put back every replica whose energy did not decrease (nan included), halve its step
                     back = ~(new <= energy)
                     v, a, mu, e_top, loss_now, vel = self._restore(back, (v, a, mu, e_top, loss_now, vel), saved)
@@ -365,11 +357,7 @@ class PC:
                 if lazy:  # the next step is compared with the energy at the new weights
                     parts += self._energy_parts(v, mu, errs, loss_now, L)
                 elif track:
-                    if record:
-                        terms = self._energy_terms(v, mu, loss_now, gam, L)
-                        energy = terms.double().sum(0)
-                    else:
-                        energy = self._energy(v, mu, errs, loss_now, gam, L)
+                    terms, energy = self._state_energy(v, mu, errs, loss_now, gam, L, record)
                     trace.append(energy)
             if record:
                 energies.append(terms.double().cpu())
@@ -508,6 +496,14 @@ class PC:
             e = errs[l] if errs is not None else v[l] - mu[l]
             out = out + torch.linalg.vector_norm(e.flatten(1), dim=1).double().square() * (0.5 * gam[l - 1] / B)
         return out
+
+    @classmethod
+    def _state_energy(cls, v, mu, errs, loss, gam, L, record: bool, start: bool = False):
+        """(per-layer terms (L, K) when recording, else None; the total F per replica (K,), float64)."""
+        if record:
+            terms = cls._energy_terms(v, mu, loss, gam, L, start=start)
+            return terms, terms.double().sum(0)
+        return None, cls._energy(v, mu, errs, loss, gam, L, start=start)
 
     @staticmethod
     def _energy_terms(v, mu, loss, gam, L, start: bool = False) -> torch.Tensor:

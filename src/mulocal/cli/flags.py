@@ -12,11 +12,9 @@ import os
 from pathlib import Path
 
 from ..algos import ALGOS
+from ..algos.options import float_list as floats, parse_floats
 from ..config import FIELDS, GROUPS, coerce, default_cell
 from ..errors import ConfigError, MulocalError
-
-# flags that describe how to run, not what: not fields of a cell
-RUN_FLAGS = ("device", "data_dir", "no_download")
 
 
 def _typed(key: str, kind: str):
@@ -42,16 +40,6 @@ def list_of(kind: str, key: str = "value"):
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = f"list of {kind}"
     return parse
-
-
-def floats(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return vals
 
 
 def ints(text: str) -> list[int]:
@@ -164,7 +152,6 @@ def _option_type(o, lists: bool):
     if lists:
         return list_of({"int": "int", "float": "float", "floats": "float", "str": "str"}[o.kind], o.name)
     if o.kind == "floats":
-        from ..algos.options import parse_floats
         return parse_floats
     return {"int": int, "float": float, "str": str}[o.kind]
 
@@ -214,5 +201,5 @@ def scoped_algo_options(args, algos) -> dict:
     return out
 
 
-__all__ = ["RUN_FLAGS", "add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
+__all__ = ["add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
            "checked_dir", "ints", "list_of", "out_dir", "out_file", "scoped_algo_options"]

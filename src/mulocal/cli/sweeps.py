@@ -166,7 +166,8 @@ def cmd_sweep(args) -> dict:
     return summary, (1 if summary.get("failed") else 0)  # failed (an error in a worker) is not diverged
 
 
-def _report_from_args(args, both: bool = False):
+def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
+    """The report of the store by ``--metric`` and, with ``both``, the report by the other metric."""
     from ..sweep.transfer import analyze, best_accuracy, learns
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()
@@ -174,9 +175,9 @@ def _report_from_args(args, both: bool = False):
         for f in rep["families"]:
             f["best_test_accuracy"] = {str(w): a for w, a in best_accuracy(f).items()}
             f["learns"] = learns(f, args.learn_floor)
+        other = None
         if both:  # the other metric: the paper plots test accuracy, the estimator defaults to training loss
             other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss")
-            rep["_other"] = other
             rep["other_metric"] = {"metric": other["metric"],
                                    "families": [{"label": f["label"], "transfer": f["transfer"]}
                                                 for f in other["families"]]}
@@ -187,13 +188,12 @@ def _report_from_args(args, both: bool = False):
             rep["csv"] = str(args.csv)
             rep["csv_rows"] = st.export_csv(args.csv)
     rep["store"] = str(args.store)
-    return rep
+    return rep, other
 
 
 def cmd_report(args) -> dict:
     from ..sweep.transfer import format_table
-    rep = _report_from_args(args, both=True)
-    other = rep.pop("_other")
+    rep, other = _report_from_args(args, both=True)
     if not args.json:
         if rep["families"] or not rep.get("results"):
             print(format_table(rep, other, args.learn_floor))
@@ -206,7 +206,7 @@ def cmd_report(args) -> dict:
 
 def cmd_plot(args) -> dict:
     from ..plots import plot_report
-    rep = _report_from_args(args)
+    rep, _ = _report_from_args(args)
     out = args.out or checked_dir(str(Path(args.store).with_suffix("")) + "_plots")
     paths = plot_report(rep, out)
     if not args.json:
