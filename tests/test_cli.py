@@ -191,3 +191,74 @@ def test_report_shows_both_metrics_accuracy_and_flags_families_that_do_not_learn
     rep = json.loads(capsys.readouterr().out)
     assert all(f["learns"] for f in rep["families"]) and rep["other_metric"]["metric"] == "test_accuracy"
     assert len(rep["other_metric"]["families"]) == 8
+
+
+def test_pc_inference_status_is_shown_and_unstable_inference_warned(capsys):
+    """train prints each epoch's PC inference status; the old parallel step (1/gamma, energy rises) is warned,
+    the default (curvature bound) is not; --json carries the status per replica."""
+    base = ["train", "--algo", "pc", "--dataset", "synthetic", "--width", "128", "--T", "5", "--inference",
+            "parallel", "--no-progress"]
+    assert main(base + ["--parallel-step", "gamma"]) == 0
+    out, err = capsys.readouterr()
+    assert "[inference: energy rose" in err and "warning: replica 0: energy rose during inference" in err
+    assert "warning: energy rose" in out
+    assert main(base + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    inf = res["replicas"][0]["inference"]
+    assert inf["energy_rose"] == 0.0 and 0 < inf["residual"] < 1
+
+
+def test_status_warning_rules():
+    from mulocal.algos.pc import RESIDUAL_WARN, status_warning
+    assert status_warning(0.0, 0.3) is None and status_warning(float("nan"), 0.5) is None
+    assert status_warning(None, None) is None
+    assert "energy rose" in status_warning(0.01, 0.3)
+    assert "residual" in status_warning(0.0, RESIDUAL_WARN * 1.01)
+
+
+def test_report_shows_pc_inference_status(capsys, tmp_path):
+    """A sweep of PC parallel inference with the unstable step and the default: report flags the first only."""
+    store = str(tmp_path / "s.sqlite")
+    rc = main(["sweep", "--algo", "pc", "--T", "5", "--inference", "parallel", "--parallel-step", "gamma,bound",
+               "--dataset", "synthetic", "--widths", "128", "--lrs", "0.05,0.1", "--workers", "0", "--no-progress",
+               "--store", store, "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["report", "--store", store]) == 0
+    text = capsys.readouterr().out
+    assert "PC inference" in text and text.count("WARNING: unstable inference in 2 cells") == 1
+    assert text.count("energy never rose") == 1 and text.count("inference!") == 1
+    assert main(["report", "--store", store, "--json"]) == 0
+    fams = json.loads(capsys.readouterr().out)["families"]
+    warned = sorted(f["inference"]["warned_cells"] for f in fams)
+    assert warned == [0, 2] and all(f["inference"]["cells"] == 2 for f in fams)
+
+
+def test_algo_takes_a_list_in_every_command(capsys):
+    """--algo A,B runs each rule in turn (options scoped to the rules that declare them)."""
+    assert main(["train", "--algo", "bp,pc", "--T", "2", "--dataset", "synthetic", "--width", "32", "--json",
+                 "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["algo"] for o in out["algos"]] == ["bp", "pc"] and all(o["status"] == "done" for o in out["algos"])
+    assert main(["coord", "--algo", "bp,dtp", "--dataset", "synthetic", "--widths", "32,64", "--steps", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["algo"] for o in out["algos"]] == ["bp", "dtp"]
+    assert main(["describe", "--algo", "tp,pc", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["parameterization"]["name"] for o in out["algos"]] == ["mup-tp-sgd", "mup-sgd"]
+    rc, _, err = _run(["train", "--algo", "bp,dtp", "--T", "2", "--dataset", "synthetic"])
+    _one_line(rc, err, "--T applies to --algo pc only")
+
+
+def test_inference_summary_reads_the_last_epoch_of_finished_cells():
+    from mulocal.sweep.transfer import inference_summary
+    rows = [{"status": "done", "history": [{"epoch": 1, "pc_energy_rose": 0.5, "pc_residual": 2.0},
+                                           {"epoch": 2, "pc_energy_rose": 0.0, "pc_residual": 0.3},
+                                           {"event": "resumed"}]},
+            {"status": "done", "history": [{"epoch": 1, "pc_energy_rose": 0.25, "pc_residual": 0.5}]},
+            {"status": "diverged", "history": [{"epoch": 1, "pc_energy_rose": 1.0, "pc_residual": 9.0}]},
+            {"status": "done", "history": [{"epoch": 1, "train_loss": 0.1}]}]
+    assert inference_summary(rows) == {"cells": 2, "energy_rose_cells": 1, "energy_rose_max": 0.25,
+                                       "residual_median": 0.4, "residual_max": 0.5, "warned_cells": 1}
+    assert inference_summary(rows[3:]) is None

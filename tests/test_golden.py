@@ -37,6 +37,8 @@ ADDED = {
     "$.parameterization.optimizer",  # Parameterization.optimizer: the optimizer its exponents are for
     "$.other_metric",  # report: the transfer metrics by the other metric (test accuracy / training loss)
     "$.families[].best_test_accuracy", "$.families[].learns",  # report: does the family learn at all
+    "$.families[].inference",  # report: PC inference status of the family's cells
+    "$.replicas[].inference",  # train: PC inference status of the last epoch
 }
 
 

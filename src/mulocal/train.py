@@ -219,6 +219,9 @@ class Trainer:
             reps.append({"replica": k, "seed": self.seeds[k], "lr": float(self.lrs[k]), "status": self.status[k],
                          "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
                          "train_loss": last.get("train_loss"), "history": self.history[k]})
+            inference = {key[3:]: v for key, v in last.items() if key.startswith("pc_")}
+            if inference:  # the rule's inference status over the last epoch (predictive coding)
+                reps[-1]["inference"] = inference
         return {"replicas": reps, "epochs": self.epoch}
 
     # ------------------------------------------------------------------ checkpoints

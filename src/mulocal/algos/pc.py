@@ -108,6 +108,26 @@ LOSS_CURVATURE = {"mse": 1.0, "ce": 0.5}  # largest eigenvalue of d^2 loss / df^
 POWER_SEED = 0x5BEC  # the fixed start vector of the power iteration (no replica randomness: same for all)
 
 
+RESIDUAL_WARN = 1.0  # a relative residual above 1: inference ended farther from equilibrium than it started
+
+
+def status_warning(energy_rose=None, residual=None) -> str | None:
+    """One line saying what went wrong in a replica's inference status, or None if nothing did.
+
+    Warned: the energy F rose at some inference step in a fraction ``energy_rose`` > 0 of the training
+    steps (a descent on F never raises it; nan, as under FPA, is not a warning), or the mean relative
+    residual ||dF/dv(v_T)|| / ||dF/dv(v_0)|| exceeds ``RESIDUAL_WARN`` (inference moved away from its
+    equilibrium). Arguments: the ``pc_energy_rose`` and ``pc_residual`` of an epoch row (None: not kept)."""
+    parts = []
+    if energy_rose is not None and energy_rose == energy_rose and energy_rose > 0:
+        parts.append(f"energy rose during inference in {100 * energy_rose:.3g}% of steps")
+    if residual is not None and residual == residual and residual > RESIDUAL_WARN:
+        parts.append(f"final relative residual {residual:.3g} > {RESIDUAL_WARN:g}")
+    if not parts:
+        return None
+    return "; ".join(parts) + " (unstable inference: a smaller --kappa, --guard, or sequential inference)"
+
+
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-replica (K,) tensor shaped to broadcast against ``like`` (K, ...)."""
     return t.view(-1, *([1] * (like.dim() - 1)))

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import sys
 
+from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
-from .flags import add_algo_options, add_fields, cell_from_args, floats, ints, out_file
+from .flags import add_algo_options, add_fields, cell_from_args, floats, ints, out_file, per_algo
 
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
 
@@ -24,6 +25,18 @@ def _default_lr(args, cell) -> float:
 
 
 # ---------------------------------------------------------------------------- train
+def _inference_text(row: dict) -> str:
+    """The PC inference status of an epoch row, as text ('' for rules without one)."""
+    parts = []
+    if row.get("pc_energy_rose") is not None and row["pc_energy_rose"] == row["pc_energy_rose"]:
+        parts.append(f"energy rose {100 * row['pc_energy_rose']:.3g}% of steps")
+    if row.get("pc_residual") is not None:
+        parts.append(f"residual {row['pc_residual']:.3g}")
+    if row.get("pc_backtracks") is not None:
+        parts.append(f"backtracks {row['pc_backtracks']:.3g}/step")
+    return f"  [inference: {', '.join(parts)}]" if parts else ""
+
+
 def cmd_train(args) -> dict:
     cell = cell_from_args(args, width=args.width)
     lrs = args.lr or [DEFAULT_LR.get(cell["optimizer"], 0.1)]
@@ -40,7 +53,10 @@ def cmd_train(args) -> dict:
             for r in rows:
                 acc = "diverged" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
                 print(f"epoch {epoch} replica {r['replica']} lr {r['lr']:g} seed {r['seed']}: "
-                      f"train loss {r['train_loss']:.4f}  test acc {acc}", file=sys.stderr)
+                      f"train loss {r['train_loss']:.4f}  test acc {acc}{_inference_text(r)}", file=sys.stderr)
+                warn = status_warning(r.get("pc_energy_rose"), r.get("pc_residual"))
+                if warn:
+                    print(f"warning: replica {r['replica']}: {warn}", file=sys.stderr)
 
     res = run.trainer().run(on_epoch=report)
     reps = [{k: v for k, v in r.items() if k != "history"} for r in res["replicas"]]
@@ -53,7 +69,10 @@ def cmd_train(args) -> dict:
     if not args.json:
         for r in reps:
             acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
-            print(f"replica {r['replica']} (lr {r['lr']:g}, seed {r['seed']}): {r['status']}, test accuracy {acc}")
+            inf = r.get("inference", {})
+            warn = status_warning(inf.get("energy_rose"), inf.get("residual"))
+            print(f"replica {r['replica']} (lr {r['lr']:g}, seed {r['seed']}): {r['status']}, test accuracy {acc}"
+                  + (f"  warning: {warn}" if warn else ""))
     return out
 
 
@@ -212,17 +231,17 @@ def register(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(t)
     add_algo_options(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=per_algo(cmd_train))
 
     c = sub.add_parser("coord", help="coordinate check: per-layer update sizes vs width, fitted slopes")
     _check_flags(c, steps=3, steps_help="training steps measured")
-    c.set_defaults(func=cmd_coord)
+    c.set_defaults(func=per_algo(cmd_coord))
 
     dv = sub.add_parser("derive", help="fit the width exponents (b_L, c) that make every update Theta(1)")
     dv.add_argument("--start", default="sp", help="parameterization the fit starts from (default sp)")
     dv.add_argument("--rounds", type=int, default=5, help="fixed-point rounds of the fit (default 5)")
     _check_flags(dv, steps=1, steps_help="training steps measured (the fit reads the first)")
-    dv.set_defaults(func=cmd_derive)
+    dv.set_defaults(func=per_algo(cmd_derive))
 
     an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||")
     an.add_argument("what", choices=["cosine", "alignment", "linear"])
@@ -249,7 +268,7 @@ def register(sub) -> None:
     d.add_argument("--lr", type=float, default=1.0, help="base learning rate the table multiplies")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(d, only=("algo", "param", "optimizer", "gamma_bar_L", "base_width", "depth"), run_flags=False)
-    d.set_defaults(func=cmd_describe)
+    d.set_defaults(func=per_algo(cmd_describe))
 
     dd = sub.add_parser("data", help="fetch or check a dataset")
     dd.add_argument("action", choices=["fetch", "check"])

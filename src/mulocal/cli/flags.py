@@ -116,6 +116,9 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
         elif lists:
             g.add_argument(f.flag, dest="ax_" + f.name, type=list_of(f.kind, f.name), default=None,
                            metavar="V[,V...]", help=_help(f.help, f.default))
+        elif f.name == "algo":  # every command takes a list of rules (single-run commands run each in turn)
+            g.add_argument(f.flag, type=list_of(f.kind, f.name), default=None, metavar="ALGO[,ALGO...]",
+                           help=_help(f.help + "; comma-separated: each in turn", f.default))
         else:
             g.add_argument(f.flag, type=_typed(f.name, f.kind), default=None, metavar=f.name.upper(),
                            help=_help(f.help, f.default))
@@ -126,12 +129,46 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
             g.add_argument("--no-download", action="store_true", help="never try to download the data")
 
 
+def per_algo(command):
+    """A single-run command over ``--algo A,B,...``: run once per rule (its options scoped to the rules that
+    declare them) and return ``{"algos": [result, ...]}``; with one rule, that run's result unchanged."""
+    import copy
+    import functools
+
+    @functools.wraps(command)
+    def run(args):
+        algos = args.algo if isinstance(args.algo, list) else [args.algo]
+        if len(algos) <= 1:
+            return command(args)
+        if getattr(args, "plot", None):
+            raise MulocalError("--plot takes one --algo (a figure per rule: run them one at a time)")
+        listed = tuple(algos)
+        outs, code = [], 0
+        for a in algos:
+            one = copy.copy(args)
+            one.algo, one.listed_algos = [a], listed
+            if not getattr(args, "json", False):
+                print(f"== --algo {a}")
+            out = command(one)
+            if isinstance(out, tuple):
+                out, c = out
+                code = max(code, c)
+            outs.append(out)
+        return {"algos": outs}, code
+    return run
+
+
 def cell_from_args(args, **extra) -> dict:
     """The cell a single-run command describes: fields from their flags (unset: default), the chosen rule's
-    options from theirs, and ``extra`` (e.g. width)."""
+    options from theirs, and ``extra`` (e.g. width). ``--algo`` must name one rule here (``per_algo``
+    splits a list)."""
     values = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    if isinstance(values.get("algo"), list):
+        if len(values["algo"]) != 1:
+            raise MulocalError(f"--algo: one rule here, got {','.join(values['algo'])}")
+        values["algo"] = values["algo"][0]
     cell = default_cell(**values, **extra)
-    cell["algo_options"] = algo_options_from_args(args, cell["algo"])
+    cell["algo_options"] = algo_options_from_args(args, cell["algo"], getattr(args, "listed_algos", ()))
     if getattr(args, "gamma_L_prime", None) is not None:
         cell["param_options"] = {"gamma_L_prime": args.gamma_L_prime}
     return cell
@@ -173,14 +210,17 @@ def add_algo_options(p: argparse.ArgumentParser, lists: bool = False) -> None:
                            metavar="V[,V...]" if lists else dest.upper(), help=_help(text, o.default))
 
 
-def algo_options_from_args(args, algo: str) -> dict:
-    """Options of ``algo`` from their flags; a flag of another rule is an error naming the rules that take it."""
+def algo_options_from_args(args, algo: str, listed=()) -> dict:
+    """Options of ``algo`` from their flags; a flag of another rule is an error naming the rules that take it
+    (unless a rule of ``listed``, the other rules of the same command, takes it)."""
     opts = {}
     for dest, (o, rules) in _declared().items():
         value = getattr(args, dest, None)
         if value is None:
             continue
         if algo not in rules:
+            if any(a in rules for a in listed):
+                continue
             raise MulocalError(f"{o.cli} applies to --algo {'/'.join(rules)} only")
         opts[o.name] = value
     return opts
@@ -202,4 +242,4 @@ def scoped_algo_options(args, algos) -> dict:
 
 
 __all__ = ["add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
-           "checked_dir", "ints", "list_of", "out_dir", "out_file", "scoped_algo_options"]
+           "checked_dir", "ints", "list_of", "out_dir", "out_file", "per_algo", "scoped_algo_options"]

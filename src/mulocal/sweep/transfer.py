@@ -251,7 +251,48 @@ def _family_report(fam: dict, rows: list[dict], metric: str, n_boot: int, rng) -
     for e in per_width:
         for k in ("_x", "_mean", "_best"):
             e.pop(k)
-    return {"family": fam, "widths": widths, "best": per_width, "curves": curves, "transfer": transfer}
+    out = {"family": fam, "widths": widths, "best": per_width, "curves": curves, "transfer": transfer}
+    inference = inference_summary(rows)
+    if inference:
+        out["inference"] = inference
+    return out
+
+
+def inference_summary(rows: Sequence[dict]) -> dict | None:
+    """The PC inference status of finished cells (their last epoch's ``pc_*`` columns): how many cells,
+    in how many the energy rose at some inference step (and the largest fraction of steps), the median and
+    largest final relative residual, and how many cells ``algos.pc.status_warning`` warns about. None when
+    no cell kept a status (other rules; ``no_status``)."""
+    from ..algos.pc import status_warning
+    lasts = []
+    for r in rows:
+        if r.get("status") != "done":
+            continue
+        epochs = [h for h in (r.get("history") or []) if "event" not in h]
+        if epochs and any(k.startswith("pc_") for k in epochs[-1]):
+            lasts.append(epochs[-1])
+    if not lasts:
+        return None
+    rose = [h["pc_energy_rose"] for h in lasts if h.get("pc_energy_rose") is not None
+            and h["pc_energy_rose"] == h["pc_energy_rose"]]
+    res = [h["pc_residual"] for h in lasts if h.get("pc_residual") is not None]
+    return {"cells": len(lasts), "energy_rose_cells": sum(v > 0 for v in rose),
+            "energy_rose_max": max(rose) if rose else None,
+            "residual_median": float(np.median(res)) if res else None, "residual_max": max(res) if res else None,
+            "warned_cells": sum(status_warning(h.get("pc_energy_rose"), h.get("pc_residual")) is not None
+                                for h in lasts)}
+
+
+def _inference_line(label: str, inf: dict) -> str:
+    text = f"  {label}: {inf['cells']} cells"
+    if inf["energy_rose_max"] is not None:
+        text += (f", energy rose in {inf['energy_rose_cells']} (up to {100 * inf['energy_rose_max']:.3g}% of steps)"
+                 if inf["energy_rose_cells"] else ", energy never rose")
+    if inf["residual_median"] is not None:
+        text += f", final relative residual median {inf['residual_median']:.3g} (max {inf['residual_max']:.3g})"
+    if inf["warned_cells"]:
+        text += f"  WARNING: unstable inference in {inf['warned_cells']} cells"
+    return text
 
 
 def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
@@ -361,6 +402,8 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
         if not learns(f, floor):
             row += "  does not learn"
             quiet.append(f["label"])
+        if f.get("inference", {}).get("warned_cells"):
+            row += "  inference!"
         lines.append(row)
     lines.append("penalty: extra "
                  f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest width with the "
@@ -373,6 +416,11 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
         lines.append("!: the minimum is at the edge of the LR grid (the optimum may lie outside it)")
     if any(e["method"] == "argmin" and not e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
         lines.append("~: grid minimum (no quadratic vertex inside the fitted points)")
+    inferring = [f for f in fams if f.get("inference")]
+    if inferring:
+        lines.append("PC inference over the last epoch of each finished cell (energy rise at any inference step; "
+                     "||dF/dv|| at the end over the start):")
+        lines += [_inference_line(f["label"], f["inference"]) for f in inferring]
     c = report.get("cells", {})
     if c.get("pending") or c.get("running") or c.get("failed"):
         lines.append(f"unfinished cells left out: {c.get('pending', 0)} pending, {c.get('running', 0)} running, "
@@ -380,5 +428,5 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
     return "\n".join(lines)
 
 
-__all__ = ["LEARN_FLOOR", "METRICS", "analyze", "best_accuracy", "best_of_curve", "format_table", "learns",
-           "linear_fit", "mean_curve", "value_at"]
+__all__ = ["LEARN_FLOOR", "METRICS", "analyze", "best_accuracy", "best_of_curve", "format_table", "inference_summary",
+           "learns", "linear_fit", "mean_curve", "value_at"]
