@@ -38,12 +38,24 @@ ADDED = {
     "$.other_metric",  # report: the transfer metrics by the other metric (test accuracy / training loss)
     "$.families[].best_test_accuracy", "$.families[].learns",  # report: does the family learn at all
     "$.families[].inference",  # report: PC inference status of the family's cells
+    "$.verdicts",  # report: muP vs its SP control by the verdict rule, by both metrics
     "$.replicas[].inference",  # train: PC inference status of the last epoch
+}
+
+
+# values deliberately changed since the golden files were written, each with the change (checked elsewhere)
+CHANGED = {
+    # the best-LR bootstrap also draws the fit window and spreads grid-minimum estimates over their cell
+    # (tests/test_sweep.py::test_bootstrap_includes_the_grid_resolution)
+    "$.families[].best[].log2_std", "$.families[].transfer.slope_boot_std", "$.families[].transfer.slope_err",
+    "$.other_metric.families[].transfer.slope_boot_std", "$.other_metric.families[].transfer.slope_err",
 }
 
 
 def _same(a, b, path="$"):
     """Equal JSON, machine- and clock-dependent keys left out, floats to 1e-12 relative."""
+    if re.sub(r"\[\d+\]", "[]", path) in CHANGED:
+        return
     if isinstance(b, dict):
         assert isinstance(a, dict), path
         keys = set(b) - make_golden.VOLATILE

@@ -373,10 +373,13 @@ def test_demo_plumbing_small(tmp_path, monkeypatch, capsys):
     assert all(Path(p).exists() for p in res["plots"]) and len(res["plots"]) == 3
     rep = _cli(["report", "--store", str(tmp_path / "demo.sqlite"), "--json"])
     by_label = {f["label"]: f for f in rep["families"]}
+    acc = {f["label"]: f["transfer"] for f in rep["other_metric"]["families"]}
     for r in res["results"]:
         f = by_label[r["label"]]
-        assert f["transfer"]["slope"] == r["slope"]
+        assert f["transfer"]["slope"] == r["slope"] and acc[r["label"]]["slope"] == r["test_accuracy"]["slope"]
         assert {str(e["width"]): e["best_lr"] for e in f["best"]} == r["best_lr"]
+    assert "penalty(acc)" in out and "by test accuracy" in res["verdict"]
+    assert [v["label"] for v in res["verdicts"]] == ["bp mup sgd"] and "test_accuracy" in res["verdicts"][0]
     again = demo.run_demo(str(tmp_path), quick=True, workers=0, json_mode=True)
     assert again["sweep"]["ran"] == 0 and again["results"] == res["results"]
 
@@ -413,3 +416,42 @@ def test_an_empty_database_being_created_by_another_sweep_is_initialised(tmp_pat
         assert st.counts()["pending"] == 0
     with Store(p, create=False) as st:  # and it is a proper store afterwards
         assert st.meta()["format"] == "mulocal-sweep-store"
+
+
+def test_bootstrap_includes_the_grid_resolution():
+    """The best-LR bootstrap resamples seeds and the fit window, and spreads a grid-minimum estimate over its
+    grid cell. Closed forms: an exact parabola in log(loss), identical seeds -> every window finds the same
+    vertex (spread 0); a minimum at the grid's edge -> uniform over +- half a step (std = step / sqrt(12));
+    an asymmetric curve -> windows disagree (spread > 0) although the seeds are identical."""
+    import numpy as np
+    from mulocal.sweep.transfer import _bootstrap
+    x = np.arange(-6.0, 3.0)  # log2 LR, step 1
+    rng = np.random.default_rng(0)
+    parab = np.exp(0.3 * (x + 1.3) ** 2)
+    assert np.nanstd(_bootstrap(x, np.tile(parab, (3, 1)), 400, rng)) < 1e-9
+    edge = np.exp(0.3 * (x + 9.0) ** 2)  # increasing over the grid: minimum at its first point
+    b = _bootstrap(x, np.tile(edge, (3, 1)), 4000, rng)
+    assert abs(np.std(b) - 1 / np.sqrt(12)) < 0.02 and abs(np.mean(b) - x[0]) < 0.03
+    d = np.abs(x + 1.3)
+    skew = np.exp(np.where(x < -1.3, 0.1 * d ** 1.2, 0.8 * d ** 2.5))
+    assert np.std(_bootstrap(x, np.tile(skew, (3, 1)), 400, rng)) > 0.02
+
+
+def test_verdict_rule_and_pairing():
+    """The verdict rule of docs/REPRODUCTION.md on hand-made numbers (the H200 fig1 results): separation is a
+    2-sigma gap of the slopes, transfer |slope| <= 0.25; each muP family is paired with the SP family of the
+    same rule and options, whatever its gbar_L."""
+    from mulocal.sweep.transfer import verdict, verdicts
+    assert verdict({"slope": 0.09, "slope_err": 0.06}, {"slope": -0.38, "slope_err": 0.15})["verdict"] == "reproduced"
+    v = verdict({"slope": -0.20, "slope_err": 0.11}, {"slope": -0.29, "slope_err": 0.10})
+    assert v["verdict"] == "not separated" and abs(v["gap"] - 0.09) < 1e-12 and abs(v["gap_err"] - 0.1486607) < 1e-6
+    assert verdict({"slope": -0.40, "slope_err": 0.01}, {"slope": -1.0, "slope_err": 0.01})["verdict"] == "muP slope beyond bound"
+    assert verdict({"slope": 0.0, "slope_err": None}, {"slope": -1.0, "slope_err": 0.1})["verdict"] == "no estimate"
+    t = lambda s: {"slope": s, "slope_err": 0.05}  # noqa: E731
+    fams = [{"label": "pc mup g0", "family": {"algo": "pc", "param": "mup", "gamma_bar_L": 0.0}, "transfer": t(0.0)},
+            {"label": "pc mup g1", "family": {"algo": "pc", "param": "mup", "gamma_bar_L": 1.0}, "transfer": t(0.1)},
+            {"label": "pc sp", "family": {"algo": "pc", "param": "sp", "gamma_bar_L": 0.0}, "transfer": t(-0.5)},
+            {"label": "bp mup", "family": {"algo": "bp", "param": "mup"}, "transfer": t(0.0)}]
+    out = verdicts({"metric": "train_loss", "families": fams})
+    assert [(v["label"], v["control"], v["train_loss"]["verdict"]) for v in out] == [
+        ("pc mup g0", "pc sp", "reproduced"), ("pc mup g1", "pc sp", "reproduced")]

@@ -144,3 +144,42 @@ def test_optimizer_comes_from_the_parameterization(synth):
     sp = build("mlp", synth.input_shape, 10, 32, preset("sp"), seeds=[0])
     assert Trainer(sp, make_algo("bp"), synth, TrainConfig(progress=False)).opt.kind == "sgd"
     assert Trainer(sp, make_algo("bp"), synth, TrainConfig(progress=False)).lrs.tolist() == [0.1]
+
+
+@pytest.mark.parametrize("arch,optimizer", [("mlp", "sgd"), ("mlp", "adam"), ("cnn", "sgd")])
+def test_readout_only_baseline_trains_the_output_layer_alone(arch, optimizer):
+    """The feature-learning baseline: hidden weights stay bitwise at their initialisation, and the output
+    layer's gradient is the loss gradient in W_L alone (autograd of the written-out loss, hidden features
+    fixed)."""
+    from mulocal.data import load_dataset
+    data = load_dataset("synthetic", train_subset=256, test_subset=64, seed=0)
+    g = torch.Generator().manual_seed(3)
+    shape = (1, 8, 8) if arch == "cnn" else data.input_shape
+    net = build(arch, shape, 10, 4 if arch == "cnn" else 32, preset("mup", optimizer), K=2, seeds=[0, 1],
+                dtype=torch.float64)
+    init = [p.clone() for p in net.params()]
+    algo = make_algo("bp", readout_only=True)
+    x = torch.randn(16, *shape, generator=g, dtype=torch.float64) if arch == "cnn" else data.x_train[:16].double()
+    y = torch.randint(0, 10, (16,), generator=g) if arch == "cnn" else data.y_train[:16]
+    grads, loss = algo.step(net, x, y)
+    us, acts = net.forward(x)
+    last = net.layers[-1]
+    W = last.weight.detach().clone().requires_grad_(True)
+    b = last.bias.detach().clone().requires_grad_(True)
+    saved = last.weight, last.bias
+    last.weight, last.bias = W, b
+    with torch.enable_grad():
+        f = last.forward(acts[-1].detach())
+        total = torch.nn.functional.cross_entropy(f.flatten(0, 1), y.repeat(2), reduction="sum") / len(y)
+        gW, gb = torch.autograd.grad(total, (W, b))
+    last.weight, last.bias = saved
+    assert all(gr.abs().max() == 0 for gr in grads[:-2])
+    torch.testing.assert_close(grads[-2], gW, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[-1], gb, rtol=1e-10, atol=1e-12)
+    if arch == "mlp":
+        net = build(arch, shape, 10, 32, preset("mup", optimizer), K=2, seeds=[0, 1])
+        init = [p.clone() for p in net.params()]
+        Trainer(net, algo, data, TrainConfig(epochs=1, lr=0.1 if optimizer == "sgd" else 1e-3, optimizer=optimizer,
+                                             progress=False)).run()
+        assert all(torch.equal(p, q) for p, q in zip(net.params()[:-2], init[:-2]))
+        assert not torch.equal(net.params()[-2], init[-2])

@@ -1,4 +1,4 @@
-"""Error types. Every user-facing failure is one of these, with a one-line message."""
+"""Error and warning types. Every user-facing failure is one of these, with a one-line message."""
 
 
 class MulocalError(ValueError):
@@ -15,3 +15,12 @@ class DataError(MulocalError):
 
 class CheckpointError(MulocalError):
     """A checkpoint does not match the model it is loaded into."""
+
+
+class MulocalWarning(UserWarning):
+    """Base class of the warnings: the CLI prints each once, on one line (``mulocal: warning: ...``)."""
+
+
+class UnstableParameterizationWarning(MulocalWarning):
+    """A parameterization outside the stable range of its learning rule. It still runs (the unstable
+    regime can be studied on purpose); ``warnings.simplefilter("error", ...)`` makes it an error."""

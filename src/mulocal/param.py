@@ -28,16 +28,21 @@ bias learning rate         eta * m^-c_bias                              ``Parame
 PC output energy weight    gamma'_L * m^-gbar_L                         ``Parameterization.gamma_L``
 =========================  ===========================================  ==========================
 
+PC is stable for gbar_L >= -1 (the inference perturbation of v_{L-1} scales like M^{-1-gbar_L});
+``preset(..., algo="pc")`` with gbar_L < -1 warns (``UnstableParameterizationWarning``, see
+:func:`instability`) and still builds it.
+
 Biases start at zero. A bias is a vector-like parameter (its fan-in is 1), so its
 learning-rate exponent is set separately: ``c_bias = (hidden/input-layer biases, output bias)``.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, UnstableParameterizationWarning
 
 OPTIMIZERS = ("sgd", "adam")
 ROLES = ("input", "hidden", "output")
@@ -256,6 +261,8 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
     "gnt" have b_L = 1/2, c = (0, 1, 1)). Names like ``mup-sgd`` pin the optimizer. ``gamma_bar_L`` is a preset argument: muP with SGD shifts its learning-rate
     exponents by it (c = c_SGD - gbar_L). Overrides are applied afterwards and never re-derive
     anything: ``preset("mup").with_(gamma_bar_L=-1)`` keeps SGD's c (the unstable control).
+    With ``algo="pc"``, a gbar_L < -1 warns (``UnstableParameterizationWarning``, still built):
+    PC's inference perturbation then grows with width (:func:`instability`).
     """
     if not isinstance(name, str):
         raise ConfigError(f"preset name must be a string, got {name!r}")
@@ -275,4 +282,28 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
         raise ConfigError(f"gamma_bar_L must be finite, got {gamma_bar_L!r}")
     base = PRESETS[key](optimizer, g, algo)
     base = base.with_(optimizer=optimizer) if base.optimizer is None else base
-    return base.with_(**overrides) if overrides else base
+    out = base.with_(**overrides) if overrides else base
+    warn_if_unstable(out, algo)
+    return out
+
+
+def instability(param: Parameterization, algo: str) -> str | None:
+    """One line saying why ``param`` is outside the stable range of the learning rule ``algo``, or None.
+
+    PC: the inference perturbation of v_{L-1} is gamma_L W_L^T e_L ~ M^{-gbar_L} M^{-1} under muP
+    (b_L = 1), so it scales like M^{-1 - gbar_L} and grows with width for gbar_L < -1: the stable
+    range is gbar_L >= -1 (-1 is the maximal, Theta(1), perturbation).
+    """
+    g = float(param.gamma_bar_L)
+    if str(algo).lower() == "pc" and g < -1:
+        return (f"gamma_bar_L = {g:g} < -1 is unstable for PC: the inference perturbation of v_(L-1) scales like "
+                f"M^(-1 - gbar_L) = M^{-1 - g:g}, which grows with width (stable range: gbar_L >= -1)")
+    return None
+
+
+def warn_if_unstable(param: Parameterization, algo: str) -> None:
+    """Warn (:class:`UnstableParameterizationWarning`, not an error: it still runs) when
+    :func:`instability` finds a reason."""
+    reason = instability(param, algo)
+    if reason:
+        warnings.warn(reason, UnstableParameterizationWarning, stacklevel=3)

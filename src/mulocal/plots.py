@@ -239,26 +239,53 @@ def plot_lines(path: str, x, series: dict[str, list], xlabel: str, ylabel: str, 
 
 
 # ------------------------------------------------------------------------------ reproduce figures
-def transfer_figure(report: dict, path, title: str) -> str:
+def _transfer_text(t: dict | None, what: str) -> str:
+    if not t or t.get("slope") is None:
+        return f"{what}: -"
+    pen = t.get("penalty")
+    pen = "-" if pen is None else ("diverges" if not math.isfinite(pen) else f"{pen:.3g}")
+    return f"{what}: slope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}, penalty {pen}"
+
+
+def transfer_figure(report: dict, path, title: str, other: dict | None = None, baseline: dict | None = None) -> str:
     """A reproduce figure: per family (column), test accuracy (top) and training loss (bottom) against the
-    learning rate, a curve per width with its min-max band over seeds and the estimated optimum."""
+    learning rate, a curve per width with its min-max band over seeds and the estimated optimum.
+
+    Each column's title gives the transfer slope and penalty by both metrics (``report`` by one, ``other``
+    by the other, matched by family label). ``baseline``: width -> best test accuracy of the feature-learning
+    baseline (the readout trained on frozen random features), drawn as a dashed line per width."""
     plt = _plt()
     fams = report["families"]
-    fig, axes = plt.subplots(2, len(fams), figsize=(3.6 * len(fams), 6.2), squeeze=False)
+    others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
+    fig, axes = plt.subplots(2, len(fams), figsize=(3.9 * len(fams), 6.8), squeeze=False)
+    cmap = plt.get_cmap("viridis")
     for j, f in enumerate(fams):
         best = {e["width"]: e for e in f["best"]}
         _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
                "test accuracy", False, False)
         positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
         _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive)
-        t = f["transfer"]
-        slope = "" if t["slope"] is None else f"\nslope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}"
-        axes[0][j].set_title(f["label"] + slope, fontsize=8)
+        by = {report["metric"]: f["transfer"]}
+        if other is not None:
+            by[other["metric"]] = others.get(f["label"])
+        lines = [_transfer_text(by.get(m), name) for m, name in (("train_loss", "loss"), ("test_accuracy", "acc"))
+                 if m in by]
+        axes[0][j].set_title(f["label"] + "\n" + "\n".join(lines), fontsize=7)
+        widths = [c["width"] for c in f["curves"]]
+        for i, w in enumerate(widths):
+            if baseline and baseline.get(w) is not None:
+                axes[0][j].axhline(baseline[w], color=cmap(i / max(len(widths) - 1, 1)), ls="--", lw=0.9,
+                                   label="readout only (frozen features)" if i == len(widths) - 1 else None)
         best_acc = [max((p["test_accuracy_mean"] or 0) for p in c["points"]) for c in f["curves"]]
         if best_acc:  # show the useful range: from 0.25 below the worst width's best accuracy
-            axes[0][j].set_ylim(max(0.0, min(best_acc) - 0.25), min(1.0, max(best_acc) + 0.03))
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+            axes[0][j].set_ylim(max(0.0, min(best_acc) - 0.25), min(1.0, max(best_acc + [v for v in (baseline or {}).values()
+                                                                                     if v is not None])
+                                                                     + 0.03))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title + "\nbands: min-max over seeds; dotted lines and stars: estimated best LR (quadratic vertex in "
+                 "log2 LR of the seed-mean training loss); x: a seed diverged"
+                 + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""),
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

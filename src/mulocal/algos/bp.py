@@ -4,6 +4,12 @@
     grad W_l = mean_batch(delta_l a_{l-1}^T),   grad b_l = mean_batch(delta_l)
 
 No autograd graph is built; tests check it against autograd.
+
+``readout_only=True``: the feature-learning baseline. Only the output layer gets its gradient (grad W_L,
+grad b_L above); every hidden layer's gradient is 0, so its weights stay at their random initialisation
+(with SGD, momentum or Adam a zero gradient moves nothing; weight decay would still shrink them). The
+accuracy of this run at its best learning rate is what training the readout on frozen random features
+reaches: a rule that does not beat it at some width has not learned features there.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 
 from ..losses import check_loss, loss_and_grad
 from ..nets import Net
+from .options import Option
 
 
 class BP:
@@ -18,16 +25,24 @@ class BP:
 
     name = "bp"
     family = "backpropagation"
-    OPTIONS = ()
+    OPTIONS = (
+        Option("readout_only", "bool", False, "train only the output layer on frozen random features (the "
+               "feature-learning baseline)", implicit=True),
+    )
 
-    def __init__(self, loss: str = "ce"):
+    def __init__(self, loss: str = "ce", readout_only: bool = False):
         self.loss = check_loss(loss)
+        self.readout_only = bool(readout_only)
 
     @torch.no_grad()
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(gradients aligned with ``net.params()``, batch loss per replica (K,))."""
         us, acts = net.forward(x)
         loss, delta = loss_and_grad(us[-1], y, self.loss)
+        if self.readout_only:
+            gw, gb = net.layers[-1].grads(delta, acts[-1])  # acts: a_0..a_{L-1}
+            hidden = [torch.zeros_like(p) for p in net.params()[:-(1 if gb is None else 2)]]
+            return hidden + ([gw] if gb is None else [gw, gb]), loss
         return backprop(net, us, acts, delta), loss
 
 

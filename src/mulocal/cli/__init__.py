@@ -2,8 +2,9 @@
 reproduce | demo`` (also ``python -m mulocal``).
 
 Every command that produces numbers accepts ``--json`` and then prints exactly one JSON object on stdout
-(progress goes to stderr). Bad input exits with status 2 and one line on stderr. The flags that describe a
-run are generated from ``config.FIELDS`` and the learning rules' declared options (``flags.py``); the
+(progress goes to stderr). Bad input exits with status 2 and one line on stderr; a warning of mulocal's own
+(``errors.MulocalWarning``, e.g. an unstable parameterization) is one line on stderr, once per run. The flags
+that describe a run are generated from ``config.FIELDS`` and the learning rules' declared options (``flags.py``); the
 commands build their runs with ``config.assemble``.
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 
-from ..errors import MulocalError
+from ..errors import MulocalError, MulocalWarning
 from ..util import json_safe
 from . import commands, sweeps
 
@@ -52,8 +54,35 @@ def main(argv=None) -> int:
     return dispatch(args)
 
 
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show each distinct :class:`MulocalWarning` once, as ``mulocal: warning: <message>`` on stderr (no
+    file/line, no source line); other warnings as Python shows them. ``-W`` / ``PYTHONWARNINGS`` still
+    apply (``-W error::UserWarning`` turns it into an error, ``-W ignore`` hides it)."""
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=MulocalWarning, append=True)  # deduplicated below, per run
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, MulocalWarning):
+                return shown(message, category, filename, lineno, file, line)
+            text = " ".join(str(message).split())
+            if text not in seen:
+                seen.add(text)
+                print(f"mulocal: warning: {text}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def dispatch(args) -> int:
     """Run a parsed command: one error line and status 2 for bad input, one JSON object with --json."""
+    with one_line_warnings():
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     code = 0
     as_json = getattr(args, "json", False)
     try:

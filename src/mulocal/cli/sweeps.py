@@ -168,7 +168,7 @@ def cmd_sweep(args) -> dict:
 
 def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
     """The report of the store by ``--metric`` and, with ``both``, the report by the other metric."""
-    from ..sweep.transfer import analyze, best_accuracy, learns
+    from ..sweep.transfer import analyze, best_accuracy, learns, verdicts
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()
         rep = analyze(rows, metric=args.metric)
@@ -181,6 +181,7 @@ def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
             rep["other_metric"] = {"metric": other["metric"],
                                    "families": [{"label": f["label"], "transfer": f["transfer"]}
                                                 for f in other["families"]]}
+            rep["verdicts"] = verdicts(rep, other)
         results = st.results()
         if results:
             rep["results"] = results

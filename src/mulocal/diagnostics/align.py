@@ -59,7 +59,7 @@ def cosine_vs_width(widths: Sequence[int], x: torch.Tensor, y: torch.Tensor, *, 
     """Per-layer cosine of each update mode with the BP gradient (``cos_bp``, seed mean; ``cos_bp_seeds``,
     one value per seed) and with the GNT update (``cos_gnt``), at each width; networks without biases
     under PC's muP for ``gamma_bar_L``."""
-    param = preset("mup", "sgd", gamma_bar_L=gamma_bar_L, base_width=base_width)
+    param = preset("mup", "sgd", gamma_bar_L=gamma_bar_L, algo="pc", base_width=base_width)
     out: dict = {"widths": list(widths), "activation": activation, "gamma_bar_L": gamma_bar_L, "modes": {}}
     for mode in modes:
         if mode not in ("pc-equilibrium", "pc-single-shot", "gnt"):
@@ -83,17 +83,20 @@ def cosine_vs_width(widths: Sequence[int], x: torch.Tensor, y: torch.Tensor, *, 
     return out
 
 
-def alignment_vs_step(configs: Sequence[tuple[str, str]], widths: Sequence[int], batches, probe, lr: float = 0.1,
+def alignment_vs_step(configs: Sequence[tuple], widths: Sequence[int], batches, probe, lr: float = 0.1,
                       K: int = 4, input_shape=None, n_classes: int = 10) -> dict:
-    """omega_L (and alpha_L, u_L) per step for each (algo, preset) pair, fitted across widths."""
+    """omega_L (and alpha_L, u_L) per step for each (algo, preset) or (algo, preset, rule options) config,
+    fitted across widths. A config's key is "algo preset-name" plus its options (``feedback=ridge``)."""
     out = {"widths": list(widths), "steps": len(batches), "configs": {}}
     shape = tuple(input_shape or batches[0][0].shape[1:])
-    for algo, pname in configs:
+    for config in configs:
+        algo, pname, opts = (tuple(config) + ({},))[:3]
         p = preset(pname, "sgd", algo=algo)
-        res = coord_check(lambda w: build("mlp", shape, n_classes, w, p, K=K, seeds=range(K)), make_algo(algo),
-                          widths, batches, probe, lr, "sgd")
+        res = coord_check(lambda w: build("mlp", shape, n_classes, w, p, K=K, seeds=range(K)),
+                          make_algo(algo, **opts), widths, batches, probe, lr, "sgd")
         L = sum(1 for k in res.slopes if k.startswith("dWh_"))
-        out["configs"][f"{algo} {p.name}"] = {
+        key = " ".join([algo, p.name] + [f"{k}={v}" for k, v in sorted(opts.items())])
+        out["configs"][key] = {
             kind: [res.alignment(L, kind, step=t) for t in range(len(batches))] for kind in ("omega", "alpha", "u")}
     return out
 
@@ -104,7 +107,7 @@ def preconditioner_vs_width(widths: Sequence[int], gamma_bars: Sequence[float] =
     """Spectral norm of C = sum_i (gamma_L/gamma_i) W_{L:i+1} W_{L:i+1}^T at init under PC's muP."""
     out = {"widths": list(widths), "norms": {}}
     for g in gamma_bars:
-        p = preset("mup", "sgd", gamma_bar_L=g, base_width=base_width)
+        p = preset("mup", "sgd", gamma_bar_L=g, algo="pc", base_width=base_width)
         norms = []
         for w in widths:
             net = build("mlp", (in_dim,), out_dim, w, p, depth=depth, activation="linear", bias=False, K=len(seeds),

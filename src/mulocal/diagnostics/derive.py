@@ -14,6 +14,12 @@ backward signal that the hidden learning rates see). The fit stops when every ex
 less than ``tol``. The verdict compares the fitted table with a reference preset.
 
 Networks without biases are used (a bias has its own exponent and would mix into Delta W h).
+
+The final check also reads the learning rule's inference perturbation of the values (PC's ``pert_l``,
+the RMS of v_l minus its feed-forward value; PC scales it like M^{-1-gbar_L} for v_{L-1}). No
+exponent of (b, c) can fix it: a ``pert_l`` whose width slope exceeds ``tolerance`` (or whose RMS is
+not finite) grows with width and is listed in ``DeriveResult.unstable`` (gbar_L < -1: the
+parameterization is unstable whatever the fitted table).
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from typing import Callable, Sequence
 from ..errors import ConfigError
 from ..param import Parameterization
 from .coord import CoordResult, coord_check
+
+
+PERTURBATION = "pert_"  # prefix of the inference-perturbation observables (PC's coord_observables)
 
 
 @dataclass
@@ -54,12 +63,42 @@ class DeriveResult:
         return max(max(abs(x - y) for x, y in zip(self.b, self.reference.b)),
                    max(abs(x - y) for x, y in zip(self.c, self.reference.c)))
 
+    @property
+    def perturbation_slopes(self) -> dict[str, float]:
+        """Width slope of each inference perturbation (``pert_l``) in the final check ({} without one)."""
+        if self.final is None:
+            return {}
+        return {k: v for k, v in self.final.slopes.items() if k.startswith(PERTURBATION)}
+
+    @property
+    def unstable(self) -> list[str]:
+        """The inference perturbations of the final check that grow with width: slope > ``tolerance``,
+        or a non-finite RMS (diverged). Empty for a stable setting."""
+        out = []
+        for name, slope in self.perturbation_slopes.items():
+            finite = all(math.isfinite(v) for row in self.final.rms[name] for v in row)
+            if not finite or slope > self.tolerance:
+                out.append(name)
+        return out
+
+    @property
+    def unstable_note(self) -> str | None:
+        """One line explaining :attr:`unstable`, or None."""
+        if not self.unstable:
+            return None
+        sl = self.perturbation_slopes
+        parts = ", ".join(f"{n} ~ M^{sl[n]:.2f}" if math.isfinite(sl[n]) else f"{n} diverged" for n in self.unstable)
+        return (f"UNSTABLE: the inference perturbation grows with width ({parts}; slope > {self.tolerance:g}): "
+                f"PC's v_(L-1) moves like M^(-1 - gbar_L), stable only for gbar_L >= -1")
+
     def to_dict(self) -> dict:
         out = {"b": [round(v, 4) for v in self.b], "c": [round(v, 4) for v in self.c],
                "start": {"name": self.start.name, "b": list(self.start.b), "c": list(self.start.c)},
                "rounds": self.rounds, "converged": self.converged,
                "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
-                               "slopes": self.final.slopes if self.final else None}}
+                               "slopes": self.final.slopes if self.final else None},
+               "perturbation_slopes": self.perturbation_slopes, "unstable": self.unstable,
+               "unstable_note": self.unstable_note}
         if self.reference is not None:
             out["reference"] = {"name": self.reference.name, "b": list(self.reference.b), "c": list(self.reference.c)}
             out["max_deviation"] = self.max_deviation
@@ -81,6 +120,11 @@ class DeriveResult:
         if self.reference is not None:
             lines.append(f"vs {self.reference.name}: max deviation {self.max_deviation:.3f} -> "
                          + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+        if self.perturbation_slopes:
+            lines.append("inference perturbation slopes: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in self.perturbation_slopes.items()))
+        if self.unstable_note:
+            lines.append(self.unstable_note)
         return "\n".join(lines)
 
     def plot(self, path: str, title: str = "") -> str:

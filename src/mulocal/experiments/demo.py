@@ -42,7 +42,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     ``seed`` shifts the two seeds used; ``workers`` is passed to the sweep (default one process per core,
     0 = in this process).
     """
-    from ..sweep.transfer import analyze, format_table
+    from ..sweep.transfer import analyze, format_table, verdicts
     from ..plots import plot_report
     from ..config import config_hash
     from ..sweep.store import Store
@@ -62,36 +62,46 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     say(format_summary(summary))
     hashes = [config_hash(c) for c in expand(spec)]
     with Store(store, create=False) as st:
-        report = analyze(st.rows(hashes=hashes))
+        rows = st.rows(hashes=hashes)
+    report, by_acc = analyze(rows), analyze(rows, metric="test_accuracy")  # both metrics: the paper's is accuracy
     plots = plot_report(report, out)
-    table = format_table(report)
+    table = format_table(report, by_acc)
     say("")
     say(table)
-    verdict = _verdict(report)
+    verdict = _verdict(report, by_acc)
     if verdict:
         say("")
         say(verdict)
     say(f"\nplots: {', '.join(plots)}\nstore: {store}  (mulocal report --store {store})")
+    acc_t = {f["label"]: f["transfer"] for f in by_acc["families"]}
     result = {"out": str(out), "store": str(store), "plots": plots, "spec": spec, "sweep": summary,
               "seconds": time.perf_counter() - t0, "verdict": verdict,
               "results": [{"label": f["label"], "algo": f["family"]["algo"], "param": f["family"]["param"],
                            "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
                            "log2_std": {str(e["width"]): e["log2_std"] for e in f["best"]},
                            "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"],
-                           "penalty": f["transfer"]["penalty"]} for f in report["families"]]}
+                           "penalty": f["transfer"]["penalty"],
+                           "test_accuracy": {k: acc_t.get(f["label"], {}).get(k)
+                                             for k in ("slope", "slope_err", "penalty")}}
+                          for f in report["families"]],
+              "verdicts": verdicts(by_acc, report)}
     (out / "demo.json").write_text(json.dumps(json_safe(result), indent=1))
     return result
 
 
-def _verdict(report: dict) -> str:
+def _verdict(report: dict, by_acc: dict) -> str:
+    """One line per rule: the drift of the best LR under muP and SP by training loss and by test accuracy."""
     lines = []
+    acc = {(f["family"]["algo"], f["family"]["param"]): f["transfer"] for f in by_acc["families"]}
     by = {(f["family"]["algo"], f["family"]["param"]): f["transfer"] for f in report["families"]}
     for algo in dict.fromkeys(f["family"]["algo"] for f in report["families"]):
         mup, sp = by.get((algo, "mup")), by.get((algo, "sp"))
         if not mup or not sp or mup["slope"] is None or sp["slope"] is None:
             continue
-        lines.append(f"{algo.upper()}: the best LR moves {mup['slope']:+.2f} octaves per doubling of width under muP, "
-                     f"{sp['slope']:+.2f} under SP")
+        line = (f"{algo.upper()}: the best LR moves {mup['slope']:+.2f} octaves per doubling of width under muP, "
+                f"{sp['slope']:+.2f} under SP (training loss)")
+        am, asp = acc.get((algo, "mup")), acc.get((algo, "sp"))
+        if am and asp and am["slope"] is not None and asp["slope"] is not None:
+            line += f"; {am['slope']:+.2f} vs {asp['slope']:+.2f} by test accuracy"
+        lines.append(line)
     return "\n".join(lines)
-
-

@@ -11,12 +11,16 @@ seed). For each family and width:
   and its vertex lies inside the fitted points; otherwise the grid minimum itself (``method``
   says which; ``at_edge`` flags a minimum on the first or last learning rate of the grid, where
   the true optimum may lie outside it);
-* its uncertainty is the standard deviation, in log2 units, of the same estimate over seed
-  bootstrap resamples (None with a single seed).
+* its uncertainty is the standard deviation, in log2 units, of the same estimate over bootstrap
+  resamples of the seeds *and of the fit window*: each resample also draws the window's half-width
+  (1, 2 or 3 grid points each side), and where the estimate falls back to the grid minimum it is
+  spread uniformly over that grid cell (+- half a grid step: the optimum lies anywhere there). The
+  error thus includes the LR grid's resolution, not seed noise alone (None with a single seed).
 
 Per family, the transfer metrics are the least-squares slope of log2(best lr) against
 log2(width) (0 means the optimum transfers; SP under SGD typically gives a negative slope), with
-its regression standard error (3+ widths) and its seed-bootstrap spread, and the *penalty*: the
+its regression standard error (3+ widths) and its bootstrap spread (seeds and fit windows, as above;
+``slope_err`` is the larger of the two), and the *penalty*: the
 mean metric at the largest width when trained at the smallest width's best learning rate,
 minus the best mean metric at the largest width (read off the fitted quadratic where the
 learning rate is inside it, else interpolated linearly in log2(lr) between grid points).
@@ -52,13 +56,14 @@ def mean_curve(M: np.ndarray) -> np.ndarray:
     return out
 
 
-def best_of_curve(x: Sequence[float], y: Sequence[float]) -> dict | None:
+def best_of_curve(x: Sequence[float], y: Sequence[float], halves: Sequence[int] = (2, 1)) -> dict | None:
     """The minimum of y(x) on a sorted grid x: quadratic vertex near the grid minimum, else the grid minimum.
 
     Returns {"x", "value", "method" ("quadratic" | "argmin"), "at_edge", "grid_index", "window" (x range of the
     fitted points), "coef" (a, b, c of a x^2 + b x + c), "log"}, or None when no point is finite.
     A positive curve (a loss) is fitted in log(y): loss curves rise steeply past the optimum, and a parabola in
-    y itself would put its vertex below every measured point.
+    y itself would put its vertex below every measured point. ``halves``: the fit windows tried in turn, as
+    the number of grid points each side of the minimum (the report uses (2, 1); the bootstrap varies it).
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     finite = np.isfinite(y)
@@ -69,7 +74,7 @@ def best_of_curve(x: Sequence[float], y: Sequence[float]) -> dict | None:
     n = len(y)
     base = {"x": float(x[i]), "value": float(y[i]), "method": "argmin", "at_edge": i == 0 or i == n - 1,
             "grid_index": i, "window": None, "coef": None, "log": logy}
-    for half in (2, 1):
+    for half in halves:
         lo = i
         while lo > 0 and i - lo < half and finite[lo - 1]:
             lo -= 1
@@ -109,16 +114,30 @@ def value_at(x: Sequence[float], y: Sequence[float], best: dict | None, x0: floa
     return float(y[k]), "nearest"
 
 
+WINDOWS = (1, 2, 3)  # fit-window half-widths the bootstrap draws from
+
+
 def _bootstrap(x, M, n_boot: int, rng) -> np.ndarray:
-    """Best x of the seed-mean curve over bootstrap resamples of the seeds (rows of M); NaN where none."""
+    """Best x of the seed-mean curve over bootstrap resamples of the seeds (rows of M) and of the fit window
+    (a half-width drawn from ``WINDOWS``, falling back to 1); a grid-minimum estimate is spread uniformly over
+    its grid cell (+- half the local grid step). NaN where none."""
     n_s = M.shape[0]
     out = np.full(n_boot, np.nan)
     if n_s < 2:
         return out
+    x = np.asarray(x, float)
+    steps = np.diff(x)
     for b in range(n_boot):
-        est = best_of_curve(x, mean_curve(M[rng.integers(0, n_s, n_s)]))
-        if est is not None:
-            out[b] = est["x"]
+        rows = rng.integers(0, n_s, n_s)
+        half = int(WINDOWS[rng.integers(0, len(WINDOWS))])
+        jitter = rng.uniform(-0.5, 0.5)
+        est = best_of_curve(x, mean_curve(M[rows]), halves=(half, 1) if half != 1 else (1,))
+        if est is None:
+            continue
+        out[b] = est["x"]
+        if est["method"] == "argmin" and len(steps):
+            i = est["grid_index"]
+            out[b] += jitter * float(steps[min(i, len(steps) - 1)])
     return out
 
 
@@ -327,6 +346,61 @@ def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------- verdicts
+TRANSFER_BOUND = 0.25  # |d log2(best LR) / d log2(width)| within which an optimum "transfers" (2x over 8x widths)
+SEPARATION_SIGMAS = 2.0
+
+
+def verdict(mup: dict | None, sp: dict | None) -> dict:
+    """The verdict rule of docs/REPRODUCTION.md, on one metric: the ``transfer`` dicts of a muP family and
+    of its SP control (same rule and options).
+
+        separated  <=>  slope_muP - slope_SP > SEPARATION_SIGMAS * sqrt(err_muP^2 + err_SP^2)
+        transfers  <=>  |slope_muP| <= TRANSFER_BOUND
+        "reproduced" iff both; else "not separated" (SP's optimum does not drift measurably more) or
+        "muP slope beyond bound"; "no estimate" without slopes and errors.
+
+    Returns {"verdict", "separated", "transfers", "gap" (slope_muP - slope_SP), "gap_err"}."""
+    out = {"verdict": "no estimate", "separated": None, "transfers": None, "gap": None, "gap_err": None}
+    if not mup or not sp or mup.get("slope") is None or sp.get("slope") is None:
+        return out
+    e1, e2 = mup.get("slope_err"), sp.get("slope_err")
+    if e1 is None or e2 is None:
+        return out
+    gap, err = mup["slope"] - sp["slope"], math.hypot(e1, e2)
+    separated, transfers = gap > SEPARATION_SIGMAS * err, abs(mup["slope"]) <= TRANSFER_BOUND
+    out.update(separated=bool(separated), transfers=bool(transfers), gap=float(gap), gap_err=float(err),
+               verdict="reproduced" if separated and transfers else ("muP slope beyond bound" if not transfers
+                                                                    else "not separated"))
+    return out
+
+
+PAIRING_FREE = ("param", "gamma_bar_L", "param_options", "param_resolved", "algo_resolved")
+
+
+def _pair_key(fam: dict) -> str:
+    return canonical_json({k: v for k, v in fam.items() if k not in PAIRING_FREE})
+
+
+def verdicts(report: dict, other: dict | None = None) -> list[dict]:
+    """Every non-SP family of ``report`` paired with the SP family of the same rule and options (the
+    parameterization and gbar_L may differ), judged by ``verdict`` by the report's metric and, with ``other``,
+    by the other metric too. One entry per pair: {"label", "control", <metric>: verdict(...), ...}."""
+    fams = report["families"]
+    sps = {_pair_key(f["family"]): f for f in fams if f["family"].get("param") == "sp"}
+    others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
+    out = []
+    for f in fams:
+        sp = sps.get(_pair_key(f["family"]))
+        if f["family"].get("param") == "sp" or sp is None:
+            continue
+        entry = {"label": f["label"], "control": sp["label"], report["metric"]: verdict(f["transfer"], sp["transfer"])}
+        if other is not None:
+            entry[other["metric"]] = verdict(others.get(f["label"]), others.get(sp["label"]))
+        out.append(entry)
+    return out
+
+
 # ------------------------------------------------------------------------------------- text
 def _fmt_lr(e: dict) -> str:
     if e is None or e.get("best_lr") is None:
@@ -416,7 +490,21 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
         lines.append("!: the minimum is at the edge of the LR grid (the optimum may lie outside it)")
     if any(e["method"] == "argmin" and not e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
         lines.append("~: grid minimum (no quadratic vertex inside the fitted points)")
-    inferring = [f for f in fams if f.get("inference")]
+    pairs = verdicts(report, other)
+    if pairs:
+        lines.append(f"verdict (muP vs its SP control; separated: slope gap > {SEPARATION_SIGMAS:g} sigma, transfers: "
+                     f"|slope| <= {TRANSFER_BOUND:g}; the paper's metric is test accuracy):")
+        for v in pairs:
+            parts = []
+            for m in ("test_accuracy", "train_loss"):
+                if m in v:
+                    d = v[m]
+                    gap = "" if d["gap"] is None else f" (gap {d['gap']:+.2f} ± {d['gap_err']:.2f})"
+                    parts.append(f"by {'test accuracy' if m == 'test_accuracy' else 'training loss'}: "
+                                 f"{d['verdict']}{gap}")
+            lines.append(f"  {v['label']} vs {v['control']}: " + "; ".join(parts))
+    inferring = [f for f in fams if f.get("inference") and (f["inference"]["energy_rose_max"] is not None
+                                                          or f["inference"]["residual_median"] is not None)]
     if inferring:
         lines.append("PC inference over the last epoch of each finished cell (energy rise at any inference step; "
                      "||dF/dv|| at the end over the start):")
@@ -428,5 +516,6 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
     return "\n".join(lines)
 
 
-__all__ = ["LEARN_FLOOR", "METRICS", "analyze", "best_accuracy", "best_of_curve", "format_table", "inference_summary",
-           "learns", "linear_fit", "mean_curve", "value_at"]
+__all__ = ["LEARN_FLOOR", "METRICS", "SEPARATION_SIGMAS", "TRANSFER_BOUND", "analyze", "best_accuracy",
+           "best_of_curve", "format_table", "inference_summary", "learns", "linear_fit", "mean_curve", "value_at",
+           "verdict", "verdicts"]
