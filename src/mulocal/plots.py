@@ -282,10 +282,12 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
                                                                                      if v is not None])
                                                                      + 0.03))
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(title + "\nbands: min-max over seeds; dotted lines and stars: estimated best LR (quadratic vertex in "
-                 "log2 LR of the seed-mean training loss); x: a seed diverged"
-                 + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""),
-                 fontsize=8)
+    import textwrap
+    legend = ("bands: min-max over seeds; dotted lines and stars: estimated best LR (quadratic vertex in log2 LR of "
+              "the seed-mean training loss); x: a seed diverged"
+              + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""))
+    cols = int(30 * len(fams))
+    fig.suptitle("\n".join(textwrap.fill(part, cols) for part in (title + "\n" + legend).split("\n")), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
