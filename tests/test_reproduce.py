@@ -43,3 +43,25 @@ def test_unknown_experiment_is_one_line():
     import sys
     p = subprocess.run([sys.executable, "-m", "mulocal.cli", "reproduce", "fig99"], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown experiment 'fig99'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_fig7_tiny_has_the_bL1_control_the_baseline_and_the_feature_check(tmp_path, capsys):
+    assert main(["reproduce", "fig7", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    params = {(f["family"]["algo"], f["family"]["param"]) for f in out["families"] if not f["baseline"]}
+    assert params == {(a, p) for a in ("tp", "dtp") for p in ("mup", "mup-bL1", "sp")}
+    assert {(v["label"].split()[0], v["label"].split()[1]) for v in out["verdicts"]} == \
+        {(a, p) for a in ("tp", "dtp") for p in ("mup", "mup-bL1")}
+    feats = out["feature_learning"]["summary"]
+    assert set(feats) == {"dtp mup-dtp-sgd", "dtp mup-bL1-sgd", "tp mup-tp-sgd feedback=ridge",
+                          "tp mup-bL1-sgd feedback=ridge", "bp mup-sgd"}
+    assert all({"feat_step1", "feat", "share_init", "dh_rel_2"} <= set(v) for v in feats.values())
+    assert (tmp_path / "fig7" / "fig7-features.png").stat().st_size > 5000
+
+
+def test_analyze_features_json(capsys):
+    assert main(["analyze", "features", "--algos", "bp,dtp", "--params", "mup,mup-bL1", "--widths", "16,32",
+                 "--steps", "2", "--dataset", "synthetic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["configs"]) == {"bp mup-sgd", "bp mup-bL1-sgd", "dtp mup-dtp-sgd", "dtp mup-bL1-sgd"}
+    assert all(c["identity_residual"] < 1e-4 and "dh_rel_2" in c["slopes"] for c in out["configs"].values())

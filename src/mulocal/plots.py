@@ -294,6 +294,44 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
     return str(path)
 
 
+def features_figure(results: dict, path, title: str) -> str:
+    """Feature learning vs width (``diagnostics.features`` results by configuration): rms(W_L Delta h_{L-1})
+    after the first and the last recorded step, its first-order part rms(W_L(0) Delta h_{L-1}) / rms(Delta f)
+    and the last hidden layer's relative feature change at the last step; mean over replicas with a min-max
+    band; each legend entry carries the width slope."""
+    import numpy as np
+    plt = _plt()
+    panels = (("feat", 0, "rms(W_L(t) dh_(L-1)) after step 1", True),
+              ("feat", -1, "rms(W_L(t) dh_(L-1)) after the last step", True),
+              ("share_init", -1, "rms(W_L(0) dh_(L-1)) / rms(df), last step", True),
+              ("dh_rel_2", -1, "||dh_(L-1)|| / ||h_(L-1)(0)||, last step", True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4))
+    for (q, t, label, logy), ax in zip(panels, axes):
+        for i, (key, r) in enumerate(results.items()):
+            if q not in r["values"]:
+                continue
+            w = r["widths"]
+            mean = [row[t] for row in r["values"][q]]
+            reps = np.asarray([row[t] for row in r["per_replica"][q]], dtype=float)
+            slope = r["slopes_per_step"][q][t]
+            ls = "--" if "bL1" in key else "-"
+            ax.plot(w, mean, "o" + ls, ms=3, color=f"C{i}", label=f"{key}: slope {slope:+.2f}")
+            ax.fill_between(w, reps.min(1), reps.max(1), color=f"C{i}", alpha=0.15, lw=0)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("width")
+        ax.set_title(label, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.suptitle(title + "\nsolid: b_L = 1/2 (TP's muP) or BP's muP; dashed: b_L = 1 (mup-bL1); bands: min-max "
+                 "over seeds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
 def fig3_figure(panels: dict, path) -> str:
     """Fig. 3: per-layer cosine with BP against width, a column per (activation, gbar_L), a row per mode."""
     plt = _plt()
@@ -367,5 +405,5 @@ def table1_figure(rows: list, widths, path) -> str:
     return str(path)
 
 
-__all__ = ["fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines", "plot_report",
+__all__ = ["features_figure", "fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines", "plot_report",
            "plot_transfer", "table1_figure", "transfer_figure"]

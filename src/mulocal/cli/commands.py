@@ -161,6 +161,8 @@ def cmd_analyze(args) -> dict:
                 for w, row in zip(widths, v["cos_bp"]):
                     print(f"  {w:>6}" + "".join(f"{c:>10.4f}" for c in row))
         return res
+    if args.what == "features":
+        return _features(args, data)
     batches, probe = coord_batches(data, args.steps, 64)
     configs = [(a, "mup") for a in args.algos.split(",")]
     res = align.alignment_vs_step(configs, widths, batches, probe, lr=args.lr, K=args.replicas)
@@ -174,6 +176,33 @@ def cmd_analyze(args) -> dict:
         for k, v in res["configs"].items():
             print(f"{k:<24}" + "".join(f"{o:>8.2f}" for o in v["omega"]))
     return res
+
+
+def _features(args, data) -> dict:
+    """analyze features: per-layer feature learning vs width for each rule x preset (diagnostics/features.py)."""
+    from ..algos import make_algo
+    from ..diagnostics.coord import coord_batches
+    from ..diagnostics.features import feature_learning
+    from ..nets import build
+    from ..param import preset
+    from ..plots import features_figure
+    batches, probe = coord_batches(data, args.steps, 64)
+    out = {"widths": args.widths, "steps": args.steps, "lr": args.lr, "configs": {}}
+    for algo in args.algos.split(","):
+        for pname in args.params.split(","):
+            p = preset(pname, "sgd", algo=algo)
+            res = feature_learning(lambda w: build("mlp", data.input_shape, data.n_classes, w, p, K=args.replicas,
+                                                   seeds=range(args.replicas)),
+                                   make_algo(algo), args.widths, batches, probe, args.lr)
+            key = f"{algo} {p.name}"
+            out["configs"][key] = res.to_dict()
+            if not args.json:
+                print(f"== {key}")
+                print(res.table())
+    if args.plot:
+        out["plot"] = features_figure(out["configs"], args.plot, f"feature learning vs width after {args.steps} "
+                                      f"SGD steps, lr {args.lr:g}")
+    return out
 
 
 def cmd_describe(args) -> dict:
@@ -243,15 +272,17 @@ def register(sub) -> None:
     _check_flags(dv, steps=1, steps_help="training steps measured (the fit reads the first)")
     dv.set_defaults(func=per_algo(cmd_derive))
 
-    an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||")
-    an.add_argument("what", choices=["cosine", "alignment", "linear"])
+    an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||, per-layer "
+                                        "feature learning")
+    an.add_argument("what", choices=["cosine", "alignment", "linear", "features"])
     an.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024, 2048])
     an.add_argument("--activation", default="linear", help="cosine: linear or tanh")
     an.add_argument("--gamma-bar-L", type=float, default=0.0, help="cosine: PC's output energy exponent")
     an.add_argument("--gamma-bars", type=floats, default=None, help="linear: gbar_L values (default -1,0,1)")
     an.add_argument("--algo", "--algos", dest="algos", default="bp,tp,dtp",
-                    help="alignment: learning rules, comma-separated (each under its muP)")
-    an.add_argument("--steps", type=int, default=10, help="alignment: training steps")
+                    help="alignment, features: learning rules, comma-separated (alignment: each under its muP)")
+    an.add_argument("--params", default="mup", help="features: presets, comma-separated (e.g. mup,mup-bL1,sp)")
+    an.add_argument("--steps", type=int, default=10, help="alignment, features: training steps")
     an.add_argument("--lr", type=float, default=0.1)
     an.add_argument("--batch-size", type=int, default=32, help="cosine: batch size")
     an.add_argument("--replicas", type=int, default=3)

@@ -202,7 +202,7 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
            "baseline_accuracy": {str(w): a for w, a in baseline.items()}, "grid_notes": notes,
            "lrs": {s.get("algo") if isinstance(s.get("algo"), str) else ",".join(s["algo"]): s["lrs"] for s in specs},
            "report_command": f"mulocal report --store {store}"}
-    if name == "fig7" and budget != "tiny":
+    if name == "fig7":
         res["feature_learning"] = _fig7_features(budget, out, data_dir, say, reports["train_loss"])
     return res
 
@@ -213,9 +213,53 @@ def _summary(t: dict | None) -> dict:
     return {k: (t or {}).get(k) for k in keys}
 
 
+# fig7's feature-learning check: the rules of fig7 under b_L = 1/2 and b_L = 1, BP's muP as the aligned reference
+FIG7_FEATURE_CONFIGS = [("dtp", "mup", {}), ("dtp", "mup-bL1", {}), ("tp", "mup", {"feedback": "ridge"}),
+                        ("tp", "mup-bL1", {"feedback": "ridge"}), ("bp", "mup", {})]
+
+
 def _fig7_features(budget, out, data_dir, say, report) -> dict:
-    """Placeholder until the feature-learning diagnostic lands."""
-    return {}
+    """What tells b_L = 1/2 from b_L = 1 in training: per width, after ``steps`` SGD steps at each
+    configuration's best LR at the smallest width (BP: 0.2), the output change caused by the hidden features
+    moving, rms(W_L(t) Delta h_{L-1}(t)) (``diagnostics.features``), its share of the output's change and each
+    hidden layer's relative feature change; width slopes with their replica standard errors."""
+    from ..algos import make_algo
+    from ..data import load_dataset
+    from ..diagnostics.coord import coord_batches
+    from ..diagnostics.features import feature_learning
+    from ..nets import build
+    from ..param import preset
+    from ..plots import features_figure
+    widths = ANALYSIS_WIDTHS[budget]
+    steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
+    data = load_dataset("fashion-mnist", data_dir)
+    batches, probe = coord_batches(data, steps, 64, seed=0)
+    base_lr = {}
+    for f in report["families"]:
+        fam = f["family"]
+        if _is_baseline(fam):
+            continue
+        if f["best"] and f["best"][0]["best_lr"] is not None:
+            base_lr[(fam["algo"], fam["param"])] = f["best"][0]["best_lr"]
+    results = {}
+    for algo, pname, opts in FIG7_FEATURE_CONFIGS:
+        p = preset(pname, "sgd", algo=algo)
+        lr = base_lr.get((algo, pname), 0.2)
+        res = feature_learning(lambda w: build("mlp", data.input_shape, 10, w, p, K=3, seeds=range(3)),
+                               make_algo(algo, **opts), widths, batches, probe, lr)
+        key = " ".join([algo, p.name] + [f"{k}={v}" for k, v in sorted(opts.items())])
+        results[key] = {"lr": lr, **res.to_dict()}
+        say(f"fig7 features: {key} (lr {lr:.3g}): width slope of rms(W_L dh) after step 1 "
+            f"{res.slopes_per_step['feat'][0]:+.2f}, after step {steps} {res.slopes['feat']:+.2f} ± "
+            f"{res.slope_se['feat']:.2f}; of rms(W_L(0) dh) / rms(df) {res.slopes['share_init']:+.2f}; "
+            f"of ||dh_(L-1)|| / ||h(0)|| {res.slopes['dh_rel_2']:+.2f}")
+    path = features_figure(results, out / "fig7-features.png",
+                           f"fig7: feature learning vs width after {steps} SGD steps (FashionMNIST, 3 seeds)")
+    summary = {k: {"lr": v["lr"], "feat_step1": v["slopes_per_step"]["feat"][0],
+                   **{q: {"slope": v["slopes"][q], "se": v["slope_se"][q]}
+                      for q in ("feat", "share", "share_init", "dh_rel_1", "dh_rel_2", "df")}}
+               for k, v in results.items()}
+    return {"figure": path, "widths": widths, "steps": steps, "summary": summary, "runs": results}
 
 
 # ------------------------------------------------------------------------------------ analyses
