@@ -91,9 +91,7 @@ def plot_family(fam: dict, metric: str, path) -> str:
     return str(path)
 
 
-def plot_transfer(report: dict, path) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+def _transfer_panel(ax, report: dict) -> None:
     pairs: dict[str, int] = {}  # a configuration under muP and under SP share a colour
     for f in report["families"]:
         pts = [e for e in f["best"] if e["best_lr"] is not None]
@@ -107,7 +105,11 @@ def plot_transfer(report: dict, path) -> str:
         ys = [e["log2_best_lr"] for e in pts]
         errs = [e["log2_std"] or 0.0 for e in pts]
         t = f["transfer"]
-        label = f["label"] + (f" (slope {t['slope']:+.2f})" if t["slope"] is not None else "")
+        label = f["label"]
+        if t["slope"] is not None:
+            label += f" (slope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}"
+            label += "" if t["penalty"] is None else (", penalty diverges)" if not math.isfinite(t["penalty"])
+                                                      else f", penalty {t['penalty']:.3g})")
         ax.errorbar(ws, ys, yerr=errs, fmt="s" if sp else "o", mfc="white" if sp else color, color=color,
                     capsize=3, label=label)
         if t["slope"] is not None:
@@ -118,19 +120,31 @@ def plot_transfer(report: dict, path) -> str:
     ax.set_xlabel("width")
     ax.set_ylabel("log2(best learning rate)")
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7)
-    ax.set_title("best learning rate against width (flat = transfers)", fontsize=10)
+    ax.legend(fontsize=6)
+    what = {"train_loss": "training loss", "test_loss": "test loss", "test_accuracy": "test accuracy"}[report["metric"]]
+    ax.set_title(f"best learning rate by {what} (flat = transfers)", fontsize=9)
+
+
+def plot_transfer(report: dict, path, other: dict | None = None) -> str:
+    """log2(best LR) against width per family, with the fitted slope, its error and the penalty in the legend;
+    with ``other`` (the report by the other metric) a second panel by that metric."""
+    plt = _plt()
+    reports = [report] + ([other] if other is not None else [])
+    fig, axes = plt.subplots(1, len(reports), figsize=(7.5 * len(reports), 4.8), squeeze=False)
+    for ax, rep in zip(axes[0], reports):
+        _transfer_panel(ax, rep)
     fig.text(0.01, 0.005, "same colour: one configuration; filled circles and solid fit: muP; open squares and dashed "
-             "fit: SP. Error bars: bootstrap std over seeds of log2(best LR); lines: least-squares fit (its slope in "
-             "the legend).", fontsize=6, wrap=True)
+             "fit: SP. Error bars: bootstrap std of log2(best LR) over seeds and fit windows (including the LR "
+             "grid's resolution); lines: least-squares fit. penalty: extra loss (or error) at the largest width "
+             "with the smallest width's best LR.", fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
 
 
-def plot_report(report: dict, out_dir) -> list[str]:
-    """Write one PNG per family and ``transfer.png`` into ``out_dir``; return their paths."""
+def plot_report(report: dict, out_dir, other: dict | None = None) -> list[str]:
+    """Write one PNG per family and ``transfer.png`` (both metrics with ``other``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, used = [], set()
@@ -141,7 +155,7 @@ def plot_report(report: dict, out_dir) -> list[str]:
         used.add(name)
         paths.append(plot_family(f, report["metric"], out / f"{name}.png"))
     if report["families"]:
-        paths.append(plot_transfer(report, out / "transfer.png"))
+        paths.append(plot_transfer(report, out / "transfer.png", other))
     return paths
 
 
@@ -405,5 +419,5 @@ def table1_figure(rows: list, widths, path) -> str:
     return str(path)
 
 
-__all__ = ["features_figure", "fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines", "plot_report",
-           "plot_transfer", "table1_figure", "transfer_figure"]
+__all__ = ["features_figure", "fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines",
+           "plot_report", "plot_transfer", "table1_figure", "transfer_figure"]

@@ -207,9 +207,9 @@ def cmd_report(args) -> dict:
 
 def cmd_plot(args) -> dict:
     from ..plots import plot_report
-    rep, _ = _report_from_args(args)
+    rep, other = _report_from_args(args, both=True)
     out = args.out or checked_dir(str(Path(args.store).with_suffix("")) + "_plots")
-    paths = plot_report(rep, out)
+    paths = plot_report(rep, out, other)
     if not args.json:
         for p in paths:
             print(p)

@@ -64,7 +64,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     with Store(store, create=False) as st:
         rows = st.rows(hashes=hashes)
     report, by_acc = analyze(rows), analyze(rows, metric="test_accuracy")  # both metrics: the paper's is accuracy
-    plots = plot_report(report, out)
+    plots = plot_report(report, out, by_acc)
     table = format_table(report, by_acc)
     say("")
     say(table)
