@@ -253,12 +253,13 @@ def test_algo_takes_a_list_in_every_command(capsys):
 
 def test_inference_summary_reads_the_last_epoch_of_finished_cells():
     from mulocal.sweep.transfer import inference_summary
-    rows = [{"status": "done", "history": [{"epoch": 1, "pc_energy_rose": 0.5, "pc_residual": 2.0},
+    rows = [{"status": "done", "lr": 0.1, "history": [{"epoch": 1, "pc_energy_rose": 0.5, "pc_residual": 2.0},
                                            {"epoch": 2, "pc_energy_rose": 0.0, "pc_residual": 0.3},
                                            {"event": "resumed"}]},
-            {"status": "done", "history": [{"epoch": 1, "pc_energy_rose": 0.25, "pc_residual": 0.5}]},
+            {"status": "done", "lr": 2.0, "history": [{"epoch": 1, "pc_energy_rose": 0.25, "pc_residual": 0.5}]},
             {"status": "diverged", "history": [{"epoch": 1, "pc_energy_rose": 1.0, "pc_residual": 9.0}]},
             {"status": "done", "history": [{"epoch": 1, "train_loss": 0.1}]}]
     assert inference_summary(rows) == {"cells": 2, "energy_rose_cells": 1, "energy_rose_max": 0.25,
-                                       "residual_median": 0.4, "residual_max": 0.5, "warned_cells": 1}
+                                       "residual_median": 0.4, "residual_max": 0.5, "warned_cells": 1,
+                                       "warned_min_lr": 2.0}
     assert inference_summary(rows[3:]) is None

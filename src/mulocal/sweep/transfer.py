@@ -280,8 +280,8 @@ def _family_report(fam: dict, rows: list[dict], metric: str, n_boot: int, rng) -
 def inference_summary(rows: Sequence[dict]) -> dict | None:
     """The PC inference status of finished cells (their last epoch's ``pc_*`` columns): how many cells,
     in how many the energy rose at some inference step (and the largest fraction of steps), the median and
-    largest final relative residual, and how many cells ``algos.pc.status_warning`` warns about. None when
-    no cell kept a status (other rules; ``no_status``)."""
+    largest final relative residual, how many cells ``algos.pc.status_warning`` warns about and the smallest
+    learning rate among them. None when no cell kept a status (other rules; ``no_status``)."""
     from ..algos.pc import status_warning
     lasts = []
     for r in rows:
@@ -289,17 +289,18 @@ def inference_summary(rows: Sequence[dict]) -> dict | None:
             continue
         epochs = [h for h in (r.get("history") or []) if "event" not in h]
         if epochs and any(k.startswith("pc_") for k in epochs[-1]):
-            lasts.append(epochs[-1])
+            lasts.append(dict(epochs[-1], lr=r.get("lr", epochs[-1].get("lr"))))
     if not lasts:
         return None
+    warned = [float(h["lr"]) for h in lasts if h.get("lr") is not None
+              and status_warning(h.get("pc_energy_rose"), h.get("pc_residual")) is not None]
     rose = [h["pc_energy_rose"] for h in lasts if h.get("pc_energy_rose") is not None
             and h["pc_energy_rose"] == h["pc_energy_rose"]]
     res = [h["pc_residual"] for h in lasts if h.get("pc_residual") is not None]
     return {"cells": len(lasts), "energy_rose_cells": sum(v > 0 for v in rose),
             "energy_rose_max": max(rose) if rose else None,
             "residual_median": float(np.median(res)) if res else None, "residual_max": max(res) if res else None,
-            "warned_cells": sum(status_warning(h.get("pc_energy_rose"), h.get("pc_residual")) is not None
-                                for h in lasts)}
+            "warned_cells": len(warned), "warned_min_lr": min(warned) if warned else None}
 
 
 def _inference_line(label: str, inf: dict) -> str:
@@ -311,6 +312,8 @@ def _inference_line(label: str, inf: dict) -> str:
         text += f", final relative residual median {inf['residual_median']:.3g} (max {inf['residual_max']:.3g})"
     if inf["warned_cells"]:
         text += f"  WARNING: unstable inference in {inf['warned_cells']} cells"
+        if inf.get("warned_min_lr") is not None:
+            text += f" (learning rates >= {inf['warned_min_lr']:.3g})"
     return text
 
 
