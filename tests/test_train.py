@@ -183,3 +183,59 @@ def test_readout_only_baseline_trains_the_output_layer_alone(arch, optimizer):
                                              progress=False)).run()
         assert all(torch.equal(p, q) for p, q in zip(net.params()[:-2], init[:-2]))
         assert not torch.equal(net.params()[-2], init[-2])
+
+
+def test_divergence_acted_on_every_n_steps_keeps_every_number():
+    """sync_every only changes when diverged replicas are acted on: the recorded step of divergence, the
+    survivors' weights and losses are bitwise those of acting at every step, and the diverged replica ends
+    zeroed and frozen."""
+    from mulocal.data import load_dataset
+    data = load_dataset("synthetic", train_subset=1024, test_subset=128, seed=0)
+    runs = []
+    for every in (1, 7, 1000):
+        net = build("mlp", data.input_shape, data.n_classes, 32, preset("mup", "sgd"), K=3, seeds=[0, 1, 2])
+        tr = Trainer(net, make_algo("bp"), data, TrainConfig(epochs=2, batch_size=32, lr=[0.1, 300.0, 0.2],
+                                                             sync_every=every, progress=False), seeds=[0, 1, 2])
+        res = tr.run()
+        runs.append((res, [p.clone() for p in net.params()]))
+    (ref, ref_w), others = runs[0], runs[1:]
+    assert [r["status"] for r in ref["replicas"]] == ["done", "diverged", "done"]
+    event = [h for h in ref["replicas"][1]["history"] if h.get("event") == "diverged"]
+    assert len(event) == 1 and event[0]["epoch"] == 0
+    for res, w in others:
+        assert [r["status"] for r in res["replicas"]] == ["done", "diverged", "done"]
+        assert [h for h in res["replicas"][1]["history"] if h.get("event")] == event
+        for k in (0, 2):
+            assert res["replicas"][k]["history"] == ref["replicas"][k]["history"] or all(
+                a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
+                for a, b in zip(res["replicas"][k]["history"], ref["replicas"][k]["history"]))
+        assert all(torch.equal(p[[0, 2]], q[[0, 2]]) for p, q in zip(w, ref_w))
+        assert all((p[1] == 0).all() for p in w)
+
+
+@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"T": 3, "inference": "parallel"}),
+                                       pytest.param("dtp", {}, marks=pytest.mark.xfail(
+                                           strict=True, reason="DTP copies its feedback statistics to the host "
+                                                               "every step (issue 13)"))])
+def test_no_host_read_back_per_training_step(monkeypatch, algo, opts):
+    """With sync_every = N the loop reads from the device once per N steps (plus the epoch's evaluation):
+    every host read-back (.item, .tolist, .cpu, bool of a tensor) is counted."""
+    from mulocal.data import load_dataset
+    data = load_dataset("synthetic", train_subset=32 * 40, test_subset=64, seed=0)
+
+    def count(every):
+        calls = [0]
+        for name in ("item", "tolist", "cpu", "__bool__"):
+            orig = getattr(torch.Tensor, name)
+
+            def wrapped(self, *a, _orig=orig, **kw):
+                calls[0] += 1
+                return _orig(self, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+        net = build("mlp", data.input_shape, data.n_classes, 32, preset("mup", "sgd", algo=algo), K=2, seeds=[0, 1])
+        Trainer(net, make_algo(algo, **opts), data, TrainConfig(epochs=1, batch_size=32, sync_every=every,
+                                                                 progress=False)).run()
+        monkeypatch.undo()
+        return calls[0]
+    few, many = count(1000), count(1)
+    assert many >= 40 and few <= 30, (few, many)

@@ -33,6 +33,11 @@ class TrainConfig:
     momentum, weight_decay SGD momentum; decoupled-free L2 added to the gradient
     diverge_factor         a replica diverges when its loss is non-finite or exceeds this times its loss at
                            the first step (None or 0: only non-finite); it is then zeroed and frozen
+    sync_every             the training loop reads nothing back from the device between these many steps:
+                           losses accumulate there, the first diverging step of each replica is kept there,
+                           and every ``sync_every`` steps (and at the end of an epoch) diverged replicas are
+                           recorded with that exact step, zeroed and frozen. The other replicas' numbers do
+                           not depend on it (replicas are independent); 1 acts at every step
     eval_batch_size        samples per evaluation batch
     max_steps              stop each epoch after this many steps (quick runs)
     progress               a progress bar on stderr
@@ -47,6 +52,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     diverge_factor: float | None = 10.0
+    sync_every: int = 32
     eval_batch_size: int = 2000
     max_steps: int | None = None  # per epoch, for quick runs
     progress: bool = True
@@ -55,7 +61,7 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "sync_every"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "epochs" else 1):
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
@@ -119,17 +125,20 @@ class Trainer:
             self.load(cfg.checkpoint_path)
 
     # ------------------------------------------------------------------ loop
-    def _mark_diverged(self, bad: torch.Tensor, step: int) -> None:
-        bad = bad & torch.tensor([s == "running" for s in self.status])
+    def _mark_diverged(self, bad: torch.Tensor, step) -> None:
+        """Zero, freeze and record the running replicas where ``bad`` (K,) is set; ``step``: the step recorded,
+        one for all or a (K,) tensor of per-replica steps."""
+        bad = bad.cpu() & torch.tensor([s == "running" for s in self.status])
         if not bad.any():
             return
         self.opt.freeze(bad)
         with torch.no_grad():
             for p in self.net.params():
                 p[bad.to(p.device)] = 0
+        steps = step.cpu().tolist() if isinstance(step, torch.Tensor) else [step] * len(self.status)
         for k in torch.nonzero(bad).flatten().tolist():
             self.status[k] = "diverged"
-            self.history[k].append({"epoch": self.epoch, "step": step, "event": "diverged"})
+            self.history[k].append({"epoch": self.epoch, "step": int(steps[k]), "event": "diverged"})
 
     def run(self, on_epoch: Callable[[int, list[dict]], None] | None = None) -> dict:
         cfg, net, data = self.cfg, self.net, self.data
@@ -148,26 +157,31 @@ class Trainer:
         while self.epoch < cfg.epochs and any(s == "running" for s in self.status):
             t0 = time.perf_counter()
             perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(net.device)
-            loss_sum = torch.zeros(net.K, dtype=torch.float64)
+            # on the device until the next sync: the loss sum and each replica's first diverging step (-1: none)
+            loss_sum = torch.zeros(net.K, dtype=torch.float64, device=net.device)
+            first_bad = torch.full((net.K,), -1, dtype=torch.long, device=net.device)
             for i in range(steps):
                 idx = perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 grads, loss = self.algo.step(net, x_all[idx], y_all[idx], opt=self.opt)
                 self.opt.step(grads)
-                loss = loss.detach().double().cpu()
+                loss = loss.detach().double()
                 loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
                 if self.loss0 is None:
                     self.loss0 = loss.clone()
                 bad = ~torch.isfinite(loss)
                 if cfg.diverge_factor:
-                    bad |= loss > cfg.diverge_factor * self.loss0.abs()
-                if bad.any():
-                    self._mark_diverged(bad, i)
+                    bad |= loss > cfg.diverge_factor * self.loss0.to(loss.device).abs()
+                first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+                if (i + 1) % cfg.sync_every == 0 or i == steps - 1:  # the one host read-back of the interval
+                    self._mark_diverged(first_bad >= 0, first_bad)
+                    first_bad.fill_(-1)
                 if bar is not None:
                     bar.update(1)
                     if i % 50 == 0:
                         bar.set_postfix(loss=f"{loss[torch.isfinite(loss)].mean().item():.4f}" if
                                         torch.isfinite(loss).any() else "nan")
             self._mark_diverged(~_finite_replicas(net), steps)
+            loss_sum = loss_sum.cpu()
             self.epoch += 1
             train_time = time.perf_counter() - t0
             test = evaluate(net, data.x_test, data.y_test, self.loss, cfg.eval_batch_size)
@@ -230,7 +244,8 @@ class Trainer:
         torch.save({"net": self.net.config(), "param": self.net.param.to_dict(), "state": self.net.state(),
                     "opt": self.opt.state_dict(), "epoch": self.epoch, "status": self.status,
                     "history": self.history, "seeds": self.seeds,
-                    "gens": [g.get_state() for g in self.gens], "loss0": self.loss0}, tmp)
+                    "gens": [g.get_state() for g in self.gens],
+                    "loss0": None if self.loss0 is None else self.loss0.cpu()}, tmp)
         tmp.replace(path)
 
     def load(self, path: str) -> None:
