@@ -244,7 +244,7 @@ def register(subparsers) -> None:
     m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "
                                                 "fig8, cnn, table1")
     m.add_argument("name")
-    m.add_argument("--budget", default="small", help="small (about 20 min on 2 CPU cores) or paper (GPU)")
+    m.add_argument("--budget", default="small", help="small (2-6 min each on 2 CPU cores, the CNN about 30) or paper (GPU)")
     m.add_argument("--out", type=out_dir, default="runs/reproduce", help="folder for results, stores and figures")
     m.add_argument("--device", default=None, help="cpu (default) or cuda, for the transfer experiments")
     m.add_argument("--data-dir", default=None)

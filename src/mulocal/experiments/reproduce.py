@@ -5,7 +5,7 @@ Transfer experiments (fig1-left, fig1-right, fig7, cnn) are sweeps into ``OUT/NA
 ``OUT/NAME/NAME.png``: test accuracy (top) and training loss (bottom) against the learning rate, a
 curve per width with a min-max band over seeds, the estimated optimum marked, one column per
 configuration. The analysis experiments (fig3, fig8, table1) write ``OUT/NAME/NAME.json`` and the
-figure. Budgets: ``small`` fits each experiment in about 20 minutes on 2 CPU cores (narrower widths,
+figure. Budgets: ``small`` runs each experiment in 2-6 minutes on 2 CPU cores, the CNN in about 30 (narrower widths,
 a data subset, one epoch, stated on the figure); ``paper`` uses widths up to 2048 and full epochs
 and is meant for a GPU (``--device cuda``).
 """
