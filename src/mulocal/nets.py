@@ -10,6 +10,10 @@ next layer reads is ``a_l = post_l(u_l)`` (phi, and for the CNN pooling / flatte
 
     u_l = mult_l * W_l a_{l-1} + b_l,      f = u_L.
 
+A residual net (``ResMLP``) adds the value below to some layers (``Net.residual(l)``):
+u_l = u_{l-1} + a_l (W_l a_{l-1} + b_l) (``Net.predict``); ``a_l`` there is the branch multiplier
+of ``Parameterization.rule`` (folded into the layer's ``mult`` and applied to its bias).
+
 Each layer exposes the three local operations every learning rule needs, without autograd:
 ``forward`` (W a), ``backward_input`` (W^T delta) and ``grads`` (delta a^T averaged over the
 batch).
@@ -68,6 +72,28 @@ class Dense:
         """Batch-mean gradient of sum(delta * u) w.r.t. (W, b)."""
         gw = torch.bmm(delta.transpose(1, 2), a).mul_(self.mult / delta.shape[1])
         gb = delta.mean(1) if self.bias is not None else None
+        return gw, gb
+
+
+class Branch(Dense):
+    """A residual branch a (mult W x + b): ``Dense`` with the branch multiplier a = rule.branch folded into
+    ``mult`` (so ``backward_input`` and the weight gradient carry it) and applied to the bias too."""
+
+    def __init__(self, role, fan_in, fan_out, K, bias, rule, dtype, device):
+        super().__init__(role, fan_in, fan_out, K, bias, rule, dtype, device)
+        self.branch = rule.branch
+        self.mult = rule.multiplier * rule.branch
+
+    def forward(self, a, weight=None, bias=None):
+        b = self.bias if bias is None else (None if bias is False else bias)
+        w = self.weight if weight is None else weight
+        if b is None:
+            return torch.bmm(a, w.transpose(1, 2)).mul_(self.mult)
+        return torch.baddbmm(b.unsqueeze(1) * self.branch, a, w.transpose(1, 2), alpha=self.mult)
+
+    def grads(self, delta, a):
+        gw = torch.bmm(delta.transpose(1, 2), a).mul_(self.mult / delta.shape[1])
+        gb = delta.mean(1).mul_(self.branch) if self.bias is not None else None
         return gw, gb
 
 
@@ -197,12 +223,23 @@ class Net:
         """
         raise NotImplementedError
 
+    def residual(self, l: int) -> bool:
+        """Whether layer l (1-based) adds the value below: u_l = u_{l-1} + layer_l(a_{l-1}). Plain nets: never."""
+        return False
+
+    def predict(self, l: int, a_prev: torch.Tensor, u_prev: torch.Tensor) -> torch.Tensor:
+        """u_l from the activity a_{l-1} (and, for a residual layer, the value u_{l-1} below)."""
+        u = self.layers[l - 1].forward(a_prev)
+        return u + u_prev if self.residual(l) else u
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Feed-forward pass: ``us`` (u_1..u_L, with us[0] = a_0) and ``acts`` (a_0..a_{L-1})."""
         a = self.prepare_input(x)
         us, acts = [a], [a]
         for l, layer in enumerate(self.layers, start=1):
             u = layer.forward(a)
+            if self.residual(l):
+                u = u + us[l - 1]
             us.append(u)
             if l < self.depth:
                 a = self.post(l, u)
@@ -262,6 +299,41 @@ class MLP(Net):
                     activation=self.activation, bias=self.use_bias, K=self.K)
 
 
+class ResMLP(MLP):
+    """Residual MLP of ``depth`` = H weight layers: an input layer (in_dim -> M), H - 2 residual blocks and an
+    output layer (M -> out_dim):
+
+        h_1 = W_1 x + b_1,   h_l = h_{l-1} + a_l (W_l phi(h_{l-1}) + b_l)  (l = 2..H-1),   f = W_H phi(h_{H-1}) + b_H
+
+    (each W with its width multiplier), a_l = ((H - 2) / (H_0 - 2))^-alpha from ``Parameterization.rule(...,
+    residual=True)``. ``us`` are the h_l (the residual stream), ``acts`` phi(h_l), as in the MLP. Backprop
+    (``algos/bp.py``) adds the identity path: delta_{l-1} = delta_l + phi'(h_{l-1}) * (a_l mult_l W_l^T delta_l).
+    Weights are drawn like the MLP's (same seeds, same stream): a ResMLP and an MLP of one depth share them.
+    """
+
+    kind = "resmlp"
+
+    def __init__(self, in_dim: int | Sequence[int], width: int, out_dim: int, depth: int = 4,
+                 param: Parameterization | None = None,
+                 activation: str = "tanh", bias: bool = True, K: int = 1, seeds: Sequence[int] | None = None,
+                 dtype=torch.float32, device="cpu"):
+        Net.__init__(self, param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
+        self.input_shape = (int(in_dim),) if isinstance(in_dim, int) else tuple(int(d) for d in in_dim)
+        self.in_dim, self.out_dim = math.prod(self.input_shape), int(out_dim)
+        dims = [self.in_dim] + [self.width] * (depth - 1) + [self.out_dim]
+        for i, role in enumerate(layer_roles(depth)):
+            if role == "hidden":
+                rule = self.param.rule(role, dims[i], self.width, depth=depth, residual=True)
+                self.layers.append(Branch(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
+            else:
+                rule = self.param.rule(role, dims[i], self.width)
+                self.layers.append(Dense(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
+        self.init(seeds if seeds is not None else range(K))
+
+    def residual(self, l: int) -> bool:
+        return 1 < l < len(self.layers)
+
+
 class CNN(Net):
     """conv(k) -> phi -> pool2 -> [conv(k) -> phi -> pool2] * (depth - 2) -> flatten -> linear readout.
 
@@ -313,7 +385,7 @@ class CNN(Net):
                     pool=self.pool)
 
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "resmlp")
 
 
 def cnn_plan(in_shape: Sequence[int], width: int, depth: int):
@@ -343,7 +415,10 @@ def sizes(arch: str, input_shape: Sequence[int], out_dim: int, width: int, depth
 def build(arch: str, input_shape: Sequence[int], out_dim: int, width: int, param: Parameterization, *,
           depth: int = 3, activation: str = "tanh", bias: bool = True, K: int = 1,
           seeds: Sequence[int] | None = None, dtype=torch.float32, device="cpu") -> Net:
-    """Build an MLP (inputs are flattened) or a CNN for a dataset's input shape."""
+    """Build an MLP (inputs are flattened), a residual MLP (``resmlp``, depth-muP) or a CNN for a dataset's
+    input shape."""
+    if arch == "resmlp":
+        return ResMLP(tuple(input_shape), width, out_dim, depth, param, activation, bias, K, seeds, dtype, device)
     if arch == "mlp":
         return MLP(tuple(input_shape), width, out_dim, depth, param, activation, bias, K, seeds, dtype, device)
     if arch == "cnn":

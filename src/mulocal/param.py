@@ -26,7 +26,28 @@ forward multiplier         m^-(a - a_SP)                                ``Parame
 per-layer learning rate    eta * m^-c                                   ``Parameterization.rule``
 bias learning rate         eta * m^-c_bias                              ``Parameterization.rule``
 PC output energy weight    gamma'_L * m^-gbar_L                         ``Parameterization.gamma_L``
+residual branch mult.      d^-alpha, d = (H - 2) / (H_0 - 2)            ``Parameterization.rule``
+residual branch LR (W, b)  (width LR) * d^-c_H                          ``Parameterization.rule``
 =========================  ===========================================  ==========================
+
+Depth (residual nets only, ``nets.ResMLP``). A residual MLP of depth H has H - 2 blocks
+h_l = h_{l-1} + a_l (W_l phi(h_{l-1}) + b_l). With d = (H - 2) / (H_0 - 2), the number of blocks
+relative to the base net's (H_0 = ``base_depth``; the same as H / H_0 for H >> 1, and exact at small
+depth, where the input layer's own update would otherwise bias the sum over blocks below):
+
+    branch multiplier   a_l = d^-alpha             (alpha = ``depth_alpha``; 1/2: Depth-muP / muPC,
+                                                    1: CompleteP, 0: the depth-free control)
+    branch LR (W, b)    eta_l = (width LR) * d^-c_H (c_H = ``depth_lr_exponent()``)
+
+Derivation of c_H (d >> 1, the backward signal dl/dh_l is Theta(1) in depth when alpha >= 1/2).
+An SGD step moves W_l by eta_l a_l (dl/dh_l) phi^T, so the block's contribution a_l Delta W_l phi to
+the residual stream is ~ eta_l a_l^2; the H - 2 blocks add up to ~ d eta_l a_l^2, which is Theta(1)
+iff eta_l ~ d^(2 alpha - 1): c_H = 1 - 2 alpha (Depth-muP, alpha = 1/2: c_H = 0, the branch LR is
+depth-independent; CompleteP with SGD, alpha = 1: c_H = -1). Adam normalises the gradient, the
+contribution is ~ eta_l a_l and c_H = 1 - alpha (alpha = 1/2: eta / sqrt(d), as in Depth-muP;
+CompleteP: 0). ``depth_c`` overrides the derived value. Input and output layers carry no depth
+factor. A plain (non-residual) net never reads these fields; at H = H_0 every factor is exactly 1,
+so every preset equals its depth-free version there (tested: ``tests/test_depth.py``).
 
 PC is stable for gbar_L >= -1 (the inference perturbation of v_{L-1} scales like M^{-1-gbar_L});
 ``preset(..., algo="pc")`` with gbar_L < -1 warns (``UnstableParameterizationWarning``, see
@@ -47,6 +68,8 @@ from .errors import ConfigError, UnstableParameterizationWarning
 OPTIMIZERS = ("sgd", "adam")
 ROLES = ("input", "hidden", "output")
 BASE_WIDTH = 64  # the default base width M_0: every preset equals SP at this width
+BASE_DEPTH = 3  # the default base depth H_0 (the default run depth; one residual block): presets are depth-free there
+DEPTH_ALPHA = 0.5  # the default residual branch exponent: Depth-muP / muPC
 B_SP = (0.0, 0.5, 0.5)
 A_SP = (0.0, 0.0, 0.0)
 
@@ -60,6 +83,7 @@ class LayerRule:
     multiplier: float
     lr_scale: float
     bias_lr_scale: float
+    branch: float = 1.0  # residual branch multiplier a_l (1 outside residual blocks)
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,9 @@ class Parameterization:
     feedback_c: tuple[float, float, float] | None = None
     optimizer: str | None = None  # the optimizer these exponents are for (None: any); training checks it
     note: str = ""
+    base_depth: int = BASE_DEPTH  # H_0: residual nets only
+    depth_alpha: float = DEPTH_ALPHA  # branch multiplier a_l = d^-alpha, d = (H - 2) / (H_0 - 2)
+    depth_c: float | None = None  # branch LR exponent in depth (None: derived, see depth_lr_exponent)
 
     def __post_init__(self) -> None:
         for key, n in (("b", 3), ("c", 3), ("a", 3), ("c_bias", 2)):
@@ -109,6 +136,19 @@ class Parameterization:
         for key in ("sigma", "gamma_bar_L", "gamma_L_prime"):
             if not math.isfinite(float(getattr(self, key))):
                 raise ConfigError(f"parameterization '{self.name}': {key} must be finite")
+        if not isinstance(self.base_depth, int) or isinstance(self.base_depth, bool) or self.base_depth < 3:
+            raise ConfigError(f"base depth must be an integer >= 3 (at least one residual block), got "
+                              f"{self.base_depth!r}")
+        for key in ("depth_alpha", "depth_c"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"parameterization '{self.name}': {key} must be a number, got {value!r}") from None
+                if not math.isfinite(value):
+                    raise ConfigError(f"parameterization '{self.name}': {key} must be finite")
+                object.__setattr__(self, key, value)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"parameterization '{self.name}': unknown optimizer '{self.optimizer}'; choose one of "
                               f"{', '.join(OPTIMIZERS)}")
@@ -120,8 +160,30 @@ class Parameterization:
         """m = M / M_0 (validates the width)."""
         return check_width(width) / self.base_width
 
-    def rule(self, role: str, fan_in: int, width: int) -> LayerRule:
-        """Init std, multiplier and learning-rate scales of a layer of ``role`` at ``width``."""
+    def depth_mult(self, depth: int) -> float:
+        """d = (H - 2) / (H_0 - 2): the number of residual blocks relative to the base net's (validates H)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 3:
+            raise ConfigError(f"a residual net needs depth (number of weight layers) >= 3, got {depth!r}")
+        return (depth - 2) / (self.base_depth - 2)
+
+    def depth_lr_exponent(self) -> float:
+        """c_H of the residual branch LR eta * d^-c_H: ``depth_c`` if set, else 1 - 2 alpha (SGD, or no
+        optimizer named) or 1 - alpha (Adam); see the module docstring for the derivation."""
+        if self.depth_c is not None:
+            return self.depth_c
+        return 1.0 - self.depth_alpha if self.optimizer == "adam" else 1.0 - 2.0 * self.depth_alpha
+
+    def depth_free(self) -> "Parameterization":
+        """The same parameterization without depth scaling (a_l = 1, depth-independent LRs)."""
+        return self.with_(depth_alpha=0.0, depth_c=0.0)
+
+    def rule(self, role: str, fan_in: int, width: int, depth: int | None = None,
+             residual: bool = False) -> LayerRule:
+        """Init std, multiplier and learning-rate scales of a layer of ``role`` at ``width``.
+
+        ``residual=True`` (a residual block of a net with ``depth`` weight layers) adds the depth
+        factors: the branch multiplier d^-alpha and the branch LR factor d^-c_H on weight and bias.
+        """
         if role not in ROLES:
             raise ConfigError(f"unknown layer role '{role}'; choose one of {', '.join(ROLES)}")
         r = ROLES.index(role)
@@ -130,7 +192,13 @@ class Parameterization:
         mult = m ** (-(self.a[r] - A_SP[r]))
         lr = m ** (-self.c[r])
         blr = m ** (-self.c_bias[1 if role == "output" else 0])
-        return LayerRule(role, std, mult, lr, blr)
+        if not residual:
+            return LayerRule(role, std, mult, lr, blr)
+        if role != "hidden":
+            raise ConfigError(f"only hidden layers can be residual blocks, got role '{role}'")
+        d = self.depth_mult(depth)
+        depth_lr = d ** (-self.depth_lr_exponent())
+        return LayerRule(role, std, mult, lr * depth_lr, blr * depth_lr, branch=d ** (-self.depth_alpha))
 
     def feedback_rule(self, role: str, fan_in: int, width: int) -> LayerRule:
         """Like :meth:`rule` for feedback weights (defaults: the forward exponents)."""
@@ -149,7 +217,13 @@ class Parameterization:
             raise ConfigError(f"invalid parameterization field: {err}") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; the depth fields only where they differ from their defaults (so the records and
+        hashes of cells written before they existed are unchanged)."""
+        d = asdict(self)
+        for key, default in (("base_depth", BASE_DEPTH), ("depth_alpha", DEPTH_ALPHA), ("depth_c", None)):
+            if d[key] == default:
+                del d[key]
+        return d
 
     def describe(self, width: int, depth: int = 3, in_dim: int = 784, out_dim: int = 10, lr: float = 1.0) -> str:
         """A readable table of what this parameterization resolves to at ``width``."""

@@ -3,6 +3,14 @@
     delta_L = dl/df,   delta_l = phi'(u_l) * (W_{l+1}^T delta_{l+1})   (Net.linearize: phi' for the MLP, a vjp through pooling for the CNN)
     grad W_l = mean_batch(delta_l a_{l-1}^T),   grad b_l = mean_batch(delta_l)
 
+Residual nets (``Net.residual(l)``: u_l = u_{l-1} + a_l (mult_l W_l a_{l-1} + b_l), ``nets.ResMLP``) add
+the identity path to the backward signal:
+
+    delta_{l-1} = delta_l + phi'(u_{l-1}) * (a_l mult_l W_l^T delta_l)
+    grad W_l = a_l mult_l mean_batch(delta_l a_{l-1}^T),   grad b_l = a_l mean_batch(delta_l)
+
+(the branch multiplier a_l sits in the layer's ``mult``, ``backward_input`` and ``grads``).
+
 No autograd graph is built; tests check it against autograd.
 
 ``readout_only=True``: the feature-learning baseline. Only the output layer gets its gradient (grad W_L,
@@ -54,5 +62,6 @@ def backprop(net: Net, us, acts, delta) -> list[torch.Tensor]:
         gw, gb = layer.grads(delta, acts[l - 1])
         grads[:0] = [gw] if gb is None else [gw, gb]
         if l > 1:
-            delta = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta))
+            back = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta))
+            delta = back + delta if net.residual(l) else back
     return grads
