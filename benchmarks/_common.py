@@ -81,18 +81,21 @@ def load_average() -> list[float] | None:
         return None
 
 
-def environment(**extra) -> dict:
+def environment(device: str = "cpu", **extra) -> dict:
     """The ``env`` entry of a result: versions, machine, cores, torch threads, device; ``extra`` appended."""
+    name = str(device)
+    if name.startswith("cuda"):
+        name = f"{name} ({torch.cuda.get_device_name(torch.device(name))})"
     return dict(torch=torch.__version__, mulocal=getattr(mulocal, "__version__", "?"),
                 python=platform.python_version(), machine=platform.machine(), cpu_cores=cpu_cores(),
                 torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-                device="cpu", **extra)
+                device=name, **extra)
 
 
 def env_line(env: dict) -> str:
     """The table's line about torch, the machine and the threads."""
     return (f"torch {env['torch']} on {env['machine']}, {env['cpu_cores']} cores available, torch threads "
-            f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device cpu")
+            f"{env['torch_threads']} (interop {env['torch_interop_threads']}), device {env.get('device', 'cpu')}")
 
 
 def data_line(r: dict) -> str:

@@ -213,10 +213,9 @@ def test_divergence_acted_on_every_n_steps_keeps_every_number():
         assert all((p[1] == 0).all() for p in w)
 
 
-@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"T": 3, "inference": "parallel"}),
-                                       pytest.param("dtp", {}, marks=pytest.mark.xfail(
-                                           strict=True, reason="DTP copies its feedback statistics to the host "
-                                                               "every step (issue 13)"))])
+@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"T": 3, "inference": "parallel"}), ("dtp", {}),
+                                       ("dtp", {"fb_loss": "ldrl"}), ("dtp", {"noise_rng": "host"}),
+                                       ("dtp", {"feedback": "ridge"})])
 def test_no_host_read_back_per_training_step(monkeypatch, algo, opts):
     """With sync_every = N the loop reads from the device once per N steps (plus the epoch's evaluation):
     every host read-back (.item, .tolist, .cpu, bool of a tensor) is counted."""

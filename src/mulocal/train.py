@@ -245,7 +245,9 @@ class Trainer:
                     "opt": self.opt.state_dict(), "epoch": self.epoch, "status": self.status,
                     "history": self.history, "seeds": self.seeds,
                     "gens": [g.get_state() for g in self.gens],
-                    "loss0": None if self.loss0 is None else self.loss0.cpu()}, tmp)
+                    "loss0": None if self.loss0 is None else self.loss0.cpu(),
+                    # the rule's own state (TP/DTP: feedback weights, their optimizer, the noise streams)
+                    "algo": self.algo.state_dict() if hasattr(self.algo, "state_dict") else None}, tmp)
         tmp.replace(path)
 
     def load(self, path: str) -> None:
@@ -253,6 +255,8 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
         self.loss0 = ck.get("loss0")
+        if ck.get("algo") is not None and hasattr(self.algo, "load_state_dict"):
+            self.algo.load_state_dict(ck["algo"], self.net)
         for g, s in zip(self.gens, ck["gens"]):
             g.set_state(s)
 

@@ -21,6 +21,10 @@ Feedback g_l (layer l -> layer l-1), ``feedback=``:
   -xi . (g(f(h + xi)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2 / 2.
   Explicit gradients; feedback weights have their own exponents (Parameterization.feedback_b/_c;
   g_L reads the fixed-size output: role "input", hidden g_l: role "hidden").
+  The noise xi (and eta) comes from ``noise_rng``: ``"counter"`` (default) draws it for all replicas at
+  once on the net's device with ``streams.counter_normal`` (stream ``feedback_noise_counter``, one counter
+  per draw); ``"host"`` draws it replica by replica from CPU generators (stream ``feedback_noise``) and
+  copies it to the device: the numbers from before ``noise_rng`` existed.
 * ``"inverse"`` - the exact (pseudo-)inverse of W_l, for linear networks: the oracle that makes
   DTP equal Gauss-Newton targets.
 
@@ -34,16 +38,17 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..losses import check_loss, loss_and_grad
 from ..nets import Dense, Net
 from ..optim import LayerwiseOptimizer
-from ..streams import generator, generators
+from ..streams import counter_keys, counter_normal, generator, generators
 from .options import Option
 from .bp import backprop
 
 FEEDBACK = ("trainable", "linear", "ridge", "inverse")
 FB_LOSSES = ("rec", "drl", "ldrl")
+NOISE_RNGS = ("host", "counter")
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +174,8 @@ class TargetRule:
         for (i, what), g, b in zip(net.param_info(), grads, bp):
             if what == "weight":
                 cos[f"bp_cos_{i + 1}"] = _cos(g, b).cpu()
-        self.stats = {**self.target_distances(), **cos, **getattr(self, "fb_stats", {})}
+        fb = {k: v.cpu() for k, v in getattr(self, "fb_stats", {}).items()}
+        self.stats = {**self.target_distances(), **cos, **fb}
 
     def coord_observables(self, net, x, y) -> dict[str, torch.Tensor]:
         return self.target_distances()
@@ -185,6 +191,9 @@ class TP(TargetRule):
                "or inverse", choices=FEEDBACK),
         Option("fb_loss", "str", "rec", "feedback loss: rec, drl or ldrl", choices=FB_LOSSES),
         Option("sigma", "floats", 0.1, "feedback-training noise, one or one per hidden layer"),
+        Option("noise_rng", "str", "counter", "feedback-noise generator: counter (all replicas at once on the "
+               "net's device) or host (per-replica CPU generators: the numbers from before this option)",
+               choices=NOISE_RNGS, implicit=True),
         Option("fb_iters", "int", 1, "feedback iterations per batch"),
         Option("fb_lr", "float", 0.01, "feedback learning rate"),
         Option("fb_optimizer", "str", "sgd", "feedback optimizer: sgd or adam", choices=("sgd", "adam")),
@@ -192,21 +201,37 @@ class TP(TargetRule):
         Option("pretrain_epochs", "int", 0, "feedback-only epochs before training", flag="fb-pretrain-epochs"),
     )
 
+    @staticmethod
+    def hash_defaults(options: dict) -> tuple[str, ...]:
+        """Implicit options whose default still belongs in a cell's hash: the default feedback noise changed
+        (per-replica CPU generators -> counter_normal), so cells that train their feedback with noise must not
+        reuse older results; cells without noise (ridge or inverse feedback, sigma = 0, fb_iters = 0) keep
+        their hashes (their numbers did not change)."""
+        if options.get("feedback", "trainable") not in ("trainable", "linear") or not options.get("fb_iters", 1):
+            return ()
+        sigma = options.get("sigma", 0.1)
+        sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma]
+        return ("noise_rng",) if any(float(v) != 0.0 for v in sigmas) else ()
+
     def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
-                 sigma: float | Sequence[float] = 0.1, fb_iters: int = 1, fb_lr: float = 0.01,
-                 fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0, record: bool = False):
+                 sigma: float | Sequence[float] = 0.1, noise_rng: str = "counter", fb_iters: int = 1,
+                 fb_lr: float = 0.01, fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0,
+                 record: bool = False):
         super().__init__(loss, beta, record)
         if feedback not in FEEDBACK:
             raise ConfigError(f"unknown feedback '{feedback}'; choose one of {', '.join(FEEDBACK)}")
         if fb_loss not in FB_LOSSES:
             raise ConfigError(f"unknown feedback loss '{fb_loss}'; choose one of {', '.join(FB_LOSSES)}")
+        if noise_rng not in NOISE_RNGS:
+            raise ConfigError(f"unknown noise_rng '{noise_rng}'; choose one of {', '.join(NOISE_RNGS)}")
         if isinstance(fb_iters, bool) or not isinstance(fb_iters, int) or fb_iters < 0:
             raise ConfigError(f"feedback iterations must be a non-negative integer, got {fb_iters!r}")
         if not ridge > 0:
             raise ConfigError(f"ridge constant must be positive, got {ridge}")
         self.feedback, self.fb_loss, self.sigma, self.fb_iters = feedback, fb_loss, sigma, fb_iters
         self.fb_lr, self.fb_optimizer, self.ridge = fb_lr, fb_optimizer, float(ridge)
-        self.pretrain_epochs = int(pretrain_epochs)
+        self.pretrain_epochs, self.noise_rng = int(pretrain_epochs), noise_rng
+        self.noise_counter = 0  # counter_normal draws made so far (noise_rng="counter"; checkpointed)
         self.fb: dict[int, Dense] | None = None
         self.fb_opt: LayerwiseOptimizer | None = None
         self._net_ref = None
@@ -260,7 +285,10 @@ class TP(TargetRule):
             for l in range(2, L + 1):
                 w = torch.randn(self.fb[l].weight.shape[1:], generator=gen, dtype=torch.float64)
                 self.fb[l].weight[k].copy_(w * self.fb[l].rule.init_std)
-        self.noise_gens = generators("feedback_noise", getattr(net, "seeds", range(net.K)))
+        seeds = list(getattr(net, "seeds", range(net.K)))
+        self.noise_gens = generators("feedback_noise", seeds)  # noise_rng="host"
+        self.noise_keys = counter_keys("feedback_noise_counter", seeds, device=net.device)  # noise_rng="counter"
+        self.noise_counter = 0
         params, scales = [], []
         for l in range(2, L + 1):
             params += [self.fb[l].weight, self.fb[l].bias]
@@ -273,25 +301,67 @@ class TP(TargetRule):
         return (net.phi(z) if self.feedback == "trainable" else z), z
 
     def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
-        n = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.noise_gens])
-        return n.to(like.device).mul_(sigma)
+        """sigma times standard normals shaped like ``like`` (K, ...): replica k's from its own stream."""
+        if self.noise_rng == "host":
+            n = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.noise_gens])
+            return n.to(like.device).mul_(sigma)
+        n = counter_normal(self.noise_keys, self.noise_counter, like.shape[1:], like.dtype, like.device)
+        self.noise_counter += 1
+        return n.mul_(sigma)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue this rule exactly: the trainable feedback weights, their
+        optimizer and the position of the noise streams (``{}``: nothing, for feedback that is not trained)."""
+        if not self.trainable or self.fb is None:
+            return {}
+        return {"fb": [t.detach().cpu().clone() for t in self._fb_tensors()], "fb_opt": self.fb_opt.state_dict(),
+                "noise_rng": self.noise_rng, "noise_keys": self.noise_keys.cpu(), "noise_counter": self.noise_counter,
+                "noise_gens": [g.get_state() for g in self.noise_gens]}
+
+    def _fb_tensors(self) -> list[torch.Tensor]:
+        return [t for l in sorted(self.fb) for t in (self.fb[l].weight, self.fb[l].bias)]
+
+    def load_state_dict(self, state: dict, net: Net) -> None:
+        """Restore :meth:`state_dict` (of a rule with the same feedback and noise_rng) for ``net``."""
+        self.setup(net)
+        if not state:
+            if self.trainable:
+                raise CheckpointError("the checkpoint has no feedback state, but this rule trains its feedback")
+            return
+        if not self.trainable:
+            raise CheckpointError(f"the checkpoint has trained feedback, this rule's feedback is '{self.feedback}'")
+        if state["noise_rng"] != self.noise_rng:
+            raise CheckpointError(f"the checkpoint drew its feedback noise with noise_rng='{state['noise_rng']}', "
+                                  f"this rule with '{self.noise_rng}'")
+        mine = self._fb_tensors()
+        if [tuple(t.shape) for t in mine] != [tuple(t.shape) for t in state["fb"]]:
+            raise CheckpointError("the checkpoint's feedback weights do not fit this net")
+        for t, v in zip(mine, state["fb"]):
+            t.copy_(v)
+        self.fb_opt.load_state_dict(state["fb_opt"])
+        self.noise_keys = state["noise_keys"].to(self.noise_keys.device)
+        self.noise_counter = int(state["noise_counter"])
+        for g, v in zip(self.noise_gens, state["noise_gens"]):
+            g.set_state(v)
 
     # ------------------------------------------------------------------ feedback training
     def _fwd(self, net: Net, l: int, a: torch.Tensor) -> torch.Tensor:
         u = net.layers[l - 1].forward(a)
         return u if l == net.depth else net.post(l, u)
 
-    def train_feedback(self, net: Net, acts, f) -> dict:
+    def train_feedback(self, net: Net, acts, f, stats: bool = True) -> dict:
         """One feedback-training pass (``fb_iters`` iterations per layer) on a batch's activities.
 
-        Returns per layer l (K,) tensors: ``rec_err_l``, the RMS of the residual the loss reconstructs
-        (rec: g(f(h + xi)) - (h + xi); drl and ldrl: g(f(h + xi)) - g(f(h)) - xi), and ``fb_loss_l``,
-        the batch-mean feedback loss."""
+        Returns per layer l (K,) tensors on the net's device: ``rec_err_l``, the RMS of the residual the loss
+        reconstructs (rec: g(f(h + xi)) - (h + xi); drl and ldrl: g(f(h + xi)) - g(f(h)) - xi), and
+        ``fb_loss_l``, the batch-mean feedback loss (with ``stats=False`` nothing: the training path's
+        default, which computes no statistic)."""
         L = net.depth
         sig = self._sigmas(L)
         h = list(acts) + [f]
         lin = self.feedback == "linear"
-        stats = {}
+        want, stats = stats, {}
         for _ in range(self.fb_iters):
             grads = []
             for l in range(2, L + 1):
@@ -303,29 +373,30 @@ class TP(TargetRule):
                 fbl = self.fb[l]
                 if self.fb_loss == "rec":
                     r = g_n - a_n
-                    value = 0.5 * r.pow(2)
+                    value = 0.5 * r.pow(2) if want else None
                     gw, gb = fbl.grads(r * d(z_n), h_n)
                 else:
                     g_0, z_0 = self._g(l, h[l], net)
                     if self.fb_loss == "drl":
                         r = g_n - g_0 - xi
-                        value = 0.5 * r.pow(2)
+                        value = 0.5 * r.pow(2) if want else None
                         gw, gb = fbl.grads(r * d(z_n), h_n)
                         gw0, gb0 = fbl.grads(-r * d(z_0), h[l])
                     else:  # ldrl
                         eta = self._noise(h[l], sig[l - 1])
                         g_e, z_e = self._g(l, h[l] + eta, net)
                         s = g_e - g_0
-                        r = g_n - g_0 - xi  # reported only
-                        value = 0.5 * s.pow(2) - xi * (g_n - g_0)
+                        r = (g_n - g_0 - xi) if want else None  # reported only
+                        value = (0.5 * s.pow(2) - xi * (g_n - g_0)) if want else None
                         gw, gb = fbl.grads(-xi * d(z_n), h_n)
                         gw0, gb0 = fbl.grads((xi - s) * d(z_0), h[l])
                         gwe, gbe = fbl.grads(s * d(z_e), h[l] + eta)
                         gw0, gb0 = gw0 + gwe, gb0 + gbe
                     gw, gb = gw + gw0, gb + gb0
                 grads += [gw, gb]
-                stats[f"rec_err_{l}"] = r.flatten(1).double().pow(2).mean(1).sqrt().cpu()
-                stats[f"fb_loss_{l}"] = value.flatten(2).sum(-1).mean(-1).double().cpu()
+                if want:  # on the device: no host read-back
+                    stats[f"rec_err_{l}"] = r.flatten(1).double().pow(2).mean(1).sqrt()
+                    stats[f"fb_loss_{l}"] = value.flatten(2).sum(-1).mean(-1).double()
             self.fb_opt.step(grads)
         return stats
 
@@ -339,7 +410,7 @@ class TP(TargetRule):
     def prepare(self, net, us, acts, f) -> None:
         self.setup(net, acts)
         if self.trainable and self.fb_iters:
-            self.fb_stats = self.train_feedback(net, acts, f)
+            self.fb_stats = self.train_feedback(net, acts, f, stats=self.record)
 
     # ------------------------------------------------------------------ targets
     def _linear_map(self, net: Net, l: int, acts, f):
@@ -355,12 +426,11 @@ class TP(TargetRule):
             gram = torch.bmm(H, H.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).add_(self.ridge * H.shape[-1])
             chol, info = torch.linalg.cholesky_ex(gram)
-            bad = info != 0  # a replica whose activities stopped being finite: its targets become NaN (diverged)
-            if bad.any():
-                gram[bad] = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-                chol = torch.linalg.cholesky(gram)
-                Hp = Hp.clone()
-                Hp[bad] = float("nan")
+            # a replica whose activities stopped being finite: factor I, targets NaN (diverged); selected on the
+            # device, without reading info back
+            bad = (info != 0).view(-1, 1, 1)
+            chol = torch.where(bad, torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), chol)
+            Hp = torch.where(bad, torch.full((), float("nan"), dtype=Hp.dtype, device=Hp.device), Hp)
             # Q applied to rows r: r H^T (H H^T + mu I)^{-1} H_{l-1}
             return lambda r: torch.bmm(torch.cholesky_solve(torch.bmm(H, _flat(r).transpose(1, 2)), chol)
                                        .transpose(1, 2), Hp).reshape(shape(r))
