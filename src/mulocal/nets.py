@@ -92,9 +92,8 @@ class Branch(Dense):
         return torch.baddbmm(b.unsqueeze(1) * self.branch, a, w.transpose(1, 2), alpha=self.mult)
 
     def grads(self, delta, a):
-        gw = torch.bmm(delta.transpose(1, 2), a).mul_(self.mult / delta.shape[1])
-        gb = delta.mean(1).mul_(self.branch) if self.bias is not None else None
-        return gw, gb
+        gw, gb = super().grads(delta, a)  # the weight gradient carries a through mult
+        return gw, (gb.mul_(self.branch) if gb is not None else None)
 
 
 class Conv:
