@@ -73,21 +73,10 @@ def _same(a, b, path="$"):
         assert a == b, (path, a, b)
 
 
-def _old_behaviour(argv: list[str]) -> list[str]:
-    """A stored command with the flags that select the old behaviour where a default changed since the golden
-    files were written (each with its change); the default's new numbers are checked elsewhere."""
-    algo = argv[argv.index("--algo") + 1] if "--algo" in argv else None
-    if argv[0] == "train" and algo in ("tp", "dtp") and not {"ridge", "inverse"} & set(argv):
-        # TP/DTP draw their feedback-training noise with streams.counter_normal by default
-        # (tests/test_noise.py); noise_rng=host is the per-replica CPU stream the golden files were written with
-        argv = [*argv, "--noise-rng", "host"]
-    return argv
-
-
 @pytest.mark.parametrize("case", CLI, ids=[" ".join(c["argv"][:3]) + f"#{i}" for i, c in enumerate(CLI)])
 def test_cli_json_unchanged(case, tmp_path):
     shutil.copy(GOLDEN / "store.sqlite", tmp_path / "store.sqlite")
-    _same(make_golden.run_cli(_old_behaviour(case["argv"]), tmp_path), case["json"])
+    _same(make_golden.run_cli(case["argv"], tmp_path), case["json"])
 
 
 # the seeds of every named random stream, frozen (changing a recipe changes every stored result)

@@ -168,7 +168,7 @@ def test_dtp_counter_noise_replicas_equal_separate_runs_bitwise(synth, fb_loss):
 
     def run(lr, sd):
         net = build("mlp", synth.input_shape, 10, 16, p, K=len(sd), seeds=sd, dtype=torch.float64)
-        algo = make_algo("dtp", fb_loss=fb_loss, fb_iters=2)
+        algo = make_algo("dtp", fb_loss=fb_loss, fb_iters=2, noise_rng="counter")
         res = Trainer(net, algo, synth, TrainConfig(lr=lr, **cfg), seeds=sd).run()
         assert algo.noise_rng == "counter" and algo.noise_counter > 0
         return net.params() + algo._fb_tensors(), res
@@ -182,7 +182,7 @@ def test_dtp_counter_noise_replicas_equal_separate_runs_bitwise(synth, fb_loss):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def _resume_case(synth, tmp_path, trainer):
+def _resume_case(synth, tmp_path, trainer, noise_rng="counter"):
     p = preset("mup", "sgd", algo="dtp", base_width=8)
     cfg = dict(lr=[0.1, 0.2], batch_size=64, progress=False)
     seeds = [4, 7]
@@ -191,7 +191,7 @@ def _resume_case(synth, tmp_path, trainer):
         return build("mlp", synth.input_shape, 10, 16, p, K=2, seeds=sd, dtype=torch.float64)
 
     def algo():
-        return make_algo("dtp", fb_loss="ldrl", fb_optimizer="adam", fb_lr=1e-3)
+        return make_algo("dtp", fb_loss="ldrl", fb_optimizer="adam", fb_lr=1e-3, noise_rng=noise_rng)
     full, full_algo = net(), algo()
     ref = trainer(full, full_algo, synth, TrainConfig(epochs=3, **cfg), seeds=seeds).run()
     ck = str(tmp_path / "ck.pt")
@@ -199,7 +199,8 @@ def _resume_case(synth, tmp_path, trainer):
     resumed, resumed_algo = net([99, 98]), algo()
     res = trainer(resumed, resumed_algo, synth, TrainConfig(epochs=3, checkpoint_path=ck, resume=True, **cfg),
                   seeds=seeds).run()
-    assert res["epochs"] == 3 and resumed_algo.noise_counter == full_algo.noise_counter > 0
+    assert res["epochs"] == 3 and resumed_algo.noise_counter == full_algo.noise_counter
+    assert (full_algo.noise_counter > 0) == (noise_rng == "counter")
 
     def history(r):  # every number of every epoch but its wall time
         return [[{k: v for k, v in h.items() if k != "epoch_time"} for h in rep["history"]] for rep in r["replicas"]]
@@ -208,11 +209,12 @@ def _resume_case(synth, tmp_path, trainer):
     return same and history(res) == history(ref)
 
 
-def test_checkpoint_resume_with_counter_noise_is_bit_identical(synth, tmp_path):
+@pytest.mark.parametrize("noise_rng", ["counter", "host"])
+def test_checkpoint_resume_with_counter_noise_is_bit_identical(synth, tmp_path, noise_rng):
     """Three epochs straight = one epoch, checkpoint, a fresh net and rule resumed for two more: the forward
     and feedback weights to the bit and the same losses, with the rule's state (feedback weights, their Adam
-    moments, the noise counter) in the Trainer's checkpoint."""
-    assert _resume_case(synth, tmp_path, Trainer)
+    moments, the noise counter or the host generators) in the Trainer's checkpoint."""
+    assert _resume_case(synth, tmp_path, Trainer, noise_rng)
 
 
 def test_rule_state_refuses_another_noise_rng():
@@ -231,16 +233,13 @@ def test_rule_state_refuses_another_noise_rng():
 # ----------------------------------------------------------------------------------- cell hashes
 @pytest.mark.parametrize("algo", ["tp", "dtp"])
 def test_noise_rng_enters_the_hash_only_where_numbers_changed(algo):
-    """Cells that train their feedback with noise record noise_rng="counter" (new hashes: their numbers
-    changed); cells without noise (ridge / inverse feedback, sigma = 0, fb_iters = 0) do not (old hashes)."""
+    """The default noise (host: the numbers every stored cell was drawn with) leaves no trace in a cell's
+    recorded options (old hashes kept); counter noise is recorded (new hashes)."""
     from mulocal.config import config_hash, default_cell, resolved_algo
-    changed = [{}, {"feedback": "linear"}, {"fb_loss": "ldrl", "sigma": [0.0, 0.1]}, {"pretrain_epochs": 2}]
-    same = [{"feedback": "ridge"}, {"feedback": "inverse"}, {"sigma": 0.0}, {"sigma": [0.0, 0.0]}, {"fb_iters": 0}]
-    for opts in changed:
-        r = resolved_algo(default_cell(algo=algo, algo_options=opts))
-        assert r.get("noise_rng") == "counter", opts
-        old = {k: v for k, v in r.items() if k != "noise_rng"}  # what the code before noise_rng recorded
+    for opts in ({}, {"feedback": "linear"}, {"fb_loss": "ldrl", "sigma": [0.0, 0.1]}, {"feedback": "ridge"}):
+        old = resolved_algo(default_cell(algo=algo, algo_options=opts))
+        assert "noise_rng" not in old, opts
+        r = resolved_algo(default_cell(algo=algo, algo_options={**opts, "noise_rng": "counter"}))
+        assert r.get("noise_rng") == "counter"
         assert config_hash({"algo_resolved": r}) != config_hash({"algo_resolved": old})
-    for opts in same:
-        assert "noise_rng" not in resolved_algo(default_cell(algo=algo, algo_options=opts)), opts
     assert "noise_rng" not in resolved_algo(default_cell(algo="gnt"))

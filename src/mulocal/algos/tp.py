@@ -21,10 +21,11 @@ Feedback g_l (layer l -> layer l-1), ``feedback=``:
   -xi . (g(f(h + xi)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2 / 2.
   Explicit gradients; feedback weights have their own exponents (Parameterization.feedback_b/_c;
   g_L reads the fixed-size output: role "input", hidden g_l: role "hidden").
-  The noise xi (and eta) comes from ``noise_rng``: ``"counter"`` (default) draws it for all replicas at
-  once on the net's device with ``streams.counter_normal`` (stream ``feedback_noise_counter``, one counter
-  per draw); ``"host"`` draws it replica by replica from CPU generators (stream ``feedback_noise``) and
-  copies it to the device: the numbers from before ``noise_rng`` existed.
+  The noise xi (and eta) comes from ``noise_rng``: ``"host"`` (default) draws it replica by replica from
+  CPU generators (stream ``feedback_noise``) and copies it to the device (every stored result was drawn
+  so); ``"counter"`` draws it for all replicas at once on the net's device with
+  ``streams.counter_normal`` (stream ``feedback_noise_counter``, one counter per draw): no per-replica
+  loop and no host copy, for GPUs (it becomes the default once measured there).
 * ``"inverse"`` - the exact (pseudo-)inverse of W_l, for linear networks: the oracle that makes
   DTP equal Gauss-Newton targets.
 
@@ -191,8 +192,8 @@ class TP(TargetRule):
                "or inverse", choices=FEEDBACK),
         Option("fb_loss", "str", "rec", "feedback loss: rec, drl or ldrl", choices=FB_LOSSES),
         Option("sigma", "floats", 0.1, "feedback-training noise, one or one per hidden layer"),
-        Option("noise_rng", "str", "counter", "feedback-noise generator: counter (all replicas at once on the "
-               "net's device) or host (per-replica CPU generators: the numbers from before this option)",
+        Option("noise_rng", "str", "host", "feedback-noise generator: host (per-replica CPU generators, the "
+               "numbers of every stored result) or counter (all replicas at once on the net's device: for GPUs)",
                choices=NOISE_RNGS, implicit=True),
         Option("fb_iters", "int", 1, "feedback iterations per batch"),
         Option("fb_lr", "float", 0.01, "feedback learning rate"),
@@ -201,20 +202,8 @@ class TP(TargetRule):
         Option("pretrain_epochs", "int", 0, "feedback-only epochs before training", flag="fb-pretrain-epochs"),
     )
 
-    @staticmethod
-    def hash_defaults(options: dict) -> tuple[str, ...]:
-        """Implicit options whose default still belongs in a cell's hash: the default feedback noise changed
-        (per-replica CPU generators -> counter_normal), so cells that train their feedback with noise must not
-        reuse older results; cells without noise (ridge or inverse feedback, sigma = 0, fb_iters = 0) keep
-        their hashes (their numbers did not change)."""
-        if options.get("feedback", "trainable") not in ("trainable", "linear") or not options.get("fb_iters", 1):
-            return ()
-        sigma = options.get("sigma", 0.1)
-        sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma]
-        return ("noise_rng",) if any(float(v) != 0.0 for v in sigmas) else ()
-
     def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
-                 sigma: float | Sequence[float] = 0.1, noise_rng: str = "counter", fb_iters: int = 1,
+                 sigma: float | Sequence[float] = 0.1, noise_rng: str = "host", fb_iters: int = 1,
                  fb_lr: float = 0.01, fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0,
                  record: bool = False):
         super().__init__(loss, beta, record)
