@@ -65,3 +65,17 @@ def test_analyze_features_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["configs"]) == {"bp mup-sgd", "bp mup-bL1-sgd", "dtp mup-dtp-sgd", "dtp mup-bL1-sgd"}
     assert all(c["identity_residual"] < 1e-4 and "dh_rel_2" in c["slopes"] for c in out["configs"].values())
+
+
+def test_grid_edges_are_told_apart():
+    """The grid extension reads which end an optimum sits on: the first grid point -> extend down, the last ->
+    up, an interior optimum -> nothing (hand-made reports, both metrics pooled)."""
+    from mulocal.experiments.reproduce import _edges
+
+    def fam(label, best_lr, at_edge):
+        pts = [{"lr": v} for v in (0.25, 0.5, 1.0)]
+        return {"label": label, "curves": [{"width": 64, "points": pts}],
+                "best": [{"width": 64, "best_lr": best_lr, "grid_best_lr": best_lr, "at_edge": at_edge}]}
+    loss = {"families": [fam("a", 0.25, True), fam("b", 0.5, False)]}
+    acc = {"families": [fam("c", 1.0, True), fam("d", None, None)]}
+    assert _edges([loss, acc]) == ({"a"}, {"c"})

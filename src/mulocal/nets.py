@@ -86,10 +86,7 @@ class Branch(Dense):
 
     def forward(self, a, weight=None, bias=None):
         b = self.bias if bias is None else (None if bias is False else bias)
-        w = self.weight if weight is None else weight
-        if b is None:
-            return torch.bmm(a, w.transpose(1, 2)).mul_(self.mult)
-        return torch.baddbmm(b.unsqueeze(1) * self.branch, a, w.transpose(1, 2), alpha=self.mult)
+        return super().forward(a, weight, False if b is None else b * self.branch)
 
     def grads(self, delta, a):
         gw, gb = super().grads(delta, a)  # the weight gradient carries a through mult
@@ -235,10 +232,8 @@ class Net:
         """Feed-forward pass: ``us`` (u_1..u_L, with us[0] = a_0) and ``acts`` (a_0..a_{L-1})."""
         a = self.prepare_input(x)
         us, acts = [a], [a]
-        for l, layer in enumerate(self.layers, start=1):
-            u = layer.forward(a)
-            if self.residual(l):
-                u = u + us[l - 1]
+        for l in range(1, len(self.layers) + 1):
+            u = self.predict(l, a, us[l - 1])
             us.append(u)
             if l < self.depth:
                 a = self.post(l, u)
@@ -280,9 +275,12 @@ class MLP(Net):
         self.in_dim, self.out_dim = math.prod(self.input_shape), int(out_dim)
         dims = [self.in_dim] + [self.width] * (depth - 1) + [self.out_dim]
         for i, role in enumerate(layer_roles(depth)):
-            rule = self.param.rule(role, dims[i], self.width)
-            self.layers.append(Dense(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
+            self.layers.append(self._layer(role, dims[i], dims[i + 1], depth, bias, dtype))
         self.init(seeds if seeds is not None else range(K))
+
+    def _layer(self, role, fan_in, fan_out, depth, bias, dtype):
+        rule = self.param.rule(role, fan_in, self.width)
+        return Dense(role, fan_in, fan_out, self.K, bias, rule, dtype, self.device)
 
     def post(self, l, u):
         if l == 0:
@@ -312,22 +310,14 @@ class ResMLP(MLP):
 
     kind = "resmlp"
 
-    def __init__(self, in_dim: int | Sequence[int], width: int, out_dim: int, depth: int = 4,
-                 param: Parameterization | None = None,
-                 activation: str = "tanh", bias: bool = True, K: int = 1, seeds: Sequence[int] | None = None,
-                 dtype=torch.float32, device="cpu"):
-        Net.__init__(self, param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
-        self.input_shape = (int(in_dim),) if isinstance(in_dim, int) else tuple(int(d) for d in in_dim)
-        self.in_dim, self.out_dim = math.prod(self.input_shape), int(out_dim)
-        dims = [self.in_dim] + [self.width] * (depth - 1) + [self.out_dim]
-        for i, role in enumerate(layer_roles(depth)):
-            if role == "hidden":
-                rule = self.param.rule(role, dims[i], self.width, depth=depth, residual=True)
-                self.layers.append(Branch(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
-            else:
-                rule = self.param.rule(role, dims[i], self.width)
-                self.layers.append(Dense(role, dims[i], dims[i + 1], K, bias, rule, dtype, self.device))
-        self.init(seeds if seeds is not None else range(K))
+    def __init__(self, in_dim: int | Sequence[int], width: int, out_dim: int, depth: int = 4, *args, **kw):
+        super().__init__(in_dim, width, out_dim, depth, *args, **kw)
+
+    def _layer(self, role, fan_in, fan_out, depth, bias, dtype):
+        if role != "hidden":  # input and output layers: as in the MLP
+            return super()._layer(role, fan_in, fan_out, depth, bias, dtype)
+        rule = self.param.rule(role, fan_in, self.width, depth=depth, residual=True)
+        return Branch(role, fan_in, fan_out, self.K, bias, rule, dtype, self.device)
 
     def residual(self, l: int) -> bool:
         return 1 < l < len(self.layers)

@@ -142,13 +142,7 @@ class Parameterization:
         for key in ("depth_alpha", "depth_c"):
             value = getattr(self, key)
             if value is not None:
-                try:
-                    value = float(value)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"parameterization '{self.name}': {key} must be a number, got {value!r}") from None
-                if not math.isfinite(value):
-                    raise ConfigError(f"parameterization '{self.name}': {key} must be finite")
-                object.__setattr__(self, key, value)
+                object.__setattr__(self, key, finite_number(value, f"parameterization '{self.name}': {key}"))
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"parameterization '{self.name}': unknown optimizer '{self.optimizer}'; choose one of "
                               f"{', '.join(OPTIMIZERS)}")
@@ -348,16 +342,22 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
         raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
     if key not in PRESETS:
         raise ConfigError(f"unknown parameterization preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
-    try:
-        g = float(gamma_bar_L)
-    except (TypeError, ValueError):
-        raise ConfigError(f"gamma_bar_L must be a number, got {gamma_bar_L!r}") from None
-    if not math.isfinite(g):
-        raise ConfigError(f"gamma_bar_L must be finite, got {gamma_bar_L!r}")
+    g = finite_number(gamma_bar_L, "gamma_bar_L")
     base = PRESETS[key](optimizer, g, algo)
     base = base.with_(optimizer=optimizer) if base.optimizer is None else base
     out = base.with_(**overrides) if overrides else base
     warn_if_unstable(out, algo)
+    return out
+
+
+def finite_number(value, what: str) -> float:
+    """``value`` as a finite float, else a ConfigError naming ``what``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{what} must be finite, got {value!r}")
     return out
 
 

@@ -8,6 +8,8 @@ lists (every value is an axis of the sweep).
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 from pathlib import Path
 
@@ -132,9 +134,6 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
 def per_algo(command):
     """A single-run command over ``--algo A,B,...``: run once per rule (its options scoped to the rules that
     declare them) and return ``{"algos": [result, ...]}``; with one rule, that run's result unchanged."""
-    import copy
-    import functools
-
     @functools.wraps(command)
     def run(args):
         algos = args.algo if isinstance(args.algo, list) else [args.algo]

@@ -145,7 +145,7 @@ def _sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tupl
             per_spec = [st.rows(hashes=h) for h in hashes]
         if round_ == MAX_EXTEND:
             break
-        grew = False
+        grew, before = False, len(notes)
         for i, (spec, rows) in enumerate(zip(specs, per_spec)):
             low, high = _edges([analyze(rows, metric=m, n_boot=0) for m in ("train_loss", "test_accuracy")])
             lrs, ratio = sorted(spec["lrs"]), spec["lrs"][1] / spec["lrs"][0]
@@ -160,7 +160,7 @@ def _sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tupl
                 grew = True
         if not grew:
             break
-        for n in notes[-2:]:
+        for n in notes[before:]:
             say(n)
     return [r for rows in per_spec for r in rows], specs, notes
 
