@@ -58,7 +58,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("gamma_bar_L", "float", 0.0, "PC output energy weight gamma_L = gamma'_L m^-gbar_L (muP with SGD shifts "
           "its LR exponents by it; 0 = SGD-like, -1 = Gauss-Newton-like)", "parameterization"),
     Field("base_width", "int", BASE_WIDTH, "width at which every preset equals SP", "parameterization"),
-    Field("arch", "str", "mlp", "mlp, cnn or resmlp (residual MLP with depth-muP: docs/depth.md)", "model"),
+    Field("arch", "str", "mlp", "mlp, cnn, resmlp or rescnn (residual MLP / CNN with depth-muP: docs/depth.md)",
+          "model"),
     Field("depth", "int", 3, "number of weight layers", "model"),
     Field("activation", "str", "tanh", "tanh, relu or linear", "model"),
     Field("bias", "bool", True, "layers with biases", "model", off="layers without biases"),

@@ -75,14 +75,15 @@ class Dense:
         return gw, gb
 
 
-class Branch(Dense):
-    """A residual branch a (mult W x + b): ``Dense`` with the branch multiplier a = rule.branch folded into
-    ``mult`` (so ``backward_input`` and the weight gradient carry it) and applied to the bias too."""
+class _Branch:
+    """A residual branch a (mult W x + b): the layer with the branch multiplier a = rule.branch folded into
+    ``mult`` (so ``backward_input`` and the weight gradient carry it) and applied to the bias too. Mixed into
+    ``Dense`` (``Branch``) and ``Conv`` (``ConvBranch``)."""
 
-    def __init__(self, role, fan_in, fan_out, K, bias, rule, dtype, device):
-        super().__init__(role, fan_in, fan_out, K, bias, rule, dtype, device)
-        self.branch = rule.branch
-        self.mult = rule.multiplier * rule.branch
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.branch = self.rule.branch
+        self.mult = self.rule.multiplier * self.rule.branch
 
     def forward(self, a, weight=None, bias=None):
         b = self.bias if bias is None else (None if bias is False else bias)
@@ -91,6 +92,10 @@ class Branch(Dense):
     def grads(self, delta, a):
         gw, gb = super().grads(delta, a)  # the weight gradient carries a through mult
         return gw, (gb.mul_(self.branch) if gb is not None else None)
+
+
+class Branch(_Branch, Dense):
+    """A dense residual branch a (mult W x + b)."""
 
 
 class Conv:
@@ -133,6 +138,10 @@ class Conv:
                           for k in range(self.K)]).mul_(self.mult / B)
         gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
         return gw, gb
+
+
+class ConvBranch(_Branch, Conv):
+    """A convolutional residual branch a (mult conv(W, x) + b) (same padding: the stream keeps its shape)."""
 
 
 class Net:
@@ -222,6 +231,11 @@ class Net:
     def residual(self, l: int) -> bool:
         """Whether layer l (1-based) adds the value below: u_l = u_{l-1} + layer_l(a_{l-1}). Plain nets: never."""
         return False
+
+    @property
+    def residual_net(self) -> bool:
+        """Whether any layer is residual (a residual net: its hidden values u_l form the residual stream)."""
+        return any(self.residual(l) for l in range(1, self.depth + 1))
 
     def predict(self, l: int, a_prev: torch.Tensor, u_prev: torch.Tensor) -> torch.Tensor:
         """u_l from the activity a_{l-1} (and, for a residual layer, the value u_{l-1} below)."""
@@ -374,7 +388,83 @@ class CNN(Net):
                     pool=self.pool)
 
 
-ARCHS = ("mlp", "cnn", "resmlp")
+class ResCNN(Net):
+    """Residual CNN of ``depth`` = H weight layers (channels = the scaled width M):
+
+        h_1 = conv_1(pool_in(x)) + b_1,   h_l = h_{l-1} + a_l (conv_l(phi(h_{l-1})) + b_l)  (l = 2..H-1),
+        f   = W_H flatten(pool2(phi(h_{H-1}))) + b_H
+
+    pool_in is a fixed ``in_pool`` x ``in_pool`` average pooling of the image (28 x 28 -> 14 x 14 by default, to
+    keep the blocks cheap), the blocks are same-padded k x k convolutions M -> M (the stream keeps its shape
+    (M, h, w)), pool2 the readout's 2 x 2 pooling (``pool``: max or avg), as in the CNN. Depth factors as in
+    ``ResMLP`` (``ConvBranch``: a_l folded into the conv's multiplier and applied to its bias). ``us`` are the
+    h_l, ``acts`` phi(h_l) (the last one pooled and flattened).
+    """
+
+    kind = "rescnn"
+
+    def __init__(self, in_shape: Sequence[int], width: int, out_dim: int, depth: int = 4,
+                 param: Parameterization | None = None, activation: str = "tanh", bias: bool = True, K: int = 1,
+                 seeds: Sequence[int] | None = None, kernel: int = KERNEL, pool: str = "max", in_pool: int = 2,
+                 dtype=torch.float32, device="cpu"):
+        super().__init__(param or Parameterization(name="sp"), width, K, activation, bias, dtype, device)
+        if len(in_shape) != 3:
+            raise ConfigError(f"a residual CNN needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        if pool not in ("max", "avg"):
+            raise ConfigError(f"unknown pooling '{pool}'; choose max or avg")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 3:
+            raise ConfigError(f"a residual CNN needs depth (number of weight layers) >= 3, got {depth!r}")
+        self.input_shape = tuple(int(s) for s in in_shape)
+        self.out_dim, self.kernel, self.pool, self.in_pool = int(out_dim), int(kernel), pool, int(in_pool)
+        c, h, w = self.input_shape
+        hs, ws = h // self.in_pool, w // self.in_pool
+        if hs < 2 or ws < 2:
+            raise ConfigError(f"in_pool {in_pool} leaves a {hs} x {ws} image of {tuple(in_shape)}: too small to pool")
+        self.stream_shape = (self.width, hs, ws)
+        k = self.kernel
+        self.layers.append(Conv("input", c, self.width, k, K, bias, self.param.rule("input", c * k * k, self.width),
+                                dtype, self.device))
+        rule = self.param.rule("hidden", self.width * k * k, self.width, depth=depth, residual=True)
+        for _ in range(depth - 2):
+            self.layers.append(ConvBranch("hidden", self.width, self.width, k, K, bias, rule, dtype, self.device))
+        self.spatial = (hs // 2, ws // 2)
+        fan = self.width * hs // 2 * (ws // 2)
+        self.layers.append(Dense("output", fan, self.out_dim, K, bias, self.param.rule("output", fan, self.width),
+                                 dtype, self.device))
+        self.init(seeds if seeds is not None else range(K))
+
+    def post(self, l, u):
+        if l == 0:
+            if self.in_pool == 1:
+                return u
+            K, B = u.shape[:2]
+            y = F.avg_pool2d(u.reshape(K * B, *u.shape[2:]), self.in_pool)
+            return y.reshape(K, B, *y.shape[1:])
+        a = self.phi(u)
+        if l < self.depth - 1:
+            return a
+        K, B = a.shape[:2]
+        flat = a.reshape(K * B, *a.shape[2:])
+        y = F.max_pool2d(flat, 2) if self.pool == "max" else F.avg_pool2d(flat, 2)
+        return y.reshape(K, B, -1)
+
+    def linearize(self, l, u, a=None):
+        if l < self.depth - 1:
+            d = (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
+            return d.mul
+        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
+        return lambda g: vjp(g)[0]
+
+    def residual(self, l: int) -> bool:
+        return 1 < l < len(self.layers)
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,
+                    depth=self.depth, activation=self.activation, bias=self.use_bias, K=self.K, kernel=self.kernel,
+                    pool=self.pool, in_pool=self.in_pool)
+
+
+ARCHS = ("mlp", "cnn", "resmlp", "rescnn")
 
 
 def cnn_plan(in_shape: Sequence[int], width: int, depth: int):
@@ -397,6 +487,12 @@ def sizes(arch: str, input_shape: Sequence[int], out_dim: int, width: int, depth
         params = sum(c_in * kernel * kernel * width + width * bias for _, c_in, _ in convs)
         acts = sum(width * hw[0] * hw[1] for _, _, hw in convs) + out_dim
         return params + c * h * w * out_dim + out_dim * bias, acts
+    if arch == "rescnn":
+        c, h, w = (int(s) for s in input_shape)
+        hs, ws = h // 2, w // 2  # the default in_pool
+        params = c * kernel * kernel * width + (depth - 2) * width * width * kernel * kernel + width * (depth - 1) * bias
+        fan = width * (hs // 2) * (ws // 2)
+        return params + fan * out_dim + out_dim * bias, (depth - 1) * width * hs * ws + out_dim
     dims = [math.prod(input_shape)] + [width] * (depth - 1) + [out_dim]
     return sum(a * b + b * bias for a, b in zip(dims[:-1], dims[1:])), sum(dims[1:])
 
@@ -404,12 +500,14 @@ def sizes(arch: str, input_shape: Sequence[int], out_dim: int, width: int, depth
 def build(arch: str, input_shape: Sequence[int], out_dim: int, width: int, param: Parameterization, *,
           depth: int = 3, activation: str = "tanh", bias: bool = True, K: int = 1,
           seeds: Sequence[int] | None = None, dtype=torch.float32, device="cpu") -> Net:
-    """Build an MLP (inputs are flattened), a residual MLP (``resmlp``, depth-muP) or a CNN for a dataset's
-    input shape."""
+    """Build an MLP (inputs are flattened), a residual MLP (``resmlp``, depth-muP), a CNN or a residual CNN
+    (``rescnn``) for a dataset's input shape."""
     if arch == "resmlp":
         return ResMLP(tuple(input_shape), width, out_dim, depth, param, activation, bias, K, seeds, dtype, device)
     if arch == "mlp":
         return MLP(tuple(input_shape), width, out_dim, depth, param, activation, bias, K, seeds, dtype, device)
+    if arch == "rescnn":
+        return ResCNN(input_shape, width, out_dim, depth, param, activation, bias, K, seeds, dtype=dtype, device=device)
     if arch == "cnn":
         return CNN(input_shape, width, out_dim, depth, param, activation, bias, K, seeds, dtype=dtype, device=device)
     raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")

@@ -194,10 +194,12 @@ class Parameterization:
         depth_lr = d ** (-self.depth_lr_exponent())
         return LayerRule(role, std, mult, lr * depth_lr, blr * depth_lr, branch=d ** (-self.depth_alpha))
 
-    def feedback_rule(self, role: str, fan_in: int, width: int) -> LayerRule:
-        """Like :meth:`rule` for feedback weights (defaults: the forward exponents)."""
+    def feedback_rule(self, role: str, fan_in: int, width: int, depth: int | None = None,
+                      residual: bool = False) -> LayerRule:
+        """Like :meth:`rule` for feedback weights (defaults: the forward exponents); a residual block's feedback
+        branch (``residual=True``) carries the block's depth factors (branch multiplier and LR)."""
         fb = replace(self, b=self.feedback_b or self.b, c=self.feedback_c or self.c)
-        return fb.rule(role, fan_in, width)
+        return fb.rule(role, fan_in, width, depth, residual)
 
     def gamma_L(self, width: int) -> float:
         """PC output energy weight gamma_L = gamma'_L * m^{-gbar_L}."""

@@ -3,7 +3,9 @@
     t_l = h_l - beta J_l^T (J_l J_l^T + lambda I)^{-1} dloss/df,     J_l = df/dh_l   (per sample)
     t_L = f - beta dloss/df
 
-Each layer then minimises its local loss 1/2 ||t_l - h_l||^2 in W_l, as in TP. The Jacobians of
+Each layer then minimises its local loss 1/2 ||t_l - h_l||^2 in W_l, as in TP (in a residual net h_l is the
+stream u_l, and J_l = df/du_l includes the identity paths:
+J_{l-1} = J_l + J_l (d a_l-branch / d u_{l-1})). The Jacobians of
 all samples come from one batched backward pass of the C output basis vectors (no per-sample
 Python loop): J_l has shape (K, B, C, n_l).
 """
@@ -29,12 +31,19 @@ class GNT(TargetRule):
 
     @staticmethod
     def jacobians(net, us, acts) -> list:
-        """J_l = df/dh_l for l = 1..L-1 (index l), each (K, B, C, *h_l.shape[2:])."""
+        """J_l = df/dh_l for l = 1..L-1 (index l), each (K, B, C, *h_l.shape[2:]) (h_l: ``TargetRule.space``)."""
         L = net.depth
         K, B, C = us[-1].shape
         eye = torch.eye(C, dtype=us[-1].dtype, device=us[-1].device)
         g = eye.expand(K, B, C, C).reshape(K, B * C, C)  # rows: (sample, output unit)
         J = [None] * L
+        if net.residual_net:  # rows of df/du_l, through the identity paths
+            for l in range(L - 1, 0, -1):
+                back = net.linearize(l, us[l].repeat_interleave(C, dim=1), acts[l].repeat_interleave(C, dim=1))(
+                    net.layers[l].backward_input(g))
+                g = back + g if net.residual(l + 1) else back
+                J[l] = g.reshape(K, B, C, *g.shape[2:])
+            return J
         for l in range(L - 1, 0, -1):
             g = net.layers[l].backward_input(g)  # d f / d a_l, rows (K, B*C, ...)
             J[l] = g.reshape(K, B, C, *g.shape[2:])
@@ -48,6 +57,7 @@ class GNT(TargetRule):
         L = net.depth
         C = f.shape[-1]
         J = self.jacobians(net, us, acts)
+        h = self.space(net, us, acts)
         t = [None] * (L + 1)
         t[L] = f - self.beta * dldf
         eye = torch.eye(C, dtype=f.dtype, device=f.device)
@@ -56,5 +66,5 @@ class GNT(TargetRule):
             gram = Jf @ Jf.transpose(-1, -2) + self.damping * eye
             z = torch.linalg.solve(gram, dldf.unsqueeze(-1))  # (K, B, C, 1)
             step = (Jf.transpose(-1, -2) @ z).squeeze(-1)  # (K, B, n)
-            t[l] = acts[l] - self.beta * step.reshape(acts[l].shape)
+            t[l] = h[l] - self.beta * step.reshape(h[l].shape)
         return t

@@ -29,6 +29,20 @@ Feedback g_l (layer l -> layer l-1), ``feedback=``:
 * ``"inverse"`` - the exact (pseudo-)inverse of W_l, for linear networks: the oracle that makes
   DTP equal Gauss-Newton targets.
 
+Residual nets (``Net.residual_net``: ``ResMLP``, ``ResCNN``; docs/depth.md). Targets live on the residual stream
+h_l = u_l (l = 1..L-1; u_l = u_{l-1} + a_l (W_l phi(u_{l-1}) + b_l) for a block), so a layer's local loss
+1/2 ||t_l - u_l||^2 has grad W_l = -mean_batch((t_l - u_l) a_{l-1}^T) (times the layer's multipliers, a_l
+included: no phi'). The feedback of a block mirrors it, an identity path plus a branch with the block's
+depth factors (``Parameterization.feedback_rule(..., residual=True)``):
+
+    g_l(t) = t + a_l (V_l phi(t) + c_l)    ("trainable")      g_l(t) = t + a_l (V_l t + c_l)   ("linear")
+
+so DTP's difference t_{l-1} - h_{l-1} = (t_l - h_l) + a_l (V_l phi(t_l) - V_l phi(h_l)) passes the output
+signal down the identity path, as backprop does; g_L(f) = V_L f + c_L (linear: the stream is unbounded),
+reshaped to the stream. The feedback losses are unchanged with f_l(h) = h + a_l (W_l phi(h) + b_l). Ridge: a
+block regresses the branch, Q_l r = r + (H_{l-1} - H_l)^T-fit r (the identity is not shrunk); inverse (linear
+nets): (I + a_l m_l W_l)^{-1}.
+
 The GNT rule (gnt.py) shares the local-loss machinery and replaces the targets.
 """
 from __future__ import annotations
@@ -41,7 +55,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..losses import check_loss, loss_and_grad
-from ..nets import Dense, Net
+from ..nets import Branch, ConvBranch, Dense, Net
 from ..optim import LayerwiseOptimizer
 from ..streams import counter_keys, counter_normal, generator, generators
 from .options import Option
@@ -131,6 +145,12 @@ class TargetRule:
 
     profile = False  # set True to accumulate seconds per phase in ``self.timings``
 
+    @staticmethod
+    def space(net: Net, us, acts) -> list:
+        """The activities targets are set for, h_0..h_{L-1}: a_l = post(u_l), or for a residual net the stream
+        u_l (h_0 = a_0, the input, in both)."""
+        return [acts[0]] + list(us[1:net.depth]) if net.residual_net else list(acts)
+
     @torch.no_grad()
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
         clock = _Clock(self) if self.profile else None
@@ -144,7 +164,7 @@ class TargetRule:
         clock and clock.lap("targets")
         grads = self.local_grads(net, us, acts, f, t)
         clock and clock.lap("local_grads")
-        self._last = (acts, f, t)
+        self._last = (self.space(net, us, acts), f, t)
         if self.record:
             self._record(net, us, acts, f, t, dldf, grads)
         return grads, loss
@@ -156,6 +176,8 @@ class TargetRule:
         for l in range(1, L + 1):
             if l == L:
                 delta = f - t[L]
+            elif net.residual_net:  # the target is on the stream u_l itself
+                delta = us[l] - t[l]
             else:
                 delta = net.linearize(l, us[l], acts[l])(acts[l] - t[l])
             gw, gb = net.layers[l - 1].grads(delta, acts[l - 1])
@@ -258,10 +280,24 @@ class TP(TargetRule):
             return
         L = net.depth
         self.fb = {}
+        if net.residual_net:
+            with torch.no_grad():
+                self._stream = tuple(net.forward(torch.zeros(1, *net.input_shape, dtype=net.dtype))[0][1].shape[2:])
         for l in range(2, L + 1):
             layer = net.layers[l - 1]
             role = "input" if l == L else "hidden"
-            if isinstance(layer, Dense):
+            if net.residual_net and l == L:  # g_L: output -> stream, linear
+                rule = net.param.feedback_rule(role, layer.fan_out, net.width)
+                n = math.prod(self._stream)
+                self.fb[l] = Dense(role, layer.fan_out, n, net.K, True, rule, net.dtype, net.device)
+            elif net.residual(l):  # a block's feedback branch, with the block's depth factors
+                rule = net.param.feedback_rule(role, layer.fan_in, net.width, depth=L, residual=True)
+                if isinstance(layer, Dense):
+                    self.fb[l] = Branch(role, layer.fan_in, layer.fan_out, net.K, True, rule, net.dtype, net.device)
+                else:
+                    self.fb[l] = ConvBranch(role, layer.c_in, layer.c_out, layer.k, net.K, True, rule, net.dtype,
+                                            net.device)
+            elif isinstance(layer, Dense):
                 rule = net.param.feedback_rule(role, layer.fan_out, net.width)
                 self.fb[l] = Dense(role, layer.fan_out, layer.fan_in, net.K, True, rule, net.dtype, net.device)
             else:  # conv layer of the CNN: feedback by upsampling + convolution
@@ -285,9 +321,21 @@ class TP(TargetRule):
         self.fb_opt = LayerwiseOptimizer(params, scales, self.fb_lr, self.fb_optimizer)
 
     def _g(self, l: int, a: torch.Tensor, net: Net):
-        """Feedback g_l(a) and its pre-activation."""
+        """Feedback g_l(a) and what its weight gradient needs: the pre-activation z (plain nets) or, in a residual
+        net, the branch input (phi(a) or a) of a block and the input a of g_L."""
+        if net.residual_net:
+            if l == net.depth:
+                return self.fb[l].forward(a).reshape(*a.shape[:2], *self._stream), a
+            b = net.phi(a) if self.feedback == "trainable" else a
+            return a + self.fb[l].forward(b), b
         z = self.fb[l].forward(a)
         return (net.phi(z) if self.feedback == "trainable" else z), z
+
+    def _fb_grads(self, l: int, net: Net, r: torch.Tensor, z: torch.Tensor, a: torch.Tensor):
+        """Gradient in (V_l, c_l) of sum(r * g_l(a)) / B, with ``z`` from ``_g(l, a)``."""
+        if net.residual_net:
+            return self.fb[l].grads(_flat(r) if l == net.depth else r, z)
+        return self.fb[l].grads(r if self.feedback == "linear" else r * net.dphi(z), a)
 
     def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
         """sigma times standard normals shaped like ``like`` (K, ...): replica k's from its own stream."""
@@ -336,6 +384,9 @@ class TP(TargetRule):
 
     # ------------------------------------------------------------------ feedback training
     def _fwd(self, net: Net, l: int, a: torch.Tensor) -> torch.Tensor:
+        """The forward map h_{l-1} -> h_l between target spaces."""
+        if net.residual_net:
+            return net.predict(l, net.post(l - 1, a), a)
         u = net.layers[l - 1].forward(a)
         return u if l == net.depth else net.post(l, u)
 
@@ -349,7 +400,6 @@ class TP(TargetRule):
         L = net.depth
         sig = self._sigmas(L)
         h = list(acts) + [f]
-        lin = self.feedback == "linear"
         want, stats = stats, {}
         for _ in range(self.fb_iters):
             grads = []
@@ -358,28 +408,29 @@ class TP(TargetRule):
                 a_n = h[l - 1] + xi
                 h_n = self._fwd(net, l, a_n)
                 g_n, z_n = self._g(l, h_n, net)
-                d = (lambda z: torch.ones_like(z)) if lin else (lambda z: net.dphi(z))
-                fbl = self.fb[l]
+
+                def fbg(r, z, a):
+                    return self._fb_grads(l, net, r, z, a)
                 if self.fb_loss == "rec":
                     r = g_n - a_n
                     value = 0.5 * r.pow(2) if want else None
-                    gw, gb = fbl.grads(r * d(z_n), h_n)
+                    gw, gb = fbg(r, z_n, h_n)
                 else:
                     g_0, z_0 = self._g(l, h[l], net)
                     if self.fb_loss == "drl":
                         r = g_n - g_0 - xi
                         value = 0.5 * r.pow(2) if want else None
-                        gw, gb = fbl.grads(r * d(z_n), h_n)
-                        gw0, gb0 = fbl.grads(-r * d(z_0), h[l])
+                        gw, gb = fbg(r, z_n, h_n)
+                        gw0, gb0 = fbg(-r, z_0, h[l])
                     else:  # ldrl
                         eta = self._noise(h[l], sig[l - 1])
                         g_e, z_e = self._g(l, h[l] + eta, net)
                         s = g_e - g_0
                         r = (g_n - g_0 - xi) if want else None  # reported only
                         value = (0.5 * s.pow(2) - xi * (g_n - g_0)) if want else None
-                        gw, gb = fbl.grads(-xi * d(z_n), h_n)
-                        gw0, gb0 = fbl.grads((xi - s) * d(z_0), h[l])
-                        gwe, gbe = fbl.grads(s * d(z_e), h[l] + eta)
+                        gw, gb = fbg(-xi, z_n, h_n)
+                        gw0, gb0 = fbg(xi - s, z_0, h[l])
+                        gwe, gbe = fbg(s, z_e, h[l] + eta)
                         gw0, gb0 = gw0 + gwe, gb0 + gbe
                     gw, gb = gw + gw0, gb + gb0
                 grads += [gw, gb]
@@ -394,20 +445,24 @@ class TP(TargetRule):
         us, acts = net.forward(x)
         self.setup(net, acts)
         if self.trainable:
-            self.train_feedback(net, acts, us[-1])
+            self.train_feedback(net, self.space(net, us, acts), us[-1])
 
     def prepare(self, net, us, acts, f) -> None:
         self.setup(net, acts)
         if self.trainable and self.fb_iters:
-            self.fb_stats = self.train_feedback(net, acts, f, stats=self.record)
+            self.fb_stats = self.train_feedback(net, self.space(net, us, acts), f, stats=self.record)
 
     # ------------------------------------------------------------------ targets
     def _linear_map(self, net: Net, l: int, acts, f):
-        """For linear feedback kinds: r -> Q_l r (layer l -> l-1 space, shaped like acts[l-1])."""
+        """For linear feedback kinds: r -> Q_l r (layer l -> l-1 space, shaped like acts[l-1]; ``acts`` are the
+        target spaces h_0..h_{L-1}). A residual block's Q_l is the identity plus the map of its branch."""
         L = net.depth
         H = _flat(f if l == L else acts[l])
         Hp = _flat(acts[l - 1])
         tail = acts[l - 1].shape[2:]
+        block = net.residual(l)
+        if block and self.feedback == "ridge":
+            Hp = Hp - H  # regress the branch h_{l-1} - h_l on h_l: the identity path is not shrunk
 
         def shape(r):
             return (*r.shape[:2], *tail)
@@ -421,11 +476,19 @@ class TP(TargetRule):
             chol = torch.where(bad, torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device), chol)
             Hp = torch.where(bad, torch.full((), float("nan"), dtype=Hp.dtype, device=Hp.device), Hp)
             # Q applied to rows r: r H^T (H H^T + mu I)^{-1} H_{l-1}
-            return lambda r: torch.bmm(torch.cholesky_solve(torch.bmm(H, _flat(r).transpose(1, 2)), chol)
-                                       .transpose(1, 2), Hp).reshape(shape(r))
+
+            def ridge(r):
+                q = torch.bmm(torch.cholesky_solve(torch.bmm(H, _flat(r).transpose(1, 2)), chol).transpose(1, 2), Hp)
+                return (_flat(r) + q if block else q).reshape(shape(r))
+            return ridge
         if self.feedback == "inverse":
             layer = net.layers[l - 1]
-            pinv = torch.linalg.pinv(layer.weight * layer.mult)  # (K, in, out)
+            if not isinstance(layer, Dense):
+                raise ConfigError("inverse feedback needs dense layers (an MLP or a residual MLP)")
+            jac = layer.weight * layer.mult  # (K, out, in)
+            if block:  # h_l = h_{l-1} + a (m W h_{l-1} + b): Jacobian I + a m W (a is in the branch's mult)
+                jac = jac + torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+            pinv = torch.linalg.pinv(jac)  # (K, in, out)
             return lambda r: torch.bmm(_flat(r), pinv.transpose(1, 2)).reshape(shape(r))
         fb = self.fb[l]  # trainable linear: g(a) = V a + c, so g(t) - g(h) = V (t - h)
         return lambda r: fb.forward(r, bias=False)
@@ -434,9 +497,10 @@ class TP(TargetRule):
         L = net.depth
         t = [None] * (L + 1)
         t[L] = f - self.beta * dldf
-        h = list(acts) + [f]
+        h = self.space(net, us, acts) + [f]
+        acts = h[:-1]
         for l in range(L, 1, -1):
-            if self.feedback == "trainable":
+            if self.feedback == "trainable" or (self.feedback == "linear" and net.residual_net):
                 g_t = self._g(l, t[l], net)[0]
                 if self.difference:
                     t[l - 1] = h[l - 1] + (g_t - self._g(l, h[l], net)[0])

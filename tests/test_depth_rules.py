@@ -1,0 +1,443 @@
+"""Depth, part 2: every learning rule on residual nets (``ResMLP`` and ``ResCNN``), against oracles written here.
+
+The residual net of depth H is written out from its raw weights (nothing from ``nets`` but the weights; m_l the
+width multiplier, a = ((H - 2) / (H_0 - 2))^-alpha the branch multiplier from the formula):
+
+    MLP:  h_1 = m_1 W_1 x + b_1,                 h_l = h_{l-1} + a (m_l W_l phi(h_{l-1}) + b_l),
+          f = m_H W_H phi(h_{H-1}) + b_H
+    CNN:  h_1 = m_1 conv(W_1, avgpool_2(x)) + b_1, h_l = h_{l-1} + a (m_l conv(W_l, phi(h_{l-1})) + b_l),
+          f = m_H W_H flatten(maxpool_2(phi(h_{H-1}))) + b_H      (F.conv2d per replica, same padding)
+
+* BP on the residual CNN: autograd of the written loss; PC: the written residual energy's gradient steps
+  (sequential, explicit kappa) and autograd of it in the weights;
+* TP / DTP targets on the stream: t_H = f - beta dloss/df, TP t_{l-1} = g_l(t_l), DTP t_{l-1} = h_{l-1} + g_l(t_l)
+  - g_l(h_l), with the residual feedback written here from the raw feedback weights (V_l, c_l, multiplier n_l):
+  g_l(t) = t + a (n_l V_l phi(t) + c_l) ("trainable") or t + a (n_l V_l t + c_l) ("linear"), g_H(f) = n_H V_H f
+  + c_H reshaped to the stream; ridge (numpy solve): Q_l r = r + r H_l^T (H_l H_l^T + mu I)^-1 (H_{l-1} - H_l);
+* local gradients: autograd of mean_batch 1/2 ||t_l - h_l(W_l, b_l)||^2 with h_{l-1}, t_l detached;
+* feedback losses (rec, drl, ldrl): autograd of the documented losses with the written g_l and forward map
+  f_l, on the rule's own noise draws (recorded), against the gradients handed to the feedback optimizer;
+* a linear residual net with exact-inverse feedback: DTP targets = Gauss-Newton targets (GNT's Jacobians
+  through the identity paths, checked against autograd too): two different computations that must agree;
+* replica k of a K-replica residual DTP run equals a separate run (bitwise).
+
+Tolerance: float64 compositions of O(H) products and small solves on O(1) numbers (sizes <= 200): 1e-10 relative
+leaves orders of margin over rounding, and any equation error (an O(1) relative change) fails it. Each family has
+a guard: a plausible wrong rule (the identity path dropped, the stream target read through phi') fails it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mulocal.algos import make_algo
+from mulocal.nets import build
+from mulocal.param import preset
+
+RTOL = 1e-10
+PHI = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda u: u}
+
+
+def close(a, b, rtol=RTOL, scale=None):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    scale = torch.as_tensor(scale if scale is not None else b.abs().max(), dtype=torch.float64).clamp_min(1e-300)
+    return bool((a - b).abs().max() <= rtol * scale), float((a - b).abs().max() / scale)
+
+
+def _net(arch="resmlp", depth=5, act="tanh", algo="dtp", K=2, width=6, alpha=0.5, seeds=None, in_dim=7, out=4,
+         optimizer="sgd", rand_bias=True):
+    """A float64 residual net away from its base width and depth (multipliers != 1), non-zero biases."""
+    p = preset("mup", optimizer, algo=algo, base_width=4).with_(a=(0.0, 0.25, 0.5), depth_alpha=alpha)
+    shape = (2, 8, 8) if arch == "rescnn" else (in_dim,)
+    net = build(arch, shape, out, width, p, depth=depth, activation=act, K=K,
+                seeds=seeds if seeds is not None else [3 + k for k in range(K)], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in net.layers if rand_bias else []:
+            layer.bias.copy_(0.3 * torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(K, 5, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, out, (5,), generator=gen)
+    return net, x, y
+
+
+def _lin(inp, W, b, m):
+    """m W inp + b: a dense layer (K, B, n) or a same-padded convolution per replica (K, B, C, h, w)."""
+    if inp.dim() == 5:
+        out = torch.stack([F.conv2d(inp[k], W[k], None, padding=W.shape[-1] // 2) for k in range(inp.shape[0])]) * m
+        return out if b is None else out + b[:, None, :, None, None]
+    out = m * torch.einsum("kbi,koi->kbo", inp, W)
+    return out if b is None else out + b[:, None, :]
+
+
+class Written:
+    """The residual net (MLP or CNN) written from its raw weights."""
+
+    def __init__(self, net, alpha=0.5, base_depth=3, loss="ce"):
+        self.cnn, self.H = net.kind == "rescnn", net.depth
+        self.W = [l.weight.detach().clone() for l in net.layers]
+        self.b = [l.bias.detach().clone() for l in net.layers]
+        self.m = [l.rule.multiplier for l in net.layers]
+        self.a = ((self.H - 2) / (base_depth - 2)) ** (-alpha)
+        self.phi, self.loss = PHI[net.activation], loss
+
+    def _pool(self, t, fn):
+        K, B = t.shape[:2]
+        y = fn(t.reshape(K * B, *t.shape[2:]), 2)
+        return y.reshape(K, B, *y.shape[1:])
+
+    def layer(self, l, v_prev, W=None, b=None):
+        """h_l from h_{l-1} (the raw input for l = 1)."""
+        W = self.W[l - 1] if W is None else W
+        b = self.b[l - 1] if b is None else b
+        m = self.m[l - 1]
+        if l == 1:
+            return _lin(self._pool(v_prev, F.avg_pool2d) if self.cnn else v_prev, W, b, m)
+        if l == self.H:
+            a = self.phi(v_prev)
+            a = self._pool(a, F.max_pool2d).flatten(2) if self.cnn else a
+            return _lin(a, W, b, m)
+        return v_prev + self.a * _lin(self.phi(v_prev), W, b, m)
+
+    def forward(self, x, W=None, b=None):
+        W, b = W or self.W, b or self.b
+        h = [x]
+        for l in range(1, self.H + 1):
+            h.append(self.layer(l, h[-1], W[l - 1], b[l - 1]))
+        return h
+
+    def loss_sum(self, f, y):
+        onehot = F.one_hot(y, f.shape[-1]).to(f.dtype).expand_as(f)
+        if self.loss == "ce":
+            return -(torch.log_softmax(f, -1) * onehot).sum()
+        return 0.5 * (f - onehot).pow(2).sum()
+
+    def leaves(self):
+        W = [w.clone().requires_grad_() for w in self.W]
+        b = [t.clone().requires_grad_() for t in self.b]
+        return W, b, [t for pair in zip(W, b) for t in pair]
+
+
+def dldf(f, y, loss):
+    f = f.detach().clone().requires_grad_()
+    onehot = F.one_hot(y, f.shape[-1]).to(f.dtype).expand_as(f)
+    val = -(torch.log_softmax(f, -1) * onehot).sum(-1) if loss == "ce" else 0.5 * (f - onehot).pow(2).sum(-1)
+    return torch.autograd.grad(val.sum(), f)[0]
+
+
+# ----------------------------------------------------------------------------- BP and PC on the residual CNN
+@pytest.mark.parametrize("act,loss", [("tanh", "ce"), ("relu", "mse")])
+def test_rescnn_forward_and_bp_equal_autograd_of_written_net(act, loss):
+    net, x, y = _net("rescnn", depth=5, act=act, algo="bp")
+    ref = Written(net, loss=loss)
+    us, _ = net.forward(x)
+    h = ref.forward(x)
+    for l in range(1, net.depth + 1):
+        ok, err = close(us[l], h[l])
+        assert ok, (l, err)
+    grads, _ = make_algo("bp", loss=loss).step(net, x, y)
+    W, b, leaves = ref.leaves()
+    expect = torch.autograd.grad(ref.loss_sum(ref.forward(x, W, b)[-1], y) / x.shape[1], leaves)
+    for i, (g, e) in enumerate(zip(grads, expect)):
+        ok, err = close(g, e)
+        assert ok, (i, err)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_pc_on_rescnn_equals_written_residual_energy(T):
+    """Sequential inference with an explicit step kappa: v_l <- v_l - kappa dE/dv_l (top down, each with the
+    values as they are), E = sum_{l<H} 1/2 ||v_l - mu_l(v_{l-1})||^2 + loss(f(v_{H-1})); then grad W = autograd
+    of E at the final values / B."""
+    net, x, y = _net("rescnn", depth=5, algo="pc")
+    pc = make_algo("pc", T=T, inference="sequential", kappa=0.3, no_status=True)
+    grads, _ = pc.step(net, x, y)
+    ref = Written(net)
+
+    def energy(v, W=None, b=None):
+        W, b = W or ref.W, b or ref.b
+        tot = sum(0.5 * (v[l] - ref.layer(l, v[l - 1], W[l - 1], b[l - 1])).pow(2).sum() for l in range(1, ref.H))
+        return tot + ref.loss_sum(ref.layer(ref.H, v[ref.H - 1], W[-1], b[-1]), y)
+
+    v = ref.forward(x)[:-1]
+    for _ in range(T):
+        for l in range(ref.H - 1, 0, -1):
+            vv = [t.detach().clone().requires_grad_() for t in v]
+            v[l] = v[l] - 0.3 * torch.autograd.grad(energy(vv), vv[l])[0]
+    for l in range(1, ref.H):
+        ok, err = close(pc._last[0][l], v[l])
+        assert ok, (l, err)
+    W, b, leaves = ref.leaves()
+    expect = [g / x.shape[1] for g in torch.autograd.grad(energy([t.detach() for t in v], W, b), leaves)]
+    for i, (g, e) in enumerate(zip(grads, expect)):
+        ok, err = close(g, e)
+        assert ok, (i, err)
+
+
+# ----------------------------------------------------------------------------- TP / DTP: targets
+def _randomize_feedback(algo, net, seed=5):
+    algo.setup(net)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for l in sorted(algo.fb):
+            algo.fb[l].bias.copy_(0.2 * torch.randn(algo.fb[l].bias.shape, generator=gen, dtype=torch.float64))
+
+
+class WrittenFeedback:
+    """g_l from the raw feedback weights: a block's g(t) = t + a (n V phi(t) + c) (trainable) or t + a (n V t + c)
+    (linear); g_H(f) = n V f + c reshaped to the stream. ``identity=False`` drops the identity path (guard)."""
+
+    def __init__(self, algo, net, ref, identity=True):
+        self.V = {l: algo.fb[l].weight.detach().clone() for l in algo.fb}
+        self.c = {l: algo.fb[l].bias.detach().clone() for l in algo.fb}
+        self.n = {l: algo.fb[l].rule.multiplier for l in algo.fb}
+        self.ref, self.H, self.trainable, self.identity = ref, net.depth, algo.feedback == "trainable", identity
+
+    def g(self, l, t, V=None, c=None):
+        V = self.V[l] if V is None else V
+        c = self.c[l] if c is None else c
+        if l == self.H:
+            return _lin(t, V, c, self.n[l])  # (K, B, n) -> reshaped by the caller
+        inp = self.ref.phi(t) if self.trainable else t
+        return (t if self.identity else 0) + self.ref.a * _lin(inp, V, c, self.n[l])
+
+
+def written_targets(algo, net, x, y, loss, beta, difference, identity=True):
+    ref = Written(net, loss=loss)
+    h = ref.forward(x)
+    fb = WrittenFeedback(algo, net, ref, identity)
+    H = net.depth
+    t = [None] * (H + 1)
+    t[H] = h[H] - beta * dldf(h[H], y, loss)
+    for l in range(H, 1, -1):
+        shape = h[l - 1].shape
+
+        def g(v):
+            return fb.g(l, v).reshape(shape)
+        t[l - 1] = h[l - 1] + g(t[l]) - g(h[l]) if difference else g(t[l])
+    return t
+
+
+RULES = [("dtp", "trainable"), ("dtp", "linear"), ("tp", "trainable"), ("tp", "linear")]
+
+
+@pytest.mark.parametrize("arch", ["resmlp", "rescnn"])
+@pytest.mark.parametrize("rule,feedback", RULES)
+def test_residual_targets_equal_written(arch, rule, feedback):
+    net, x, y = _net(arch, depth=5, algo=rule)
+    algo = make_algo(rule, loss="mse", beta=0.7, feedback=feedback, fb_iters=0)
+    _randomize_feedback(algo, net)
+    algo.step(net, x, y)
+    ref = written_targets(algo, net, x, y, "mse", 0.7, rule == "dtp")
+    for l in range(1, net.depth + 1):
+        ok, err = close(algo._last[2][l], ref[l])
+        assert ok, (l, err)
+
+
+def test_residual_target_oracle_can_fail():
+    """Guard: the same feedback without its identity path gives other targets."""
+    net, x, y = _net("resmlp", depth=5, algo="dtp")
+    algo = make_algo("dtp", loss="mse", beta=0.7, fb_iters=0)
+    _randomize_feedback(algo, net)
+    algo.step(net, x, y)
+    wrong = written_targets(algo, net, x, y, "mse", 0.7, False, identity=False)
+    assert not close(algo._last[2][1], wrong[1])[0]
+
+
+@pytest.mark.parametrize("arch", ["resmlp", "rescnn"])
+@pytest.mark.parametrize("rule", ["dtp", "tp"])
+def test_residual_ridge_targets_equal_numpy_solve(arch, rule):
+    """Ridge feedback: a block maps r -> r + r H_l^T (H_l H_l^T + mu_l I)^-1 (H_{l-1} - H_l) (columns: samples,
+    flattened; mu_l = ridge * n_l), the output layer r -> r F^T (F F^T + mu I)^-1 H_{H-1}."""
+    net, x, y = _net(arch, depth=5, algo=rule)
+    ridge = 0.05
+    algo = make_algo(rule, loss="ce", beta=0.7, feedback="ridge", ridge=ridge)
+    algo.step(net, x, y)
+    h = [t.detach().numpy() for t in Written(net).forward(x)]
+    H = net.depth
+    K, B = x.shape[:2]
+    flat = [v.reshape(K, B, -1) for v in h]
+    t = [None] * (H + 1)
+    t[H] = flat[H] - 0.7 * dldf(torch.as_tensor(h[H]), y, "ce").numpy()
+    for l in range(H, 1, -1):
+        out = np.empty_like(flat[l - 1])
+        for k in range(K):
+            Hl, Hp = flat[l][k], flat[l - 1][k]
+            block = l < H
+            target_fit = Hp - Hl if block else Hp
+            G = Hl @ Hl.T + ridge * Hl.shape[1] * np.eye(B)
+            r = t[l][k] - Hl if rule == "dtp" else t[l][k]
+            q = np.linalg.solve(G, Hl @ r.T).T @ target_fit
+            q = q + r if block else q
+            out[k] = Hp + q if rule == "dtp" else q
+        t[l - 1] = out
+    for l in range(1, H):
+        ok, err = close(algo._last[2][l].reshape(K, B, -1), torch.as_tensor(t[l]))
+        assert ok, (l, err)
+
+
+# ----------------------------------------------------------------------------- local gradients
+def local_grad_oracle(net, x, t, ref):
+    """autograd of sum_l mean_batch 1/2 ||t_l - h_l(W_l, b_l)||^2, h_{l-1} and t_l fixed (summed over K)."""
+    h = [v.detach() for v in ref.forward(x)]
+    W, b, leaves = ref.leaves()
+    tot = sum(0.5 * (t[l].detach() - ref.layer(l, h[l - 1], W[l - 1], b[l - 1])).pow(2).sum() / x.shape[1]
+              for l in range(1, net.depth + 1))
+    return torch.autograd.grad(tot, leaves)
+
+
+@pytest.mark.parametrize("arch", ["resmlp", "rescnn"])
+@pytest.mark.parametrize("rule", ["dtp", "gnt"])
+def test_residual_local_grads_equal_autograd_of_local_loss(arch, rule):
+    net, x, y = _net(arch, depth=5, algo="dtp")
+    algo = make_algo(rule, loss="ce", beta=0.7, **({"fb_iters": 0} if rule == "dtp" else {}))
+    grads, _ = algo.step(net, x, y)
+    expect = local_grad_oracle(net, x, algo._last[2], Written(net))
+    for i, (g, e) in enumerate(zip(grads, expect)):
+        ok, err = close(g, e)
+        assert ok, (i, err)
+
+
+def test_residual_local_grad_oracle_can_fail():
+    """Guard: the stream target read through phi' (the plain nets' rule) gives other gradients."""
+    net, x, y = _net("resmlp", depth=5, algo="dtp")
+    algo = make_algo("dtp", loss="ce", beta=0.7, fb_iters=0)
+    grads, _ = algo.step(net, x, y)
+    us, acts = net.forward(x)
+    t = algo._last[2]
+    delta = net.linearize(2, us[2], acts[2])(us[2] - t[2])
+    wrong = net.layers[1].grads(delta, acts[1])[0]
+    assert not close(wrong, grads[2])[0]
+
+
+# ----------------------------------------------------------------------------- feedback losses
+def _run_feedback(net, x, feedback, fb_loss):
+    algo = make_algo("dtp", feedback=feedback, fb_loss=fb_loss, sigma=0.3, fb_iters=1)
+    _randomize_feedback(algo, net)
+    draws, passed = [], []
+    orig = algo._noise
+
+    def noise(like, s):
+        n = orig(like, s)
+        draws.append(n.clone())
+        return n
+    algo._noise = noise
+    algo.fb_opt.step = lambda g: passed.append([t.clone() for t in g])  # record, do not apply
+    us, acts = net.forward(x)
+    algo.prepare(net, us, acts, us[-1])
+    return algo, draws, passed[0]
+
+
+@pytest.mark.parametrize("arch", ["resmlp", "rescnn"])
+@pytest.mark.parametrize("feedback,fb_loss", [("trainable", "rec"), ("linear", "drl"), ("trainable", "ldrl")])
+def test_residual_feedback_gradients_equal_autograd_of_feedback_loss(arch, feedback, fb_loss):
+    """rec: 1/2 ||g(f(h + xi)) - (h + xi)||^2; drl: 1/2 ||g(f(h + xi)) - g(f(h)) - xi||^2; ldrl: -xi . (g(f(h +
+    xi)) - g(f(h))) + 1/2 ||g(f(h) + eta) - g(f(h))||^2 (batch mean), f_l the written forward map, g_l the written
+    residual feedback, on the rule's own noise; autograd in (V_l, c_l) = what the optimizer was handed."""
+    net, x, y = _net(arch, depth=5, algo="dtp")
+    algo, draws, passed = _run_feedback(net, x, feedback, fb_loss)
+    ref = Written(net)
+    fb = WrittenFeedback(algo, net, ref)
+    h = [v.detach() for v in ref.forward(x)]
+    H, B = net.depth, x.shape[1]
+    per = 2 if fb_loss == "ldrl" else 1
+    for i, l in enumerate(range(2, H + 1)):
+        V = fb.V[l].clone().requires_grad_()
+        c = fb.c[l].clone().requires_grad_()
+        shape = h[l - 1].shape
+
+        def g(v):
+            return fb.g(l, v, V, c).reshape(shape)
+        xi = draws[per * i]
+        a_n = h[l - 1] + xi
+        h_n = ref.layer(l, a_n)
+        if fb_loss == "rec":
+            val = 0.5 * (g(h_n) - a_n).pow(2).sum()
+        elif fb_loss == "drl":
+            val = 0.5 * (g(h_n) - g(h[l]) - xi).pow(2).sum()
+        else:
+            eta = draws[per * i + 1]
+            val = -(xi * (g(h_n) - g(h[l]))).sum() + 0.5 * (g(h[l] + eta) - g(h[l])).pow(2).sum()
+        eV, ec = torch.autograd.grad(val / B, [V, c])
+        top = max(float(eV.abs().max()), float(ec.abs().max()))  # ldrl's bias gradient is exactly 0
+        for got, e in ((passed[2 * i], eV), (passed[2 * i + 1], ec)):
+            ok, err = close(got, e, scale=top)
+            assert ok, (l, err)
+
+
+# ----------------------------------------------------------------------------- inverse feedback = Gauss-Newton
+def _linear_resnet(n=6, depth=5):
+    p = preset("sp", base_width=n).with_(depth_alpha=0.5)
+    net = build("resmlp", (n,), n, n, p, depth=depth, activation="linear", K=2, seeds=[0, 1], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        net.layers[0].weight.copy_(torch.eye(n) + 0.3 * torch.randn(net.layers[0].weight.shape, generator=gen,
+                                                                       dtype=torch.float64) / n ** 0.5)
+        net.layers[-1].weight.copy_(torch.eye(n) + 0.3 * torch.randn(net.layers[-1].weight.shape, generator=gen,
+                                                                        dtype=torch.float64) / n ** 0.5)
+    return net
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_dtp_inverse_equals_gnt_on_linear_resnet(loss):
+    """Linear residual net, exact-inverse feedback ((I + a m W)^-1 through a block): DTP targets = GNT targets
+    (lambda -> 0, J_l = df/du_l through the identity paths), and so the local gradients."""
+    net = _linear_resnet()
+    x, y = torch.randn(2, 5, 6, dtype=torch.float64), torch.randint(0, 6, (5,))
+    dtp = make_algo("dtp", loss=loss, feedback="inverse", beta=0.7)
+    gnt = make_algo("gnt", loss=loss, damping=1e-13, beta=0.7)
+    g1, _ = dtp.step(net, x, y)
+    g2, _ = gnt.step(net, x, y)
+    for l in range(1, net.depth):
+        ok, err = close(dtp._last[2][l], gnt._last[2][l], 1e-8)
+        assert ok, (l, err)
+    for a, b in zip(g1, g2):
+        ok, err = close(a, b, 1e-8)
+        assert ok, err
+    # guard: without the identity in the inverse, the targets differ
+    us, _ = net.forward(x)
+    layer = net.layers[2]
+    wrong = torch.bmm((dtp._last[2][3] - us[3]), torch.linalg.pinv(layer.weight * layer.mult).transpose(1, 2))
+    right = dtp._last[2][2] - us[2]
+    assert not close(wrong, right, 1e-3)[0]
+
+
+def test_gnt_jacobians_through_identity_paths_equal_autograd():
+    from mulocal.algos.gnt import GNT
+    net, x, _ = _net("resmlp", depth=5, algo="bp")
+    us, acts = net.forward(x)
+    J = GNT.jacobians(net, us, acts)
+    ref = Written(net)
+    for l in (1, 2, 4):
+        def f_from(hl):
+            h = hl
+            for j in range(l + 1, net.depth + 1):
+                h = ref.layer(j, h)
+            return h
+        jac = torch.autograd.functional.jacobian(f_from, us[l])  # (K, B, C, K, B, n)
+        for k in range(2):
+            for s in range(x.shape[1]):
+                ok, err = close(J[l][k, s], jac[k, s, :, k, s])
+                assert ok, (l, k, s, err)
+
+
+# ----------------------------------------------------------------------------- replicas
+@pytest.mark.parametrize("arch", ["resmlp", "rescnn"])
+def test_residual_dtp_replica_equals_separate_run(arch):
+    """Two SGD steps of DTP (trained feedback, host noise): replica 1 of a K = 2 run is bitwise the K = 1 run of
+    its seed."""
+    from mulocal.optim import LayerwiseOptimizer
+    outs = []
+    for K, seeds in ((2, [3, 4]), (1, [4])):
+        net, _, _ = _net(arch, depth=5, K=K, seeds=seeds, rand_bias=False)
+        gen = torch.Generator().manual_seed(1)
+        shape = net.input_shape
+        xs = [torch.randn(5, *shape, generator=gen, dtype=torch.float64) for _ in range(2)]
+        y = torch.randint(0, 4, (5,), generator=gen)
+        algo = make_algo("dtp", sigma=0.2)
+        opt = LayerwiseOptimizer.for_net(net, 0.1, "sgd")
+        for xb in xs:
+            opt.step(algo.step(net, xb, y)[0])
+        outs.append([p[-1].clone() for p in net.params()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
