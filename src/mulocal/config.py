@@ -282,15 +282,17 @@ class Run:
     device: str = "cpu"
 
     def build_net(self, width: int, param=None, bias: bool | None = None, K: int | None = None,
-                  seeds: Sequence[int] | None = None):
-        """The cell's model at ``width`` (``param`` / ``bias`` override the cell's, e.g. for the exponent fitter)."""
+                  seeds: Sequence[int] | None = None, depth: int | None = None):
+        """The cell's model at ``width`` (``param`` / ``bias`` / ``depth`` override the cell's, e.g. for the
+        exponent fitter and the depth checks)."""
         import torch
 
         from .nets import build
         c = self.cell
         seeds = list(self.seeds if seeds is None else seeds)
         return build(c["arch"], self.data.input_shape, self.data.n_classes, width, param or self.param,
-                     depth=c["depth"], activation=c["activation"], bias=c["bias"] if bias is None else bias,
+                     depth=c["depth"] if depth is None else depth, activation=c["activation"],
+                     bias=c["bias"] if bias is None else bias,
                      K=K or len(seeds), seeds=seeds, dtype=getattr(torch, c["dtype"]), device=self.device)
 
     def trainer(self):

@@ -186,7 +186,7 @@ def plot_coord(res, path: str, title: str = "") -> str:
             ax.set_ylim(min(lo / 2, mid / 10 ** 1.5), max(hi * 2, mid * 10 ** 1.5))
         counted = name in getattr(res, "counted", ())
         ax.set_title(f"{name}: slope {res.slopes[name]:+.2f}", fontsize=8, fontweight="bold" if counted else "normal")
-        ax.set_xlabel("width", fontsize=7)
+        ax.set_xlabel(getattr(res, "axis", "width"), fontsize=7)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.25, which="both")
     for ax in list(axes.flat)[len(names):]:
@@ -194,8 +194,8 @@ def plot_coord(res, path: str, title: str = "") -> str:
     axes[0][0].set_ylabel("RMS")
     if names:
         axes[0][0].legend(fontsize=6)
-    fig.suptitle((title + "; " if title else "") + "coordinate check: bold = counted quantities (flat under muP: "
-                 "|slope| <= 0.15)", fontsize=9)
+    fig.suptitle((title + "; " if title else "") + f"coordinate check across {getattr(res, 'axis', 'width')}: bold = "
+                 "counted quantities (flat under muP: |slope| <= 0.15)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

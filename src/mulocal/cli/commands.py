@@ -86,12 +86,42 @@ def _check_run(args):
     return cell, lr, run
 
 
+WIDTHS = [64, 128, 256, 512, 1024]  # the width checks' default widths
+DEPTH_CHECK_WIDTH = 128  # the depth checks' default width
+
+
+def _widths(args) -> list[int]:
+    return args.widths or ([DEPTH_CHECK_WIDTH] if args.depths else WIDTHS)
+
+
+def _depth_check_cell(cell) -> None:
+    if cell["arch"] not in ("resmlp", "rescnn"):
+        raise MulocalError(f"--depths needs a residual net: add --arch resmlp (or rescnn), not {cell['arch']}")
+
+
 def cmd_coord(args) -> dict:
     from ..diagnostics.coord import coord_batches, coord_check
 
     cell, lr, run = _check_run(args)
     batches, probe = coord_batches(run.data, args.steps, args.batch_size, seed=args.seed)
-    res = coord_check(run.build_net, run.algo, args.widths, batches, probe, lr, cell["optimizer"], cell["momentum"])
+    if args.depths:  # across depth, at each width
+        _depth_check_cell(cell)
+        checks = []
+        for w in _widths(args):
+            res = coord_check(lambda H: run.build_net(w, depth=H), run.algo, args.depths, batches, probe, lr,
+                              cell["optimizer"], cell["momentum"], axis="depth")
+            entry = {"width": w, **res.to_dict()}
+            if args.plot:
+                path = args.plot if len(_widths(args)) == 1 else args.plot.replace(".png", f"-w{w}.png")
+                entry["plot"] = res.plot(path, f"{cell['algo']} {run.param.name} width {w} lr={lr:g}")
+            if not args.json:
+                print(f"width {w}:\n{res.table()}")
+            checks.append(entry)
+        return {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "lr": lr,
+                "axis": "depth", "checks": checks, "max_abs_slope": max(c["max_abs_slope"] or float("inf")
+                                                                        for c in checks)}
+    res = coord_check(run.build_net, run.algo, _widths(args), batches, probe, lr, cell["optimizer"],
+                      cell["momentum"])
     out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "lr": lr, **res.to_dict()}
     if args.plot:
         out["plot"] = res.plot(args.plot, f"{cell['algo']} {run.param.name} lr={lr:g}")
@@ -109,13 +139,25 @@ def cmd_derive(args) -> dict:
     cell, lr, run = _check_run(args)
     start = param_of({**cell, "param": args.start})
     batches, probe = coord_batches(run.data, args.steps, args.batch_size, seed=args.seed)
+    if args.depths:  # the depth exponents (alpha, c_H), from the start preset's depth-free version
+        from ..diagnostics.derive import derive_depth
+        _depth_check_cell(cell)
+        w = _widths(args)[0]
+        res = derive_depth(lambda p, H: run.build_net(w, param=p, bias=False, depth=H), run.algo,
+                           start.depth_free(), args.depths, batches, probe, lr, cell["optimizer"],
+                           rounds=args.rounds, reference=run.param)
+        out = {"algo": cell["algo"], "optimizer": cell["optimizer"], "lr": lr, "width": w, "depths": args.depths,
+               **res.to_dict()}
+        if not args.json:
+            print(res.table())
+        return out
 
     def make(param, width):  # the fitter uses bias-free networks (a bias has its own exponent)
         return run.build_net(width, param=param, bias=False)
-    res = derive(make, run.algo, start, args.widths, batches, probe, lr, cell["optimizer"], rounds=args.rounds,
+    res = derive(make, run.algo, start, _widths(args), batches, probe, lr, cell["optimizer"], rounds=args.rounds,
                  reference=run.param)
     out = {"algo": cell["algo"], "optimizer": cell["optimizer"], "gamma_bar_L": cell["gamma_bar_L"], "lr": lr,
-           "widths": args.widths, **res.to_dict()}
+           "widths": _widths(args), **res.to_dict()}
     if args.plot:
         out["plot"] = res.plot(args.plot, f"derive {cell['algo']} {cell['optimizer']} gbar_L={cell['gamma_bar_L']:g}")
     if not args.json:
@@ -231,7 +273,9 @@ def _run_flags(p) -> None:
 
 def _check_flags(p, steps: int, steps_help: str) -> None:
     """The flags of the width checks (coord, derive): a few steps at several widths, seeds averaged."""
-    p.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024], help="widths (default 64..1024)")
+    p.add_argument("--widths", type=ints, default=None, help="widths (default 64..1024; with --depths 128)")
+    p.add_argument("--depths", type=ints, default=None,
+                   help="check across depth instead (residual nets: --arch resmlp/rescnn), e.g. 4,8,16,32,64")
     p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
     p.add_argument("--batch-size", type=int, default=64)

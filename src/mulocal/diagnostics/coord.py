@@ -18,6 +18,15 @@ name           quantity                                     muP keeps it Theta(1
 ``dWdh_l``     (W_l(t) - W_l(0)) Delta a_{l-1}              no (second order)
 =============  ===========================================  =======================
 
+Across depth (``axis="depth"``, residual nets; ``make_net(depth)``): the layers differ from depth to depth, so
+the quantities are read at fixed *positions*: ``in`` (layer 1), ``first`` (the first block, layer 2), ``mid``
+(block floor(H / 2)), ``last`` (block H - 1), with ``h_P`` the stream u_l(t), ``dh_P`` = u_l(t) - u_l(0) and
+``dWh_P`` the layer's own update (W_l(t) - W_l(0)) a_{l-1}(t) (+ bias change; a block's branch multiplier
+included), ``dWh_blocks`` the blocks' own updates summed over all H - 2 blocks, plus ``df`` / ``f``; slopes are
+per doubling of the depth H. Depth-muP keeps every ``h_P``, ``dh_P``, ``dWh_in``, ``dWh_blocks`` and ``df``
+flat (counted); a single block's ``dWh_P`` is ~ 1/(H - 2) by design (each block moves the stream by a share
+of the blocks' Theta(1) total; not counted), and ``f`` vanishes or not with b_L as across width.
+
 u_l(t) - u_l(0) = dWh_l + Wdh_l, so the table splits every change into the part caused by the
 layer's own update and the part it inherits. Each quantity's log-log slope against width is
 fitted per step and on the step-averaged log RMS (``slopes``); ``max_abs_slope`` is the largest
@@ -55,12 +64,13 @@ def fit_slope(widths: Sequence[float], values: Sequence[float]) -> float:
 
 @dataclass
 class CoordResult:
-    widths: list[int]
+    widths: list[int]  # the values of the axis: widths, or depths with axis="depth"
     steps: int
     rms: dict[str, list[list[float]]]  # name -> [width][step]
     counted: list[str]
     slopes: dict[str, float] = field(default_factory=dict)
     slopes_per_step: dict[str, list[float]] = field(default_factory=dict)
+    axis: str = "width"
 
     def __post_init__(self):
         for name, table in self.rms.items():
@@ -93,7 +103,7 @@ class CoordResult:
     def to_dict(self) -> dict:
         def clean(x):
             return None if isinstance(x, float) and not math.isfinite(x) else x
-        return {"widths": self.widths, "steps": self.steps,
+        return {"axis": self.axis, ("widths" if self.axis == "width" else "depths"): self.widths, "steps": self.steps,
                 "slopes": {k: clean(v) for k, v in self.slopes.items()},
                 "slopes_per_step": {k: [clean(x) for x in v] for k, v in self.slopes_per_step.items()},
                 "counted": self.counted, "max_abs_slope": clean(self.max_abs_slope),
@@ -101,7 +111,8 @@ class CoordResult:
 
     def table(self) -> str:
         head = f"{'quantity':<12}{'counted':>8}" + "".join(f"{w:>11}" for w in self.widths) + f"{'slope':>9}"
-        lines = [f"coordinate check: RMS at the last of {self.steps} steps, slope of the step-averaged log RMS",
+        lines = [f"coordinate check across {self.axis}: RMS at the last of {self.steps} steps, slope of the "
+                 f"step-averaged log RMS per doubling of the {self.axis}",
                  head, "-" * len(head)]
         for name, table in self.rms.items():
             row = "".join(f"{table[i][-1]:>11.3g}" for i in range(len(self.widths)))
@@ -138,23 +149,57 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     return out
 
 
+def positions(depth: int) -> dict[str, int]:
+    """The layers a depth check reads: the input layer, the first, middle and last residual block."""
+    return {"in": 1, "first": 2, "mid": max(2, depth // 2), "last": depth - 1}
+
+
+@torch.no_grad()
+def _measure_depth(net: Net, w0, b0, acts0, f0, probe_x, us0) -> dict[str, torch.Tensor]:
+    us, acts = net.forward(probe_x)
+    out = {}
+    for name, l in positions(net.depth).items():
+        layer = net.layers[l - 1]
+        db = None if layer.bias is None else layer.bias - b0[l - 1]
+        out[f"h_{name}"] = rms(us[l])
+        out[f"dh_{name}"] = rms(us[l] - us0[l])
+        out[f"dWh_{name}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
+    total = 0
+    for l in range(2, net.depth):
+        layer = net.layers[l - 1]
+        db = None if layer.bias is None else layer.bias - b0[l - 1]
+        total = total + layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False)
+    out["dWh_blocks"] = rms(total)
+    out["df"] = rms(us[-1] - f0)
+    out["f"] = rms(us[-1])
+    return out
+
+
 def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], batches: Sequence[tuple],
-                probe: torch.Tensor, lr: float, optimizer: str = "sgd", momentum: float = 0.0) -> CoordResult:
+                probe: torch.Tensor, lr: float, optimizer: str = "sgd", momentum: float = 0.0,
+                axis: str = "width") -> CoordResult:
     """Run the coordinate check.
 
     ``make_net(width)`` builds a net (its K replicas are averaged over); ``batches`` is the list
     of (x, y) training batches, one per step, the same at every width; ``probe`` the fixed input
-    batch measured after each step.
+    batch measured after each step. ``axis="depth"``: ``widths`` are depths H, ``make_net(H)`` builds a
+    residual net of depth H, and the quantities are read at the positions of :func:`positions`.
     """
+    if axis not in ("width", "depth"):
+        raise ConfigError(f"unknown coordinate-check axis '{axis}'; choose width or depth")
     widths = sorted(int(w) for w in widths)
     if len(widths) < 2:
-        raise ConfigError("a coordinate check needs at least two widths")
+        raise ConfigError(f"a coordinate check needs at least two {axis}s")
+    if axis == "depth" and widths[0] < 4:
+        raise ConfigError(f"a depth check needs depths >= 4 (a first and a last block), got {widths[0]}")
     if not batches:
         raise ConfigError("a coordinate check needs at least one step")
     rec: dict[str, list[list[float]]] = {}
     counted: list[str] = []
     for w in widths:
         net = make_net(w)
+        if axis == "depth" and not net.residual_net:
+            raise ConfigError(f"a depth check needs a residual net (--arch resmlp or rescnn), got a {net.kind}")
         opt = LayerwiseOptimizer.for_net(net, lr, optimizer, momentum=momentum)
         w0 = [layer.weight.clone() for layer in net.layers]
         b0 = [None if layer.bias is None else layer.bias.clone() for layer in net.layers]
@@ -163,19 +208,23 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         for x, y in batches:
             grads, _ = algo.step(net, x, y, opt=opt)
             opt.step(grads)
-            meas = _measure(net, w0, b0, acts0, us0[-1], probe)
-            if hasattr(algo, "coord_observables"):
+            meas = (_measure(net, w0, b0, acts0, us0[-1], probe) if axis == "width"
+                    else _measure_depth(net, w0, b0, acts0, us0[-1], probe, us0))
+            if hasattr(algo, "coord_observables") and axis == "width":  # per-layer names: not comparable in depth
                 meas.update(algo.coord_observables(net, x, y))
             for name, v in meas.items():
                 per_step.setdefault(name, []).append(float(v.mean()))
         for name, v in per_step.items():
             rec.setdefault(name, []).append(v)
+        if not counted and axis == "depth":
+            counted = [n for n in per_step if n != "f" and not (n.startswith("dWh_") and n not in ("dWh_in",
+                                                                                               "dWh_blocks"))]
         if not counted:
             L = net.depth
             counted = ([f"h_{l}" for l in range(1, L)] + [f"dh_{l}" for l in range(1, L)]
                        + [f"dWh_{l}" for l in range(1, L + 1)] + [f"Wdh_{l}" for l in range(2, L + 1)] + ["df"]
                        + sorted(getattr(algo, "coord_counted", ())))
-    return CoordResult(widths, len(batches), rec, counted)
+    return CoordResult(widths, len(batches), rec, counted, axis=axis)
 
 
 def coord_batches(data, steps: int, batch_size: int = 64, probe_size: int = 256, seed: int = 0):

@@ -29,7 +29,9 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from ..param import Parameterization
-from .coord import CoordResult, coord_check
+import torch
+
+from .coord import CoordResult, coord_check, fit_slope, rms
 
 
 PERTURBATION = "pert_"  # prefix of the inference-perturbation observables (PC's coord_observables)
@@ -171,4 +173,113 @@ def derive(make_net: Callable[[Parameterization, int], object], algo, start: Par
             break
     param = start.with_(b=tuple(b), c=tuple(c))
     res.final = coord_check(lambda w: make_net(param, w), algo, widths, batches, probe, lr, optimizer)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- depth
+@dataclass
+class DepthDeriveResult:
+    """The fitted depth exponents: the branch multiplier's alpha (a = d^-alpha) and the branch LR's c_H."""
+
+    alpha: float
+    c_H: float
+    start: Parameterization
+    rounds: list[dict] = field(default_factory=list)
+    final: CoordResult | None = None
+    reference: Parameterization | None = None
+    tolerance: float = 0.15
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.rounds) and self.rounds[-1]["max_change"] < 0.05
+
+    @property
+    def max_deviation(self) -> float:
+        if self.reference is None:
+            return float("nan")
+        return max(abs(self.alpha - self.reference.depth_alpha), abs(self.c_H - self.reference.depth_lr_exponent()))
+
+    @property
+    def agrees(self) -> bool | None:
+        return None if self.reference is None else self.max_deviation <= self.tolerance
+
+    def to_dict(self) -> dict:
+        out = {"alpha": round(self.alpha, 4), "c_H": round(self.c_H, 4),
+               "start": {"name": self.start.name, "alpha": self.start.depth_alpha,
+                         "c_H": self.start.depth_lr_exponent()},
+               "rounds": self.rounds, "converged": self.converged,
+               "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
+                               "slopes": self.final.slopes if self.final else None}}
+        if self.reference is not None:
+            out["reference"] = {"name": self.reference.name, "alpha": self.reference.depth_alpha,
+                                "c_H": self.reference.depth_lr_exponent()}
+            out["max_deviation"], out["agrees"] = self.max_deviation, self.agrees
+        return out
+
+    def table(self) -> str:
+        ref = self.reference
+        lines = [f"{'':<22}{'fitted':>9}" + (f"{'preset':>9}" if ref else ""),
+                 f"{'alpha (a = d^-alpha)':<22}{self.alpha:>9.3f}" + (f"{ref.depth_alpha:>9.3g}" if ref else ""),
+                 f"{'c_H (LR * d^-c_H)':<22}{self.c_H:>9.3f}" + (f"{ref.depth_lr_exponent():>9.3g}" if ref else "")]
+        q = self.final.max_abs_slope if self.final else float("nan")
+        lines.append(f"rounds: {len(self.rounds)}, converged: {self.converged}, max |slope| per doubling of depth "
+                     f"with the fitted exponents: {q:.3f}")
+        if ref is not None:
+            lines.append(f"vs {ref.name}: max deviation {self.max_deviation:.3f} -> "
+                         + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+        return "\n".join(lines)
+
+
+def derive_depth(make_net: Callable[[Parameterization, int], object], algo, start: Parameterization,
+                 depths: Sequence[int], batches, probe, lr: float, optimizer: str = "sgd", *, rounds: int = 6,
+                 tol: float = 0.02, reference: Parameterization | None = None,
+                 tolerance: float = 0.15) -> DepthDeriveResult:
+    """Fit the depth exponents (alpha, c_H) of a residual net from depth coordinate checks (``axis="depth"``).
+
+    Each round reads the slopes against the number of blocks d ~ H - 2 (log-log) of the last block's stream at
+    initialisation s_h = slope(h_last) and, after the first step, of the blocks' summed own update
+    s_u = slope(dWh_blocks), and sets
+
+        alpha <- alpha + s_h          c_H <- c_H + s_u
+
+    Why: the stream's variance is ~ 1 + C d^(1 - 2 alpha) (d blocks, each adding a^2 = d^-2 alpha), so s_h > 0
+    iff alpha < 1/2 and s_h = 0 exactly at alpha = 1/2 (for alpha > 1/2, s_h < 0 pulls it back): the smallest
+    alpha with a depth-independent forward pass. The blocks' updates add up to ~ d a^2 eta_l (SGD; d a eta_l
+    with Adam) with eta_l ~ d^-c_H, so c_H moves by the excess slope until the sum is flat: 1 - 2 alpha (SGD),
+    1 - alpha (Adam). ``make_net(param, depth)`` builds a residual net.
+    """
+    if rounds < 1:
+        raise ConfigError("the fitter needs at least one round")
+    alpha, c_H = float(start.depth_alpha), float(start.depth_lr_exponent())
+    res = DepthDeriveResult(alpha, c_H, start, reference=reference, tolerance=tolerance)
+
+    def check(a, c):
+        param = start.with_(depth_alpha=a, depth_c=c)
+        return coord_check(lambda H: make_net(param, H), algo, depths, batches, probe, lr, optimizer, axis="depth")
+
+    blocks = [H - 2 for H in sorted(depths)]  # the laws are in d ~ H - 2 (exact at small depth, not H)
+
+    def init_slope(a):  # slope of rms(h_{H-1}) at initialisation (the step's own growth left out)
+        param = start.with_(depth_alpha=a)
+        vals = []
+        for H in sorted(depths):
+            net = make_net(param, H)
+            with torch.no_grad():
+                vals.append(float(rms(net.forward(probe)[0][H - 1]).mean()))
+        return fit_slope(blocks, vals)
+    for _ in range(rounds):
+        coord = check(alpha, c_H)
+        s_h, s_u = init_slope(alpha), fit_slope(blocks, [row[0] for row in coord.rms["dWh_blocks"]])
+        if not (math.isfinite(s_h) and math.isfinite(s_u)):
+            raise ConfigError("the depth fitter met a non-finite slope (a diverged or zero update); "
+                              "try a smaller learning rate")
+        new_alpha, new_c = alpha + s_h, c_H + s_u
+        change = max(abs(new_alpha - alpha), abs(new_c - c_H))
+        res.rounds.append({"alpha": alpha, "c_H": c_H, "slope_h_last": s_h, "slope_dWh_blocks": s_u,
+                           "max_change": change})
+        alpha, c_H = new_alpha, new_c
+        res.alpha, res.c_H = alpha, c_H
+        if change < tol:
+            break
+    res.final = check(alpha, c_H)
     return res
