@@ -504,3 +504,54 @@ def test_depth_checks_on_the_command_line():
     bad = subprocess.run(base, capture_output=True, text=True, timeout=300)  # an MLP: not residual
     assert bad.returncode == 2 and "--depths needs a residual net" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- every layer learns
+def test_layer_changes_equal_one_sgd_step_of_the_written_gradient():
+    """One SGD step at lr with every LR factor 1 (SP at its base width, Depth-muP with SGD: c_H = 0) moves
+    W_l by -lr grad_l, so dW_rel[l] = lr ||grad_l|| / ||W_l(0)|| with grad_l autograd of the written net's loss."""
+    from mulocal.diagnostics.layers import layer_changes
+    p = preset("sp", "sgd", base_width=6)
+    net = build("resmlp", (7,), 4, 6, p, depth=6, K=2, seeds=[3, 4], dtype=torch.float64)
+    assert all(layer.rule.lr_scale == 1.0 for layer in net.layers)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randint(0, 4, (5,), generator=gen)
+    probe = torch.randn(9, 7, generator=gen, dtype=torch.float64)
+    ref = Written(net)
+    W, b, leaves = ref.leaves()
+    xk = x.expand(2, *x.shape)
+    grads = torch.autograd.grad(ref.loss_sum(ref.forward(xk, W, b)[-1], y) / 5, W)
+    h0 = [t.detach() for t in ref.forward(probe.expand(2, *probe.shape))]
+    res = layer_changes(net, make_algo("bp"), [(x, y)], probe, 0.1)
+    for l in range(1, 7):
+        expect = (0.1 * grads[l - 1].flatten(1).norm(dim=1) / ref.W[l - 1].flatten(1).norm(dim=1)).mean()
+        ok, err = close(res.dW_rel[l - 1], expect)
+        assert ok, (l, err)
+    h1 = Written(net).forward(probe.expand(2, *probe.shape))  # the trained weights, written out again
+    for l in range(1, 7):
+        expect = ((h1[l] - h0[l]).flatten(1).norm(dim=1) / h0[l].flatten(1).norm(dim=1)).mean()
+        ok, err = close(res.du_rel[l - 1], expect)
+        assert ok, (l, err)
+
+
+def test_layer_result_ratios():
+    from mulocal.diagnostics.layers import LayerResult
+    r = LayerResult(depth=6, steps=1, dW_rel=[9.0, 0.05, 0.3, 0.6, 0.4, 7.0], du_rel=[1.0] * 6)
+    assert r.top == 5 and r.ratio_top[4] == 1.0
+    assert r.min_ratio == pytest.approx(0.05 / 0.4)  # blocks 2..4 against the top block 5; layers 1 and 6 not
+    assert r.within_10x
+    r.dW_rel[1] = 0.039
+    assert not r.within_10x and r.min_ratio == pytest.approx(0.039 / 0.4)
+
+
+def test_analyze_layers_on_the_command_line():
+    import json
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "mulocal.cli", "analyze", "layers", "--dataset", "synthetic", "--depth",
+                        "6", "--widths", "16", "--algos", "bp,pc", "--steps", "2", "--replicas", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["width"] == 16 and set(out["configs"]) == {"bp mup-sgd", "pc mup-sgd"}
+    assert all(len(c["dW_rel"]) == 6 for c in out["configs"].values())

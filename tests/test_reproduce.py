@@ -1,5 +1,8 @@
 """`mulocal reproduce`: the experiments run end to end (tiny budget) and keep their raw results."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 
 from mulocal.cli import main
@@ -79,3 +82,19 @@ def test_grid_edges_are_told_apart():
     loss = {"families": [fam("a", 0.25, True), fam("b", 0.5, False)]}
     acc = {"families": [fam("c", 1.0, True), fam("d", None, None)]}
     assert _edges([loss, acc]) == ({"a"}, {"c"})
+
+
+def test_depth_transfer_tiny(tmp_path, capsys):
+    """`reproduce depth`: BP, PC, DTP on residual MLPs under Depth-muP and the depth-free control, analysed along
+    depth (families keep their width and differ in all but depth), each rule paired with its control."""
+    assert main(["reproduce", "depth", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["name"] == "depth" and Path(res["figure"]).exists()
+    assert {f["family"]["algo"] for f in res["families"]} == {"bp", "pc", "dtp"}
+    assert sum(f["control"] for f in res["families"]) == 3
+    assert all(set(f["best_lr"]) == {"4", "6"} for f in res["families"])  # per depth
+    assert len(res["verdicts"]) == 3 and all("depth_alpha=0.0" in v["control"] for v in res["verdicts"])
+    assert set(res["accuracy_minus_bp"]) == {"pc", "dtp"}
+    rep = subprocess.run([sys.executable, "-m", "mulocal.cli", "report", "--store", res["store"], "--axis", "depth",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and json.loads(rep.stdout)["axis"] == "depth"

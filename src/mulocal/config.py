@@ -161,9 +161,10 @@ def group_of(cell: dict) -> dict:
     return {k: v for k, v in cell.items() if k not in ("lr", "seed")}
 
 
-def family_of(cell: dict) -> dict:
-    """The family of a cell: everything but ``lr``, ``seed`` and ``width`` (one set of transfer curves)."""
-    return {k: v for k, v in cell.items() if k not in ("lr", "seed", "width")}
+def family_of(cell: dict, axis: str = "width") -> dict:
+    """The family of a cell: everything but ``lr``, ``seed`` and the transfer axis (``width``, or ``depth``):
+    one set of transfer curves."""
+    return {k: v for k, v in cell.items() if k not in ("lr", "seed", axis)}
 
 
 # ------------------------------------------------------------------------------------------ resolution

@@ -32,7 +32,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_") or "family"
 
 
-def _panel(ax, fam, key, lo_key, hi_key, best_by_w, ylabel, mark_best_y: bool, log_y: bool):
+def _panel(ax, fam, key, lo_key, hi_key, best_by_w, ylabel, mark_best_y: bool, log_y: bool, axis: str = "width"):
     from matplotlib import transforms
     plt = _plt()
     cmap = plt.get_cmap("viridis")
@@ -43,7 +43,7 @@ def _panel(ax, fam, key, lo_key, hi_key, best_by_w, ylabel, mark_best_y: bool, l
         pts = c["points"]
         xs = [p["lr"] for p in pts if p[key] is not None and math.isfinite(p[key])]
         ys = [p[key] for p in pts if p[key] is not None and math.isfinite(p[key])]
-        ax.plot(xs, ys, "o-", ms=3, lw=1.4, color=color, label=f"width {c['width']}")
+        ax.plot(xs, ys, "o-", ms=3, lw=1.4, color=color, label=f"{axis} {c['width']}")
         band = [(p["lr"], p[lo_key], p[hi_key]) for p in pts if p[lo_key] is not None and p[hi_key] is not None]
         if band:
             bx, blo, bhi = zip(*band)
@@ -117,7 +117,7 @@ def _transfer_panel(ax, report: dict) -> None:
             ax.plot(xs, [t["slope"] * math.log2(x) + t["intercept"] for x in xs], "--" if sp else "-", lw=1,
                     color=color)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("width")
+    ax.set_xlabel(report.get("axis", "width"))
     ax.set_ylabel("log2(best learning rate)")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=6)
@@ -276,9 +276,10 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
     for j, f in enumerate(fams):
         best = {e["width"]: e for e in f["best"]}
         _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
-               "test accuracy", False, False)
+               "test accuracy", False, False, axis=report.get("axis", "width"))
         positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
-        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive)
+        _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive,
+               axis=report.get("axis", "width"))
         by = {report["metric"]: f["transfer"]}
         if other is not None:
             by[other["metric"]] = others.get(f["label"])
@@ -304,6 +305,29 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
     fig.suptitle("\n".join(textwrap.fill(part, cols) for part in (title + "\n" + legend).split("\n")), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def layers_figure(results: dict, path, title: str) -> str:
+    """Every layer's relative weight update ||Delta W_l|| / ||W_l(0)|| against its index, a line per rule
+    (``diagnostics.layers`` results by configuration), log scale, the top block's tenth marked per rule."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (key, r) in enumerate(results.items()):
+        ls = range(1, r["depth"] + 1)
+        ax.plot(ls, r["dW_rel"], "o-", ms=2.5, lw=1.2, color=f"C{i}",
+                label=f"{key} (smallest block / top: {r['min_ratio']:.2g})")
+        top = r["dW_rel"][r["depth"] - 2]
+        ax.axhline(top / 10, color=f"C{i}", ls=":", lw=0.9)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer l (1: input layer, last: readout)")
+    ax.set_ylabel("||W_l(T) - W_l(0)|| / ||W_l(0)||")
+    ax.grid(alpha=0.25, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(title + "\ndotted: a tenth of the top block's relative update", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return str(path)
 

@@ -87,6 +87,7 @@ def _check_run(args):
 
 
 WIDTHS = [64, 128, 256, 512, 1024]  # the width checks' default widths
+WIDTHS_ANALYZE = [64, 128, 256, 512, 1024, 2048]
 DEPTH_CHECK_WIDTH = 128  # the depth checks' default width
 
 
@@ -205,6 +206,8 @@ def cmd_analyze(args) -> dict:
         return res
     if args.what == "features":
         return _features(args, data)
+    if args.what == "layers":
+        return _layers(args, data)
     batches, probe = coord_batches(data, args.steps, 64)
     configs = [(a, "mup") for a in args.algos.split(",")]
     res = align.alignment_vs_step(configs, widths, batches, probe, lr=args.lr, K=args.replicas)
@@ -218,6 +221,35 @@ def cmd_analyze(args) -> dict:
         for k, v in res["configs"].items():
             print(f"{k:<24}" + "".join(f"{o:>8.2f}" for o in v["omega"]))
     return res
+
+
+def _layers(args, data) -> dict:
+    """analyze layers: every layer's relative update after training, per rule (diagnostics/layers.py)."""
+    from ..algos import make_algo
+    from ..diagnostics.coord import coord_batches
+    from ..diagnostics.layers import layer_changes
+    from ..nets import build
+    from ..param import preset
+    from ..plots import layers_figure
+    batches, probe = coord_batches(data, args.steps, 64)
+    width = args.widths[0] if args.widths != WIDTHS_ANALYZE else 128
+    out = {"arch": args.arch, "depth": args.depth, "width": width, "steps": args.steps, "lrs": {}, "configs": {}}
+    lrs = dict(zip(args.algos.split(","), args.lrs)) if args.lrs else {}
+    for algo in args.algos.split(","):
+        p = preset(args.params.split(",")[0], "sgd", algo=algo)
+        lr = lrs.get(algo, args.lr)
+        net = build(args.arch, data.input_shape, data.n_classes, width, p, depth=args.depth, K=args.replicas,
+                    seeds=range(args.replicas))
+        res = layer_changes(net, make_algo(algo), batches, probe, lr)
+        key = f"{algo} {p.name}"
+        out["configs"][key], out["lrs"][key] = res.to_dict(), lr
+        if not args.json:
+            print(f"== {key} (lr {lr:g}, {args.arch} depth {args.depth}, width {width}, {args.steps} steps)")
+            print(res.table(every=max(1, args.depth // 8)))
+    if args.plot:
+        out["plot"] = layers_figure(out["configs"], args.plot, f"relative update per layer: {args.arch} depth "
+                                    f"{args.depth}, width {width}, {args.steps} SGD steps")
+    return out
 
 
 def _features(args, data) -> dict:
@@ -317,9 +349,12 @@ def register(sub) -> None:
     dv.set_defaults(func=per_algo(cmd_derive))
 
     an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||, per-layer "
-                                        "feature learning")
-    an.add_argument("what", choices=["cosine", "alignment", "linear", "features"])
-    an.add_argument("--widths", type=ints, default=[64, 128, 256, 512, 1024, 2048])
+                                        "feature learning, every layer's relative update (layers)")
+    an.add_argument("what", choices=["cosine", "alignment", "linear", "features", "layers"])
+    an.add_argument("--widths", type=ints, default=WIDTHS_ANALYZE, help="widths (layers: the first, default 128)")
+    an.add_argument("--arch", default="resmlp", choices=("mlp", "resmlp"), help="layers: the net (default resmlp)")
+    an.add_argument("--depth", type=int, default=16, help="layers: number of weight layers (default 16)")
+    an.add_argument("--lrs", type=floats, default=None, help="layers: one learning rate per rule of --algos")
     an.add_argument("--activation", default="linear", help="cosine: linear or tanh")
     an.add_argument("--gamma-bar-L", type=float, default=0.0, help="cosine: PC's output energy exponent")
     an.add_argument("--gamma-bars", type=floats, default=None, help="linear: gbar_L values (default -1,0,1)")

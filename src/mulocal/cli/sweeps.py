@@ -171,13 +171,15 @@ def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
     from ..sweep.transfer import analyze, best_accuracy, learns, verdicts
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()
-        rep = analyze(rows, metric=args.metric)
+        axis = getattr(args, "axis", "width")
+        rep = analyze(rows, metric=args.metric, axis=axis)
         for f in rep["families"]:
             f["best_test_accuracy"] = {str(w): a for w, a in best_accuracy(f).items()}
             f["learns"] = learns(f, args.learn_floor)
         other = None
         if both:  # the other metric: the paper plots test accuracy, the estimator defaults to training loss
-            other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss")
+            other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss",
+                            axis=axis)
             rep["other_metric"] = {"metric": other["metric"],
                                    "families": [{"label": f["label"], "transfer": f["transfer"]}
                                                 for f in other["families"]]}
@@ -227,6 +229,8 @@ def register(subparsers) -> None:
     s.set_defaults(func=cmd_sweep)
     r = subparsers.add_parser("report", help="best LR per width, transfer slope and penalty from a sweep store")
     r.add_argument("--store", required=True, help="the sweep's SQLite store")
+    r.add_argument("--axis", default="width", choices=("width", "depth"),
+                   help="the transfer axis: width (default) or depth (families then differ in all but depth)")
     r.add_argument("--metric", default="train_loss", choices=METRICS,
                    help="what picks the best LR (default train_loss, averaged over seeds)")
     r.add_argument("--csv", type=out_file, default=None, help="also export every cell to this CSV file")
@@ -237,12 +241,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plot", help="write loss / accuracy vs learning rate plots of a sweep store")
     p.add_argument("--store", required=True, help="the sweep's SQLite store")
     p.add_argument("--out", type=out_dir, default=None, help="folder for the PNGs (default: next to the store)")
+    p.add_argument("--axis", default="width", choices=("width", "depth"),
+                   help="the transfer axis: width (default) or depth (families then differ in all but depth)")
     p.add_argument("--metric", default="train_loss", choices=METRICS)
     p.add_argument("--learn-floor", type=float, default=0.5, help="see report")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plot)
     m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "
-                                                "fig8, cnn, table1")
+                                                "fig8, cnn, table1; or our depth-transfer experiment: depth")
     m.add_argument("name")
     m.add_argument("--budget", default="small", help="small (2-6 min each on 2 CPU cores, the CNN about 30) or paper (GPU)")
     m.add_argument("--out", type=out_dir, default="runs/reproduce", help="folder for results, stores and figures")

@@ -1,5 +1,6 @@
 """``mulocal reproduce NAME``: the paper's experiments, with seeds, bands and SP controls.
 
+``depth`` (our own: learning-rate transfer across depth, experiments/depth.py) is a sweep too.
 Transfer experiments (fig1-left, fig1-right, fig7, cnn) are sweeps into ``OUT/NAME/results.sqlite``
 (``mulocal report --store`` reads them; a rerun only trains what is missing) and write
 ``OUT/NAME/NAME.png``: test accuracy (top) and training loss (bottom) against the learning rate, a
@@ -54,7 +55,8 @@ TRANSFER = {
             [dict(algo=["bp", "pc", "dtp"], param=["mup", "sp"], arch="cnn")]),
 }
 ANALYSES = ("fig3", "fig8", "table1")
-NAMES = tuple(TRANSFER) + ANALYSES
+OWN = ("depth",)  # experiments of our own, beyond the paper (experiments/depth.py)
+NAMES = tuple(TRANSFER) + ANALYSES + OWN
 
 
 def _specs(name: str, budget: str) -> list[dict]:
@@ -87,6 +89,9 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     t0 = time.perf_counter()
     if name in TRANSFER:
         res = _transfer(name, budget, out, device, data_dir, workers, say)
+    elif name == "depth":
+        from .depth import run_depth
+        res = run_depth(budget, out, device, data_dir, workers, say)
     elif name == "fig3":
         res = _fig3(budget, out, data_dir, say)
     elif name == "fig8":

@@ -17,6 +17,10 @@ seed). For each family and width:
   spread uniformly over that grid cell (+- half a grid step: the optimum lies anywhere there). The
   error thus includes the LR grid's resolution, not seed noise alone (None with a single seed).
 
+``axis="depth"`` (depth transfer, residual nets): families differ in everything but depth, learning rate and
+seed, and every "width" of the report below is read as the depth H (the report says ``"axis": "depth"``; its
+per-value entries keep the key ``width``).
+
 Per family, the transfer metrics are the least-squares slope of log2(best lr) against
 log2(width) (0 means the optimum transfers; SP under SGD typically gives a negative slope), with
 its regression standard error (3+ widths) and its bootstrap spread (seeds and fit windows, as above;
@@ -198,36 +202,47 @@ def _stats(vals: list[float]) -> tuple:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0), float(a.min()), float(a.max())
 
 
-def analyze(rows: Sequence[dict], metric: str = "train_loss", n_boot: int = 200, seed: int = 0) -> dict:
-    """The transfer report of store rows (``Store.rows()``): per family, per-width curves and best learning
-    rates, and the transfer metrics. See the module docstring for the definitions."""
+AXES = ("width", "depth")
+
+
+def _axis_value(row: dict, axis: str) -> int:
+    return int(row["width"]) if axis == "width" else int(row["config"][axis])
+
+
+def analyze(rows: Sequence[dict], metric: str = "train_loss", n_boot: int = 200, seed: int = 0,
+            axis: str = "width") -> dict:
+    """The transfer report of store rows (``Store.rows()``): per family, per-width (or, ``axis="depth"``,
+    per-depth) curves and best learning rates, and the transfer metrics. See the module docstring."""
+    from ..errors import ConfigError
     if metric not in METRICS:
-        from ..errors import ConfigError
         raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if axis not in AXES:
+        raise ConfigError(f"unknown transfer axis '{axis}'; choose width or depth")
     fams: dict[str, tuple[dict, list]] = {}
     counts = {"done": 0, "diverged": 0, "pending": 0, "running": 0, "failed": 0}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-        fam = family_of(r["config"])
+        fam = family_of(r["config"], axis)
         fams.setdefault(canonical_json(fam), (fam, []))[1].append(r)
     families = []
     for key in sorted(fams):
         fam, frows = fams[key]
         # one bootstrap stream per family: a family's numbers do not depend on what else is in the store
         rng = np.random.default_rng([seed, int(config_hash(fam)[:12], 16)])
-        families.append(_family_report(fam, frows, metric, n_boot, rng))
+        families.append(_family_report(fam, frows, metric, n_boot, rng, axis))
     for f, label in zip(families, _labels([f["family"] for f in families])):
         f["label"] = label
     families.sort(key=lambda f: f["label"])
-    return {"metric": metric, "estimator": "quadratic vertex in log2(lr) of the seed-mean metric (diverged = inf)",
+    return {"metric": metric, "axis": axis,
+            "estimator": "quadratic vertex in log2(lr) of the seed-mean metric (diverged = inf)",
             "cells": counts, "families": families}
 
 
-def _family_report(fam: dict, rows: list[dict], metric: str, n_boot: int, rng) -> dict:
-    widths = sorted({int(r["width"]) for r in rows})
+def _family_report(fam: dict, rows: list[dict], metric: str, n_boot: int, rng, axis: str = "width") -> dict:
+    widths = sorted({_axis_value(r, axis) for r in rows})
     per_width, curves, boots = [], [], {}
     for w in widths:
-        wrows = [r for r in rows if int(r["width"]) == w]
+        wrows = [r for r in rows if _axis_value(r, axis) == w]
         lrs = sorted({float(r["lr"]) for r in wrows})
         seeds = sorted({int(r["seed"]) for r in wrows})
         li, si = {v: i for i, v in enumerate(lrs)}, {v: i for i, v in enumerate(seeds)}
@@ -464,7 +479,8 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
     if other is not None:
         head += f"{'penalty(' + o_what + ')':>14}{'slope(' + o_what + ')':>17}"
     head += f"{'best acc':>10}"
-    lines = [f"best learning rate per width ({what}, mean over seeds; quadratic vertex in log2 LR)", head]
+    ax = report.get("axis", "width")
+    lines = [f"best learning rate per {ax} ({what}, mean over seeds; quadratic vertex in log2 LR)", head]
     quiet = []
     for f in fams:
         by_w = {e["width"]: e for e in f["best"]}
@@ -483,11 +499,11 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
             row += "  inference!"
         lines.append(row)
     lines.append("penalty: extra "
-                 f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest width with the "
-                 "smallest width's best LR (what muTransfer promises: 0). slope: d log2(best LR) / d log2(width) "
-                 "(0: the optimum transfers). best acc: best seed-mean test accuracy at the largest width.")
+                 f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest {ax} with the "
+                 f"smallest {ax}'s best LR (what muTransfer promises: 0). slope: d log2(best LR) / d log2({ax}) "
+                 f"(0: the optimum transfers). best acc: best seed-mean test accuracy at the largest {ax}.")
     if quiet:
-        lines.append(f"does not learn: best test accuracy below {floor:g} at every width; its transfer numbers "
+        lines.append(f"does not learn: best test accuracy below {floor:g} at every {ax}; its transfer numbers "
                      "say nothing about training")
     if any(e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
         lines.append("!: the minimum is at the edge of the LR grid (the optimum may lie outside it)")
