@@ -126,6 +126,11 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
                            help=_help(f.help, f.default))
         if f.name == "gamma_bar_L" and not lists:
             g.add_argument("--gamma-L-prime", type=float, default=None, help="gamma'_L (default 1)")
+        if f.name == "depth" and not lists:  # residual nets: the depth exponents (docs/depth.md)
+            g.add_argument("--depth-alpha", type=float, default=None,
+                           help="residual branch multiplier a = d^-alpha (default 0.5; 0: the depth-free control)")
+            g.add_argument("--depth-c", type=float, default=None,
+                           help="residual branch LR exponent c_H (default: derived, 1 - 2 alpha for SGD)")
         if f.name == "dataset" and run_flags:
             g.add_argument("--data-dir", default=None, help="folder with the dataset's files")
             g.add_argument("--no-download", action="store_true", help="never try to download the data")
@@ -168,8 +173,10 @@ def cell_from_args(args, **extra) -> dict:
         values["algo"] = values["algo"][0]
     cell = default_cell(**values, **extra)
     cell["algo_options"] = algo_options_from_args(args, cell["algo"], getattr(args, "listed_algos", ()))
-    if getattr(args, "gamma_L_prime", None) is not None:
-        cell["param_options"] = {"gamma_L_prime": args.gamma_L_prime}
+    overrides = {k: getattr(args, k) for k in ("gamma_L_prime", "depth_alpha", "depth_c")
+                 if getattr(args, k, None) is not None}
+    if overrides:
+        cell["param_options"] = overrides
     return cell
 
 
