@@ -73,7 +73,7 @@ def test_analyze_features_json(capsys):
 def test_grid_edges_are_told_apart():
     """The grid extension reads which end an optimum sits on: the first grid point -> extend down, the last ->
     up, an interior optimum -> nothing (hand-made reports, both metrics pooled)."""
-    from mulocal.experiments.reproduce import _edges
+    from mulocal.experiments.grids import edges as _edges
 
     def fam(label, best_lr, at_edge):
         pts = [{"lr": v} for v in (0.25, 0.5, 1.0)]
@@ -91,10 +91,12 @@ def test_depth_transfer_tiny(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["name"] == "depth" and Path(res["figure"]).exists()
     assert {f["family"]["algo"] for f in res["families"]} == {"bp", "pc", "dtp"}
-    assert sum(f["control"] for f in res["families"]) == 3
     assert all(set(f["best_lr"]) == {"4", "6"} for f in res["families"])  # per depth
-    assert len(res["verdicts"]) == 3 and all("depth_alpha=0.0" in v["control"] for v in res["verdicts"])
-    assert set(res["accuracy_minus_bp"]) == {"pc", "dtp"}
+    assert all("depth_alpha=0.0" in v["control"] for v in res["verdicts"])
+    assert set(res["accuracy_minus_bp"]) == {"pc", "pc kappa=1", "dtp"}
+    assert sum(f["control"] for f in res["families"]) == 4 and len(res["verdicts"]) == 4
+    act = res["activity_lr"]  # PC's inference step swept at one weight LR, its best per depth
+    assert set(act["train_loss"]["best_kappa"]) == {"4", "6"} and act["kappas"] == [0.5, 0.71, 1.0]
     rep = subprocess.run([sys.executable, "-m", "mulocal.cli", "report", "--store", res["store"], "--axis", "depth",
                           "--json"], capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and json.loads(rep.stdout)["axis"] == "depth"

@@ -11,7 +11,8 @@ from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
-from .flags import add_algo_options, add_fields, cell_from_args, floats, ints, out_file, per_algo
+from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, ints, out_file,
+                    per_algo)
 
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
 
@@ -234,14 +235,16 @@ def _layers(args, data) -> dict:
     batches, probe = coord_batches(data, args.steps, 64)
     width = args.widths[0] if args.widths != WIDTHS_ANALYZE else 128
     out = {"arch": args.arch, "depth": args.depth, "width": width, "steps": args.steps, "lrs": {}, "configs": {}}
-    lrs = dict(zip(args.algos.split(","), args.lrs)) if args.lrs else {}
-    for algo in args.algos.split(","):
+    algos = args.algos.split(",")
+    lrs = dict(zip(algos, args.lrs)) if args.lrs else {}
+    for algo in algos:
         p = preset(args.params.split(",")[0], "sgd", algo=algo)
         lr = lrs.get(algo, args.lr)
         net = build(args.arch, data.input_shape, data.n_classes, width, p, depth=args.depth, K=args.replicas,
                     seeds=range(args.replicas))
-        res = layer_changes(net, make_algo(algo), batches, probe, lr)
-        key = f"{algo} {p.name}"
+        opts = algo_options_from_args(args, algo, algos)
+        res = layer_changes(net, make_algo(algo, **opts), batches, probe, lr)
+        key = f"{algo} {p.name}" + "".join(f" {k}={v}" for k, v in opts.items())
         out["configs"][key], out["lrs"][key] = res.to_dict(), lr
         if not args.json:
             print(f"== {key} (lr {lr:g}, {args.arch} depth {args.depth}, width {width}, {args.steps} steps)")
@@ -371,6 +374,7 @@ def register(sub) -> None:
     an.add_argument("--no-download", action="store_true")
     an.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     an.add_argument("--json", action="store_true")
+    add_algo_options(an)  # layers: the rules' options (e.g. --kappa 1 for PC)
     an.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("describe", help="print what a preset resolves to at a width")

@@ -9,9 +9,15 @@ bootstrap over seeds and fit windows) and judged by the verdict rule of docs/REP
 place of width: "reproduced" iff the slope of log2(best LR) per doubling of depth is within 0.25 under
 Depth-muP and separated from the control's by 2 sigma, by test accuracy and by training loss.
 
-PC runs the paper's main setting (sequential single-shot inference, T = 1, no FPA, the default step); DTP its
-muP preset with trained feedback (residual feedback g(t) = t + a (V phi(t) + c)). The report also gives, per
-depth, each rule's best test accuracy (PC and DTP against BP at the deepest depths).
+PC runs the paper's main setting (sequential single-shot inference, T = 1, no FPA) twice: with the default,
+energy-decreasing step kappa_l = 1/(gamma_l + gamma_{l+1}) below a block, and with the propagating step
+kappa = 1/gamma_l = 1 (the error reaches every block in one sweep; the energy rises a little at each sweep). DTP
+runs its muP preset with trained feedback (residual feedback g(t) = t + a (V phi(t) + c)). The report also gives,
+per depth, each rule's best test accuracy (PC and DTP against BP at the deepest depths).
+
+PC's activity learning rate: at a fixed weight LR, a sweep of the inference step kappa (``ACTIVITY``) per depth,
+analysed like a learning-rate sweep (``activity_rows`` relabels kappa as the swept rate): the best kappa per
+depth and its slope per doubling of depth.
 """
 from __future__ import annotations
 
@@ -29,14 +35,47 @@ BUDGETS = {
 }
 
 
-def specs(budget: str) -> list[dict]:
-    """The sweep specs: every rule under Depth-muP, then under the depth-free control."""
+PROPAGATING = {"kappa": 1.0}  # PC's step 1/gamma_l (gamma_l = 1 for the hidden layers at gbar_L = 0)
+# the activity-LR sweep: kappa on a log2 grid around 1, at this weight LR
+ACTIVITY = {"small": dict(kappas=[2.0 ** (k / 4) for k in range(-4, 3)], lr=0.125),
+            "paper": dict(kappas=[2.0 ** (k / 4) for k in range(-6, 3)], lr=0.125),
+            "tiny": dict(kappas=[0.5, 0.71, 1.0], lr=0.25)}
+
+
+def _common(budget: str) -> dict:
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
     b = dict(BUDGETS[budget])
-    common = dict(algo=list(ALGOS), param="mup", arch="resmlp", depth=b.pop("depths"), optimizer="sgd",
-                  dataset="fashion-mnist", batch_size=128, **b)
-    return [dict(common), dict(common, param_options=dict(DEPTH_FREE))]
+    return dict(algo=list(ALGOS), param="mup", arch="resmlp", depth=b.pop("depths"), optimizer="sgd",
+                dataset="fashion-mnist", batch_size=128, **b)
+
+
+def specs(budget: str) -> list[dict]:
+    """The sweep specs: every rule under Depth-muP, then under the depth-free control; PC with the
+    propagating step under both."""
+    common = _common(budget)
+    pc = dict(common, algo="pc", algo_options=dict(PROPAGATING))
+    return [dict(common), dict(common, param_options=dict(DEPTH_FREE)), pc,
+            dict(pc, param_options=dict(DEPTH_FREE))]
+
+
+def activity_spec(budget: str) -> dict:
+    """PC under Depth-muP at one weight LR, swept over the inference step kappa."""
+    a = ACTIVITY[budget]
+    return dict(_common(budget), algo="pc", lrs=[a["lr"]], algo_options={"kappa": a["kappas"]})
+
+
+def activity_rows(rows: list[dict]) -> list[dict]:
+    """Rows of the activity-LR sweep relabelled for ``sweep.transfer.analyze``: kappa becomes the swept rate
+    (``lr``) and leaves the configuration, so one family holds every kappa."""
+    out = []
+    for r in rows:
+        cfg = dict(r["config"])
+        opts = dict(cfg.get("algo_options") or {})
+        kappa = opts.pop("kappa")
+        cfg.update(algo_options=opts, lr=kappa, weight_lr=r["config"]["lr"])
+        out.append(dict(r, lr=kappa, config=cfg))
+    return out
 
 
 def is_control(fam: dict) -> bool:
@@ -65,13 +104,42 @@ def pairs(report: dict, other: dict) -> list[dict]:
     return out
 
 
+def _rule_key(fam: dict) -> str:
+    opts = fam.get("algo_options") or {}
+    return fam["algo"] + (" kappa=1" if opts.get("kappa") == PROPAGATING["kappa"] else "")
+
+
+def _activity(budget, store, device, data_dir, workers, say) -> dict:
+    """The activity-LR sweep and its analysis along depth (best kappa per depth, slope, by both metrics)."""
+    from ..config import config_hash
+    from ..sweep import expand, run_sweep
+    from ..sweep.store import Store
+    from ..sweep.transfer import analyze
+    spec = activity_spec(budget)
+    run_sweep(spec, store, workers=workers, device=device, data_dir=data_dir, progress=True)
+    with Store(store, create=False) as st:
+        rows = activity_rows(st.rows(hashes=[config_hash(c) for c in expand(spec)]))
+    out = {"weight_lr": spec["lrs"][0], "kappas": spec["algo_options"]["kappa"], "store": str(store)}
+    for m in ("train_loss", "test_accuracy"):
+        f = analyze(rows, metric=m, axis="depth")["families"][0]
+        out[m] = {"best_kappa": {str(e["width"]): e["best_lr"] for e in f["best"]},
+                  "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
+                  "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"]}
+        t = out[m]
+        say(f"PC activity LR (kappa) by {m}: best per depth "
+            + ", ".join(f"H={H}: {k:.3g}" if k else f"H={H}: -" for H, k in t["best_kappa"].items())
+            + (f"; slope {t['slope']:+.2f} +- {t['slope_err'] or 0:.2f} per doubling of depth"
+               if t["slope"] is not None else ""))
+    return out
+
+
 def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table
-    from .reproduce import _summary, _sweep_until_bracketed
+    from .grids import summary, sweep_until_bracketed
 
     store = out / "results.sqlite"
-    rows, final, notes = _sweep_until_bracketed(specs(budget), store, device, data_dir, workers, say)
+    rows, final, notes = sweep_until_bracketed(specs(budget), store, device, data_dir, workers, say)
     reports = {m: analyze(rows, metric=m, axis="depth") for m in ("train_loss", "test_accuracy")}
     b = BUDGETS[budget]
     title = ("Depth transfer: residual MLPs, BP / PC / DTP under Depth-muP (a = d^-1/2) vs the depth-free control "
@@ -82,7 +150,7 @@ def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     acc_t = {f["label"]: f["transfer"] for f in reports["test_accuracy"]["families"]}
     fams = [{"label": f["label"], "family": f["family"], "control": is_control(f["family"]),
              "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
-             "train_loss": _summary(f["transfer"]), "test_accuracy": _summary(acc_t.get(f["label"])),
+             "train_loss": summary(f["transfer"]), "test_accuracy": summary(acc_t.get(f["label"])),
              "best_test_accuracy": {str(H): a for H, a in best_accuracy(f).items()}}
             for f in reports["train_loss"]["families"]]
     verdicts = pairs(reports["test_accuracy"], reports["train_loss"])
@@ -90,15 +158,16 @@ def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
         say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
             f"by training loss {v['train_loss']['verdict']}")
     gaps = {}  # best test accuracy of each local rule minus BP's, per depth (Depth-muP)
-    best = {f["family"]["algo"]: f["best_test_accuracy"] for f in fams if not f["control"]}
-    for algo in ("pc", "dtp"):
-        if algo in best and "bp" in best:
-            gaps[algo] = {H: (None if a is None or best["bp"].get(H) is None else a - best["bp"][H])
-                          for H, a in best[algo].items()}
+    best = {_rule_key(f["family"]): f["best_test_accuracy"] for f in fams if not f["control"]}
+    for key in best:
+        if key != "bp" and "bp" in best:
+            gaps[key] = {H: (None if a is None or best["bp"].get(H) is None else a - best["bp"][H])
+                         for H, a in best[key].items()}
     for algo, g in gaps.items():
         say(f"{algo} best test accuracy minus BP's (Depth-muP), per depth: "
             + ", ".join(f"H={H}: {v:+.3f}" if v is not None else f"H={H}: -" for H, v in g.items()))
-    return {"title": title, "store": str(store), "figure": fig, "families": fams, "verdicts": verdicts,
+    activity = _activity(budget, out / "activity.sqlite", device, data_dir, workers, say)
+    return {"activity_lr": activity, "title": title, "store": str(store), "figure": fig, "families": fams, "verdicts": verdicts,
             "accuracy_minus_bp": gaps, "grid_notes": notes,
-            "lrs": {"depth-muP" if i == 0 else "depth-free": s["lrs"] for i, s in enumerate(final)},
+            "lrs": [s["lrs"] for s in final],
             "report_command": f"mulocal report --store {store} --axis depth"}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..util import json_safe
+from .grids import sweep_until_bracketed, summary
 
 LR_GRID_SMALL = [2.0 ** k for k in range(-6, 3)]
 LR_GRID_PAPER = [2.0 ** k for k in range(-8, 4)]
@@ -35,7 +36,6 @@ ANALYSIS_WIDTHS = {"small": [64, 128, 256, 512, 1024], "paper": [128, 256, 512, 
 # its widths start there, and so does its base width (muP = SP at the smallest width, as for the MLP).
 CNN_WIDTHS = {"small": [32, 64, 128], "paper": [32, 64, 128, 256, 512], "tiny": [4, 8]}
 CNN_BASE_WIDTH = {"small": 32, "paper": 32, "tiny": 4}
-MAX_EXTEND = 2  # rounds of LR-grid extension (two grid points more at an end whose minimum sits on it)
 
 # the feature-learning baseline: the readout trained alone on frozen random features (BP under muP)
 BASELINE = dict(algo="bp", param="mup", algo_options={"readout_only": True})
@@ -118,64 +118,12 @@ def _is_baseline(fam: dict) -> bool:
     return bool((fam.get("algo_options") or {}).get("readout_only"))
 
 
-def _edges(reports: list[dict]) -> tuple[set, set]:
-    """Families (labels) whose best LR sits on the low / high end of the grid at some width, by any report."""
-    low, high = set(), set()
-    for rep in reports:
-        for f in rep["families"]:
-            for e in f["best"]:
-                if e["best_lr"] is None or not e["at_edge"]:
-                    continue
-                (low if e["grid_best_lr"] == min(p["lr"] for c in f["curves"] if c["width"] == e["width"]
-                                                  for p in c["points"]) else high).add(f["label"])
-    return low, high
-
-
-def _sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tuple[list, list[dict], list[str]]:
-    """Run every spec; while a spec's family has its best LR (by training loss or test accuracy) on an end of
-    its grid, extend that spec's grid by two points at that end and run again (``MAX_EXTEND`` rounds).
-    Returns (the store's rows of the final grids, the final specs, what was extended)."""
-    from ..config import config_hash
-    from ..sweep import expand, run_sweep
-    from ..sweep.store import Store
-    from ..sweep.transfer import analyze
-    specs = [dict(s) for s in specs]
-    notes = []
-    for round_ in range(MAX_EXTEND + 1):
-        hashes = []
-        for spec in specs:
-            run_sweep(spec, store, workers=workers, device=device, data_dir=data_dir, progress=True)
-            hashes.append([config_hash(c) for c in expand(spec)])
-        with Store(store, create=False) as st:
-            per_spec = [st.rows(hashes=h) for h in hashes]
-        if round_ == MAX_EXTEND:
-            break
-        grew, before = False, len(notes)
-        for i, (spec, rows) in enumerate(zip(specs, per_spec)):
-            low, high = _edges([analyze(rows, metric=m, n_boot=0) for m in ("train_loss", "test_accuracy")])
-            lrs, ratio = sorted(spec["lrs"]), spec["lrs"][1] / spec["lrs"][0]
-            if low:
-                lrs = [lrs[0] / ratio ** 2, lrs[0] / ratio] + lrs
-                notes.append(f"grid extended down to {lrs[0]:.3g} ({', '.join(sorted(low))})")
-            if high:
-                lrs = lrs + [lrs[-1] * ratio, lrs[-1] * ratio ** 2]
-                notes.append(f"grid extended up to {lrs[-1]:.3g} ({', '.join(sorted(high))})")
-            if low or high:
-                specs[i] = dict(spec, lrs=lrs)
-                grew = True
-        if not grew:
-            break
-        for n in notes[before:]:
-            say(n)
-    return [r for rows in per_spec for r in rows], specs, notes
-
-
 def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table, verdicts
 
     store = out / "results.sqlite"
-    rows, specs, notes = _sweep_until_bracketed(_specs(name, budget), store, device, data_dir, workers, say)
+    rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, device, data_dir, workers, say)
     reports = {m: analyze(rows, metric=m) for m in ("train_loss", "test_accuracy")}
     base = [f for f in reports["test_accuracy"]["families"] if _is_baseline(f["family"])]
     baseline = best_accuracy(base[0]) if base else {}
@@ -195,7 +143,7 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
         fams.append({"label": f["label"], "family": f["family"], "baseline": _is_baseline(f["family"]),
                      "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
                      "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
-                     "train_loss": _summary(f["transfer"]), "test_accuracy": _summary(acc_t.get(f["label"])),
+                     "train_loss": summary(f["transfer"]), "test_accuracy": summary(acc_t.get(f["label"])),
                      "best_test_accuracy": {str(w): a for w, a in accs.items()},
                      "over_baseline": {str(w): (None if a is None or baseline.get(w) is None else a - baseline[w])
                                        for w, a in accs.items()}})
@@ -210,12 +158,6 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
     if name == "fig7":
         res["feature_learning"] = _fig7_features(budget, out, data_dir, say, reports["train_loss"])
     return res
-
-
-def _summary(t: dict | None) -> dict:
-    keys = ("slope", "slope_err", "penalty", "penalty_relative", "base_best_lr", "value_at_base_lr",
-            "best_value_largest")
-    return {k: (t or {}).get(k) for k in keys}
 
 
 # fig7's feature-learning check: the rules of fig7 under b_L = 1/2 and b_L = 1, BP's muP as the aligned reference

@@ -1,0 +1,65 @@
+"""LR grids of the transfer experiments: sweep until every optimum is bracketed, and the summary of a transfer.
+
+Shared by ``reproduce`` (the paper's experiments) and ``depth`` (our depth transfer).
+"""
+from __future__ import annotations
+
+MAX_EXTEND = 2  # rounds of LR-grid extension (two grid points more at an end whose minimum sits on it)
+
+
+def edges(reports: list[dict]) -> tuple[set, set]:
+    """Families (labels) whose best LR sits on the low / high end of the grid at some width, by any report."""
+    low, high = set(), set()
+    for rep in reports:
+        for f in rep["families"]:
+            for e in f["best"]:
+                if e["best_lr"] is None or not e["at_edge"]:
+                    continue
+                (low if e["grid_best_lr"] == min(p["lr"] for c in f["curves"] if c["width"] == e["width"]
+                                                  for p in c["points"]) else high).add(f["label"])
+    return low, high
+
+
+def sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tuple[list, list[dict], list[str]]:
+    """Run every spec; while a spec's family has its best LR (by training loss or test accuracy) on an end of
+    its grid, extend that spec's grid by two points at that end and run again (``MAX_EXTEND`` rounds).
+    Returns (the store's rows of the final grids, the final specs, what was extended)."""
+    from ..config import config_hash
+    from ..sweep import expand, run_sweep
+    from ..sweep.store import Store
+    from ..sweep.transfer import analyze
+    specs = [dict(s) for s in specs]
+    notes = []
+    for round_ in range(MAX_EXTEND + 1):
+        hashes = []
+        for spec in specs:
+            run_sweep(spec, store, workers=workers, device=device, data_dir=data_dir, progress=True)
+            hashes.append([config_hash(c) for c in expand(spec)])
+        with Store(store, create=False) as st:
+            per_spec = [st.rows(hashes=h) for h in hashes]
+        if round_ == MAX_EXTEND:
+            break
+        grew, before = False, len(notes)
+        for i, (spec, rows) in enumerate(zip(specs, per_spec)):
+            low, high = edges([analyze(rows, metric=m, n_boot=0) for m in ("train_loss", "test_accuracy")])
+            lrs, ratio = sorted(spec["lrs"]), spec["lrs"][1] / spec["lrs"][0]
+            if low:
+                lrs = [lrs[0] / ratio ** 2, lrs[0] / ratio] + lrs
+                notes.append(f"grid extended down to {lrs[0]:.3g} ({', '.join(sorted(low))})")
+            if high:
+                lrs = lrs + [lrs[-1] * ratio, lrs[-1] * ratio ** 2]
+                notes.append(f"grid extended up to {lrs[-1]:.3g} ({', '.join(sorted(high))})")
+            if low or high:
+                specs[i] = dict(spec, lrs=lrs)
+                grew = True
+        if not grew:
+            break
+        for n in notes[before:]:
+            say(n)
+    return [r for rows in per_spec for r in rows], specs, notes
+
+
+def summary(t: dict | None) -> dict:
+    keys = ("slope", "slope_err", "penalty", "penalty_relative", "base_best_lr", "value_at_base_lr",
+            "best_value_largest")
+    return {k: (t or {}).get(k) for k in keys}
