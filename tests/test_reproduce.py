@@ -97,6 +97,7 @@ def test_depth_transfer_tiny(tmp_path, capsys):
     assert sum(f["control"] for f in res["families"]) == 4 and len(res["verdicts"]) == 4
     act = res["activity_lr"]  # PC's inference step swept at one weight LR, its best per depth
     assert set(act["train_loss"]["best_kappa"]) == {"4", "6"} and act["kappas"] == [0.5, 0.71, 1.0]
+    assert all(k in (0.5, 0.71, 1.0) or 0.5 < k < 1.0 for k in act["train_loss"]["best_kappa"].values())
     rep = subprocess.run([sys.executable, "-m", "mulocal.cli", "report", "--store", res["store"], "--axis", "depth",
                           "--json"], capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and json.loads(rep.stdout)["axis"] == "depth"

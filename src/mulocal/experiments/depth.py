@@ -37,8 +37,8 @@ BUDGETS = {
 
 PROPAGATING = {"kappa": 1.0}  # PC's step 1/gamma_l (gamma_l = 1 for the hidden layers at gbar_L = 0)
 # the activity-LR sweep: kappa on a log2 grid around 1, at this weight LR
-ACTIVITY = {"small": dict(kappas=[2.0 ** (k / 4) for k in range(-4, 3)], lr=0.125),
-            "paper": dict(kappas=[2.0 ** (k / 4) for k in range(-6, 3)], lr=0.125),
+ACTIVITY = {"small": dict(kappas=[2.0 ** (k / 4) for k in range(-10, 3)], lr=0.125),
+            "paper": dict(kappas=[2.0 ** (k / 4) for k in range(-12, 3)], lr=0.125),
             "tiny": dict(kappas=[0.5, 0.71, 1.0], lr=0.25)}
 
 
@@ -73,7 +73,8 @@ def activity_rows(rows: list[dict]) -> list[dict]:
         cfg = dict(r["config"])
         opts = dict(cfg.get("algo_options") or {})
         kappa = opts.pop("kappa")
-        cfg.update(algo_options=opts, lr=kappa, weight_lr=r["config"]["lr"])
+        resolved = {k: v for k, v in (cfg.get("algo_resolved") or {}).items() if k != "kappa"}
+        cfg.update(algo_options=opts, algo_resolved=resolved, lr=kappa, weight_lr=r["config"]["lr"])
         out.append(dict(r, lr=kappa, config=cfg))
     return out
 
@@ -121,7 +122,10 @@ def _activity(budget, store, device, data_dir, workers, say) -> dict:
         rows = activity_rows(st.rows(hashes=[config_hash(c) for c in expand(spec)]))
     out = {"weight_lr": spec["lrs"][0], "kappas": spec["algo_options"]["kappa"], "store": str(store)}
     for m in ("train_loss", "test_accuracy"):
-        f = analyze(rows, metric=m, axis="depth")["families"][0]
+        fams = analyze(rows, metric=m, axis="depth")["families"]
+        if len(fams) != 1:
+            raise ConfigError(f"the activity-LR sweep should form one family, got {len(fams)}")
+        f = fams[0]
         out[m] = {"best_kappa": {str(e["width"]): e["best_lr"] for e in f["best"]},
                   "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
                   "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"]}
