@@ -165,6 +165,37 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device (every benchmark takes it: ``./run.sh bench --device cuda`` passes it to each)."""
+    p.add_argument("--device", default="cpu", help="torch device for data, nets and rules (default cpu; cuda)")
+
+
+def device_error(device: str) -> str | None:
+    """None if torch can run on ``device`` here, else the one line that says why not (unknown device, no CUDA)."""
+    from mulocal.config import check_device
+    try:
+        check_device(device)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def resolve_device(device: str, script: str) -> str:
+    """``device`` if torch can use it here; otherwise print one line, ``<script>: error: <why>``, and exit with
+    status 2 (no traceback, no usage text)."""
+    err = device_error(device)
+    if err is not None:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    return str(device)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): time a GPU's work, not its launches."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
 def print_header(title: str, r: dict, env_suffix: str = "") -> None:
     """The table's first lines: ``title``, the data set line and the environment line (plus ``env_suffix``)."""
     print(title)

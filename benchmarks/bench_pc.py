@@ -1,4 +1,4 @@
-"""Benchmark: predictive-coding (PC) training speed of mulocal on the CPU, against BP and a naive PC.
+"""Benchmark: predictive-coding (PC) training speed of mulocal on the CPU or ``--device``, against BP, PCX and a naive PC.
 
 What it measures (3-layer tanh MLP 784 -> M -> M -> 10, batch 128, plain SGD, FashionMNIST
 training set; mulocal runs use muP, ``preset("mup", "sgd")``, and the learning rule
@@ -13,12 +13,21 @@ training set; mulocal runs use muP, ``preset("mup", "sgd")``, and the learning r
    the multiply-adds of the actual layer shapes: BP needs no backward product through the
    input layer, and PC's inference only touches layers 2..L (the input x is clamped, so the
    first-layer prediction never changes), so that count is lower than (2 + 2T) / 3.
-2. The PCX comparison configuration: PC MLP of width 512, T = 5, batch 128, FashionMNIST,
-   seconds per epoch extrapolated from the timed steps to 60000 / 128 = 469 steps. It is
-   printed next to two REFERENCE numbers that are quoted, not measured by this script:
-   5.8 s/epoch for PCX (JAX, jit) and 6.5 s/epoch for a naive eager-torch loop, both measured
-   elsewhere on the same 2-core machine class.
-3. In the same run, a naive eager-torch PC of that configuration written in this file
+2. mulocal against PCX (``--pcx-python PATH``: a Python with PCX 0.6.3 and JAX 0.4.38 installed, e.g.
+   ``python3 -m venv /tmp/pcxenv && /tmp/pcxenv/bin/pip install pcx==0.6.3 jax==0.4.38 jaxlib==0.4.38``),
+   side by side in this run: the PC MLP 784 -> 512 -> 512 -> 10, tanh, T = 5 parallel inference steps of SGD
+   on the values (step ``--pcx-h-lr``, default 0.1), SGD on the weights (``--lr``), batch 128, float32, SP
+   (every gamma and multiplier 1: the model PCX writes). mulocal: ``PC(T=5, inference="parallel",
+   kappa=h_lr)`` with its defaults otherwise (the inference status on), trained by the ``Trainer``; PCX:
+   ``benchmarks/_pcx_side.py`` run in a child process with that Python (one ``pxf.jit``-compiled training
+   step per batch, the loss summed on the device). Before timing, both start from the same weights (written
+   to an .npz in a temporary folder) and train ``--check-steps`` (default 5) identical batches: the
+   feed-forward losses of every step must agree to 1e-4 relative (and the weights after them), else the
+   script stops with status 1. The timed repeats alternate mulocal / PCX; the table gives the s/epoch of
+   each (best repeat, 469 steps) and the ratio mulocal / PCX of this run. Without ``--pcx-python`` the
+   mulocal side is measured alone and the table says that PCX was not run.
+3. In the same run, the mulocal PC of the PCX-size model with its own defaults (muP, sequential and
+   parallel inference) and a naive eager-torch PC of that configuration written in this file
    (``nn.Linear`` layers; value nodes are tensors with ``requires_grad``; T inference steps of
    SGD with step size 1 = 1/gamma on the values, using ``torch.autograd.grad`` of the energy;
    then the weight update from autograd of the energy and ``torch.optim.SGD``), its seconds
@@ -39,43 +48,56 @@ If FashionMNIST cannot be loaded (``mulocal data fetch fashion-mnist`` provides 
 ``--dataset synthetic``, random tensors of the same shape (60000 x 1 x 28 x 28, 10 classes)
 are used instead and the output says so; the timings do not depend on the pixel values.
 
+Everything of mulocal runs on ``--device`` (default cpu; ``cuda`` for a GPU); PCX runs on its JAX's default
+backend (printed). A device that is not available here stops the script with one line on stderr (status 2).
+
 Run (a default run takes about 2 minutes on 2 CPU cores):
 
     python benchmarks/bench_pc.py
+    python benchmarks/bench_pc.py --pcx-python /tmp/pcxenv/bin/python --widths 512 --Ts 5   # against PCX
     python benchmarks/bench_pc.py --steps 20 --repeats 2     # quick check
     python benchmarks/bench_pc.py --widths 512,1024 --Ts 1,5,20
     python benchmarks/bench_pc.py --json                     # one JSON object on stdout instead of the table
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
-                     load_data, make_parser, parse_ints, print_header)
+from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
+                     environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
+                     resolve_device)
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
 from mulocal.data import Dataset
 from mulocal.nets import build
+from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import preset
 from mulocal.train import Trainer, TrainConfig
 
 DEPTH = 3
 N_EVAL = 256  # test samples kept for the Trainer's end-of-epoch evaluation (not timed)
 PCX_WIDTH, PCX_T = 512, 5
-# Reference numbers for the PCX configuration, quoted (measured elsewhere on the same 2-core machine class)
-REFERENCE = (("PCX (JAX, jit)", 5.8), ("naive eager-torch loop", 6.5))
+AGREE_RTOL = 1e-4  # mulocal and PCX must compute the same losses (and weights) to this, relative
+PCX_SIDE = Path(__file__).resolve().parent / "_pcx_side.py"
+PCX_TIME_SAMPLES = 16384  # training samples the PCX side draws its shuffled batches from (its gather costs the same)
 
 
 # ------------------------------------------------------------------------------------- mulocal
-def time_mulocal(data: Dataset, width: int, make_rule, lr: float, steps: int, warmup: int) -> tuple[float, str]:
+def time_mulocal(data: Dataset, width: int, make_rule, lr: float, steps: int, warmup: int, device: str = "cpu",
+                 param: str = "mup") -> tuple[float, str]:
     """(seconds for ``steps`` training steps after ``warmup`` untimed ones, replica status)."""
-    net = build("mlp", data.input_shape, data.n_classes, width, preset("mup", "sgd"), depth=DEPTH, K=1, seeds=[0])
+    net = build("mlp", data.input_shape, data.n_classes, width, preset(param, "sgd"), depth=DEPTH, K=1, seeds=[0],
+                device=device)
     rule = make_rule()
 
     def train(n: int) -> tuple[float, str]:
@@ -103,10 +125,11 @@ class NaivePC:
     weights at the final values, then ``torch.optim.SGD``.
     """
 
-    def __init__(self, in_dim: int, width: int, n_classes: int, T: int, lr: float, seed: int = 0):
+    def __init__(self, in_dim: int, width: int, n_classes: int, T: int, lr: float, seed: int = 0,
+                 device: str = "cpu"):
         torch.manual_seed(seed)
         dims = [in_dim] + [width] * (DEPTH - 1) + [n_classes]
-        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(DEPTH))
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(DEPTH)).to(device)
         self.T = T
         self.opt = torch.optim.SGD(self.layers.parameters(), lr=lr)
 
@@ -142,15 +165,17 @@ class NaivePC:
         return loss
 
 
-def time_naive(data: Dataset, width: int, T: int, lr: float, steps: int, warmup: int, seed: int = 0) -> float:
+def time_naive(data: Dataset, width: int, T: int, lr: float, steps: int, warmup: int, seed: int = 0,
+               device: str = "cpu") -> float:
     """Seconds for ``steps`` steps of :class:`NaivePC` (after ``warmup`` untimed ones)."""
-    model = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr, seed)
-    x, y = data.x_train, data.y_train
+    model = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr, seed, device)
+    x, y = data.x_train.to(device), data.y_train.to(device)
     gen = torch.Generator().manual_seed(seed)
 
     def train(n: int) -> float:
         t0 = time.perf_counter()
-        perm = torch.randperm(len(x), generator=gen)  # as the Trainer: one shuffle per epoch, inside the timing
+        # as the Trainer: one shuffle per epoch, inside the timing
+        perm = torch.randperm(len(x), generator=gen).to(device)
         for i in range(n):
             idx = perm[i * BATCH:(i + 1) * BATCH]
             model.step(x[idx], y[idx]).item()  # the Trainer also reads every step's loss back
@@ -161,21 +186,138 @@ def time_naive(data: Dataset, width: int, T: int, lr: float, steps: int, warmup:
     return train(steps)
 
 
-def check_naive(data: Dataset, width: int, T: int) -> dict:
+def check_naive(data: Dataset, width: int, T: int, device: str = "cpu") -> dict:
     """Same weights (SP, gamma = 1): naive autograd PC vs mulocal's parallel PC on one batch."""
-    net = build("mlp", data.input_shape, data.n_classes, width, preset("sp", "sgd"), depth=DEPTH, K=1, seeds=[0])
-    naive = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr=0.0)
+    net = build("mlp", data.input_shape, data.n_classes, width, preset("sp", "sgd"), depth=DEPTH, K=1, seeds=[0],
+                device=device)
+    naive = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr=0.0, device=device)
     with torch.no_grad():
         for layer, lin in zip(net.layers, naive.layers):
             lin.weight.copy_(layer.weight[0])
             lin.bias.copy_(layer.bias[0])
-    x, y = data.x_train[:BATCH], data.y_train[:BATCH]
+    x, y = data.x_train[:BATCH].to(device), data.y_train[:BATCH].to(device)
     grads_mu, _ = PC(T=T, inference="parallel", fpa=False, kappa=1.0).step(net, x, y)  # the naive loop's step
     naive.compute_grads(x, y)
     grads_nv = [p.grad for lin in naive.layers for p in (lin.weight, lin.bias)]
     diff = max((gm[0] - gn).abs().max().item() for gm, gn in zip(grads_mu, grads_nv))
     scale = max(gm.abs().max().item() for gm in grads_mu)
     return dict(width=width, T=T, max_abs_grad_diff=diff, max_abs_grad=scale, rel=diff / scale if scale else diff)
+
+
+# ----------------------------------------------------------------------------------------- PCX
+def pcx_rule(h_lr: float) -> PC:
+    """mulocal's PC of the PCX comparison: T = 5 parallel steps of size h_lr, its other defaults."""
+    return PC(T=PCX_T, inference="parallel", kappa=h_lr)
+
+
+def agreement(ours, theirs) -> dict:
+    """How far two sequences of numbers (losses, weights flattened) are apart: the largest absolute difference,
+    and relative to the largest magnitude of ``theirs`` (so one value near 0 does not blow the ratio up)."""
+    a = torch.as_tensor(ours, dtype=torch.float64).flatten()
+    b = torch.as_tensor(theirs, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare {tuple(a.shape)} numbers with {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return dict(max_abs=math.inf, max_rel=math.inf, n=a.numel())
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return dict(max_abs=diff, max_rel=diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf), n=a.numel())
+
+
+def _flat(arrays) -> torch.Tensor:
+    """numpy arrays -> one flat float64 tensor."""
+    return torch.cat([torch.as_tensor(a, dtype=torch.float64).flatten() for a in arrays])
+
+
+def agrees(check: dict, rtol: float = AGREE_RTOL) -> bool:
+    """Whether an :func:`agreement` is within ``rtol`` relative (nan and inf never agree)."""
+    return check["max_rel"] <= rtol
+
+
+def mulocal_check(data: Dataset, width: int, h_lr: float, lr: float, steps: int, device: str = "cpu"):
+    """(initial weights, feed-forward loss of each of ``steps`` training steps on the first batches in order,
+    weights after them): mulocal's side of the agreement check (SP, K = 1, seed 0), numpy arrays of layer order
+    W1 b1 W2 b2 W3 b3."""
+    net = build("mlp", data.input_shape, data.n_classes, width, preset("sp", "sgd"), depth=DEPTH, K=1, seeds=[0],
+                device=device)
+    init = [p[0].detach().cpu().numpy().copy() for p in net.params()]
+    rule, opt = pcx_rule(h_lr), LayerwiseOptimizer.for_net(net, [lr], "sgd")
+    losses = []
+    for s in range(steps):
+        sl = slice(s * BATCH, (s + 1) * BATCH)
+        grads, loss = rule.step(net, data.x_train[sl].to(device), data.y_train[sl].to(device))
+        opt.step(grads)
+        losses.append(float(loss[0]))
+    return init, losses, [p[0].detach().cpu().numpy() for p in net.params()]
+
+
+class PCXSide:
+    """The PCX child process (``_pcx_side.py`` run with ``python``): started on an .npz of weights, batches and
+    settings; ``check()`` and ``time(n)`` as its protocol says; ``close()`` ends it."""
+
+    def __init__(self, python: str, npz: Path, out: Path):
+        self.err_path = npz.with_suffix(".stderr")
+        self._err = open(self.err_path, "w")
+        self.out = out
+        try:
+            self.proc = subprocess.Popen([python, str(PCX_SIDE), "--npz", str(npz), "--out", str(out)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        except OSError as err:
+            raise RuntimeError(f"cannot start the PCX side with {python}: {err}") from None
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            self._err.flush()
+            tail = Path(self.err_path).read_text()[-2000:].strip()
+            raise RuntimeError(f"the PCX side stopped (status {self.proc.returncode}): {tail}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"the PCX side: {msg['error']}")
+        return msg
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def check(self) -> tuple[list[float], list]:
+        import numpy as np
+        losses = self.ask("check")["losses"]
+        with np.load(self.out) as z:
+            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+        return losses, weights
+
+    def time(self, n: int) -> float:
+        return self.ask(f"time {n}")["seconds"]
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        finally:
+            self._err.close()
+
+
+def start_pcx(python: str, data: Dataset, tmp: Path, init: list, h_lr: float, lr: float, check_steps: int) -> PCXSide:
+    """Write the .npz (initial weights, the check batches, the timing samples, the settings) and start PCX."""
+    import numpy as np
+    n_time = min(len(data.x_train), PCX_TIME_SAMPLES)
+    flat = data.x_train.flatten(1)
+    names = ("W1", "b1", "W2", "b2", "W3", "b3")
+    npz = tmp / "pcx_input.npz"
+    np.savez(npz, **dict(zip(names, init)),
+             x_check=flat[:check_steps * BATCH].view(check_steps, BATCH, -1).float().numpy(),
+             y_check=data.y_train[:check_steps * BATCH].view(check_steps, BATCH).numpy(),
+             x_time=flat[:n_time].float().numpy(), y_time=data.y_train[:n_time].numpy(),
+             T=PCX_T, h_lr=h_lr, w_lr=lr, batch=BATCH)
+    return PCXSide(python, npz, tmp / "pcx_after_check.npz")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -203,7 +345,8 @@ def label(key) -> str:
     if isinstance(key, tuple):
         w, what = key
         return f"BP M={w}" if what == "bp" else f"PC T={what} M={w}"
-    return {"pcx_seq": f"mulocal PC sequential M={PCX_WIDTH}", "pcx_par": f"mulocal PC parallel M={PCX_WIDTH}",
+    return {"pcx_mulocal": f"mulocal PC, PCX settings M={PCX_WIDTH}", "pcx": f"PCX M={PCX_WIDTH}",
+            "pcx_seq": f"mulocal PC sequential M={PCX_WIDTH}", "pcx_par": f"mulocal PC parallel M={PCX_WIDTH}",
             "pcx_naive": f"naive PC M={PCX_WIDTH}"}[key]
 
 
@@ -214,38 +357,86 @@ def main(argv=None) -> int:
     p.add_argument("--Ts", default="1,5,20", help="comma-separated inference steps T of that table (default 1,5,20)")
     add_timing_args(p, steps=100, warmup=5)
     p.add_argument("--lr", type=float, default=0.1, help="base SGD learning rate (default 0.1)")
+    p.add_argument("--pcx-python", default=None, metavar="PATH",
+                   help="a Python with PCX 0.6.3 + JAX 0.4.38: run PCX's PC MLP side by side (section 2)")
+    p.add_argument("--pcx-h-lr", type=float, default=0.1, help="inference step (SGD on the values) of section 2 "
+                                                               "(default 0.1)")
+    p.add_argument("--check-steps", type=int, default=5,
+                   help="training steps of the mulocal-vs-PCX loss agreement check (default 5)")
+    add_device_arg(p)
     add_data_args(p)
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device, "bench_pc")
     widths, Ts = parse_ints(args.widths, "--widths"), parse_ints(args.Ts, "--Ts")
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
-    if not math.isfinite(args.lr) or args.lr < 0:
-        p.error("--lr must be finite and >= 0")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.check_steps < 1:
+        p.error("--steps, --repeats and --check-steps must be >= 1, --warmup >= 0")
+    if not math.isfinite(args.lr) or args.lr < 0 or not (math.isfinite(args.pcx_h_lr) and args.pcx_h_lr > 0):
+        p.error("--lr must be finite and >= 0, --pcx-h-lr finite and > 0")
 
     t_start = time.perf_counter()
+    load_start = load_average()
     data, data_desc, note = load_data(args, n_eval=N_EVAL)
     n_train = len(data.x_train)
     steps_per_epoch = math.ceil(n_train / BATCH)  # 469 for FashionMNIST
     steps, warmup = min(args.steps, steps_per_epoch), min(args.warmup, steps_per_epoch)
     if steps != args.steps:
         print(f"note: --steps capped at one epoch ({steps_per_epoch} steps)", file=sys.stderr)
-    lr = args.lr
+    lr, dev, h_lr = args.lr, args.device, args.pcx_h_lr
     in_dim = math.prod(data.input_shape)
 
-    # 1: PC vs BP at each width, for each T (all configurations interleaved per repeat)
-    jobs = {}
-    for w in widths:
-        jobs[(w, "bp")] = lambda w=w: time_mulocal(data, w, BP, lr, steps, warmup)
-        for T in Ts:
-            jobs[(w, T)] = lambda w=w, T=T: time_mulocal(
-                data, w, lambda: PC(T=T, inference="sequential", fpa=False), lr, steps, warmup)
-    # 2 + 3: PCX configuration, mulocal (sequential and parallel inference) and the naive autograd PC
-    jobs["pcx_seq"] = lambda: time_mulocal(
-        data, PCX_WIDTH, lambda: PC(T=PCX_T, inference="sequential", fpa=False), lr, steps, warmup)
-    jobs["pcx_par"] = lambda: time_mulocal(
-        data, PCX_WIDTH, lambda: PC(T=PCX_T, inference="parallel", fpa=False), lr, steps, warmup)
-    jobs["pcx_naive"] = lambda: time_naive(data, PCX_WIDTH, PCX_T, lr, steps, warmup)
-    raw = interleaved(jobs, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="bench_pc_") as tmp:
+        pcx_side, check = None, None
+        if args.pcx_python:
+            # the agreement check first: same weights, same batches, the same losses, else stop
+            init, ours, w_ours = mulocal_check(data, PCX_WIDTH, h_lr, lr, args.check_steps, dev)
+            try:
+                pcx_side = start_pcx(args.pcx_python, data, Path(tmp), init, h_lr, lr, args.check_steps)
+                theirs, w_theirs = pcx_side.check()
+            except (RuntimeError, OSError, ValueError) as err:
+                if pcx_side is not None:
+                    pcx_side.close()
+                print(f"bench_pc: error: {err}", file=sys.stderr)
+                return 1
+            check = dict(steps=args.check_steps, losses_mulocal=ours, losses_pcx=theirs,
+                         loss=agreement(ours, theirs),
+                         weights=agreement(_flat(w_ours), _flat(w_theirs)),
+                         rtol=AGREE_RTOL)
+            check["ok"] = agrees(check["loss"]) and agrees(check["weights"])
+            if not check["ok"]:
+                pcx_side.close()
+                print(f"bench_pc: error: mulocal and PCX disagree over {args.check_steps} identical steps: losses "
+                      f"max rel diff {check['loss']['max_rel']:.3g}, weights {check['weights']['max_rel']:.3g} "
+                      f"(allowed {AGREE_RTOL:g}); mulocal {ours}, PCX {theirs}", file=sys.stderr)
+                return 1
+
+        # 1: PC vs BP at each width, for each T (all configurations interleaved per repeat)
+        jobs = {}
+        for w in widths:
+            jobs[(w, "bp")] = lambda w=w: time_mulocal(data, w, BP, lr, steps, warmup, dev)
+            for T in Ts:
+                jobs[(w, T)] = lambda w=w, T=T: time_mulocal(
+                    data, w, lambda: PC(T=T, inference="sequential", fpa=False), lr, steps, warmup, dev)
+        # 2: mulocal with PCX's settings, then PCX (alternating within every repeat)
+        jobs["pcx_mulocal"] = lambda: time_mulocal(data, PCX_WIDTH, lambda: pcx_rule(h_lr), lr, steps, warmup, dev,
+                                                   param="sp")
+        if pcx_side is not None:
+            def run_pcx():
+                if warmup:
+                    pcx_side.time(warmup)
+                return pcx_side.time(steps)
+            jobs["pcx"] = run_pcx
+        # 3: mulocal's own defaults at the PCX size (sequential and parallel inference), the naive autograd PC
+        jobs["pcx_seq"] = lambda: time_mulocal(
+            data, PCX_WIDTH, lambda: PC(T=PCX_T, inference="sequential", fpa=False), lr, steps, warmup, dev)
+        jobs["pcx_par"] = lambda: time_mulocal(
+            data, PCX_WIDTH, lambda: PC(T=PCX_T, inference="parallel", fpa=False), lr, steps, warmup, dev)
+        jobs["pcx_naive"] = lambda: time_naive(data, PCX_WIDTH, PCX_T, lr, steps, warmup, device=dev)
+        try:
+            raw = interleaved(jobs, args.repeats)
+        finally:
+            pcx_info = pcx_side.info if pcx_side is not None else None
+            if pcx_side is not None:
+                pcx_side.close()
     res = {k: summarize(v, steps, steps_per_epoch) for k, v in raw.items()}
 
     table = []
@@ -259,23 +450,26 @@ def main(argv=None) -> int:
                              ratio_flop_model=cnt["model_ratio"], ratio_flop_shapes=cnt["ratio"]))
         table.append(dict(width=w, bp=bp, pc=rows))
 
-    seq, par, nv = res["pcx_seq"], res["pcx_par"], res["pcx_naive"]
+    mine, seq, par, nv = res["pcx_mulocal"], res["pcx_seq"], res["pcx_par"], res["pcx_naive"]
     pcx = dict(
-        width=PCX_WIDTH, T=PCX_T, steps_per_epoch=steps_per_epoch,
+        width=PCX_WIDTH, T=PCX_T, h_lr=h_lr, steps_per_epoch=steps_per_epoch,
+        mulocal=mine, pcx=res.get("pcx"), pcx_run=pcx_side is not None, pcx_python=args.pcx_python,
+        pcx_env=pcx_info, agreement=check,
+        ratio_mulocal_over_pcx=mine["seconds"] / res["pcx"]["seconds"] if "pcx" in res else None,
         mulocal_sequential=seq, mulocal_parallel=par, naive=nv,
         ratio_mulocal_over_naive=seq["seconds"] / nv["seconds"],
         ratio_mulocal_parallel_over_naive=par["seconds"] / nv["seconds"],
-        reference_quoted_not_measured=[dict(name=n, epoch_s=s) for n, s in REFERENCE],
-        naive_check=check_naive(data, PCX_WIDTH, PCX_T),
+        naive_check=check_naive(data, PCX_WIDTH, PCX_T, dev),
     )
 
     result = dict(
         benchmark="bench_pc",
         model=f"mlp depth {DEPTH} tanh 784 -> M -> M -> 10, SGD; mulocal: muP (mup-sgd), PC(T, sequential, no FPA, "
-              "forward init); naive: nn.Linear + autograd on the energy + torch.optim.SGD (SP init, gamma = 1)",
+              "forward init); vs PCX: SP, PC(T=5, parallel, kappa=h_lr); naive: nn.Linear + autograd on the "
+              "energy + torch.optim.SGD (SP init, gamma = 1)",
         dataset=data_desc, dataset_note=note, n_train=n_train, batch_size=BATCH, steps=steps, warmup=warmup,
         steps_per_epoch=steps_per_epoch, repeats=args.repeats, lr=lr,
-        env=environment(),
+        env=environment(dev, load_average_start=load_start, load_average_end=load_average()),
         pc_vs_bp=table, pcx_config=pcx,
         repeat_spread={label(k): round(v["spread"], 3) for k, v in res.items()},
         max_repeat_spread=max(r["spread"] for r in res.values()),
@@ -286,7 +480,8 @@ def main(argv=None) -> int:
 
 
 def print_table(r: dict) -> None:
-    print_header(f"mulocal PC benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD (lr {r['lr']:g})", r)
+    print_header(f"mulocal PC benchmark: 784 -> M -> M -> 10 tanh MLP, batch {r['batch_size']}, SGD (lr {r['lr']:g})",
+                 r, f"; load average {r['env'].get('load_average_start')} -> {r['env'].get('load_average_end')}")
     print(f"timed steps {r['steps']} after {r['warmup']} warm-up steps, best of {r['repeats']} interleaved repeats; "
           f"epoch = {r['steps_per_epoch']} steps (extrapolated)")
     for block in r["pc_vs_bp"]:
@@ -310,18 +505,37 @@ def print_table(r: dict) -> None:
 
     x = r["pcx_config"]
     print()
-    print(f"2+3. PCX configuration: PC MLP width {x['width']}, T = {x['T']}, batch {r['batch_size']}, "
-          f"epoch = {x['steps_per_epoch']} steps")
-    hdr = f"{'implementation':<44} | {'s/epoch':>8} {'ms/step':>8} | source"
+    print(f"2. mulocal vs PCX: PC MLP 784-{x['width']}-{x['width']}-10 tanh, T = {x['T']} parallel (step "
+          f"{x['h_lr']:g}), SGD, batch {r['batch_size']}, float32, SP; epoch = {x['steps_per_epoch']} steps")
+    hdr = f"{'implementation':<44} | {'s/epoch':>8} {'ms/step':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    m = x["mulocal"]
+    print(f"{'mulocal PC (parallel, kappa = step, status on)':<44} | {m['epoch_s']:>8.2f} {m['ms_per_step']:>8.2f}")
+    if x["pcx_run"]:
+        q, e = x["pcx"], x["pcx_env"] or {}
+        print(f"{'PCX ' + str(e.get('pcx')) + ' (JAX ' + str(e.get('jax')) + ', jit)':<44} | {q['epoch_s']:>8.2f} "
+              f"{q['ms_per_step']:>8.2f}")
+        print(f"ratio mulocal / PCX (this run, repeats alternating): {x['ratio_mulocal_over_pcx']:.2f}   threads: "
+              f"torch {r['env']['torch_threads']}, JAX/XLA on {e.get('backend')} with {e.get('cpu_count')} cores "
+              f"(its default pool)")
+        c = x["agreement"]
+        print(f"agreement over {c['steps']} identical steps (same weights and batches): losses max |diff| "
+              f"{c['loss']['max_abs']:.2e} (rel {c['loss']['max_rel']:.2e}), weights max |diff| "
+              f"{c['weights']['max_abs']:.2e} (rel {c['weights']['max_rel']:.2e}); allowed {c['rtol']:g} relative: ok")
+    else:
+        print("PCX was not run (no --pcx-python): no ratio. Give a Python with pcx==0.6.3, jax==0.4.38 installed.")
+
+    print()
+    print(f"3. mulocal's own defaults at the PCX size (muP, T = {x['T']}) and a naive eager-torch PC")
+    hdr = f"{'implementation':<44} | {'s/epoch':>8} {'ms/step':>8}"
     print(hdr)
     print("-" * len(hdr))
     for name, d in (("mulocal PC (sequential inference)", x["mulocal_sequential"]),
                     ("mulocal PC (parallel inference)", x["mulocal_parallel"]),
                     ("naive eager-torch PC (autograd, this file)", x["naive"])):
-        print(f"{name:<44} | {d['epoch_s']:>8.2f} {d['ms_per_step']:>8.1f} | measured here")
-    for ref in x["reference_quoted_not_measured"]:
-        print(f"{ref['name']:<44} | {ref['epoch_s']:>8.1f} {'':>8} | reference number quoted, NOT measured here")
-    print(f"mulocal / naive (both measured here): {x['ratio_mulocal_over_naive']:.2f} (sequential), "
+        print(f"{name:<44} | {d['epoch_s']:>8.2f} {d['ms_per_step']:>8.2f}")
+    print(f"mulocal / naive: {x['ratio_mulocal_over_naive']:.2f} (sequential), "
           f"{x['ratio_mulocal_parallel_over_naive']:.2f} (parallel; the naive code's inference is parallel)")
     c = x["naive_check"]
     print(f"check: naive vs mulocal parallel PC weight gradients on one batch (same SP weights): "
@@ -329,7 +543,7 @@ def print_table(r: dict) -> None:
 
     statuses = [b["bp"].get("status") for b in r["pc_vs_bp"]] + [row["pc"].get("status") for b in r["pc_vs_bp"]
                                                                   for row in b["pc"]]
-    statuses += [x[k].get("status") for k in ("mulocal_sequential", "mulocal_parallel")]
+    statuses += [x[k].get("status") for k in ("mulocal", "mulocal_sequential", "mulocal_parallel")]
     if any(s == "diverged" for s in statuses):
         print("note: some mulocal runs diverged (their steps are still computed, so the timings stand)")
     if r["max_repeat_spread"] > SPREAD_WARN:

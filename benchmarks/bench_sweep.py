@@ -19,6 +19,9 @@ optimum (it should be at float32 rounding level: a cell's numbers do not depend 
 run) and over all cells (large learning rates train chaotically and amplify the rounding
 differences that multi-threaded matmuls of different replica counts make).
 
+Every cell runs on ``--device`` (default cpu; ``cuda``: the sweep's device option, as ``mulocal sweep --device``);
+a device that is not available here stops the script with one line on stderr (status 2).
+
 If FashionMNIST cannot be loaded, or with ``--dataset synthetic``, the synthetic teacher task is
 used instead (and the output says so).
 
@@ -27,6 +30,7 @@ Run (about 1 minute on 2 CPU cores when the machine is otherwise idle):
     python benchmarks/bench_sweep.py
     python benchmarks/bench_sweep.py --train-subset 2000 --widths 64,128
     python benchmarks/bench_sweep.py --json          # one JSON object on stdout instead of the table
+    python benchmarks/bench_sweep.py --device cuda --modes one-at-a-time,batched   # on the GPU
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from _common import mulocal
+from _common import add_device_arg, mulocal, resolve_device
 from mulocal.errors import MulocalError
 from mulocal.sweep.store import Store
 from mulocal.sweep import run_sweep
@@ -63,7 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or synthetic")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_arg(p)
     args, unknown = p.parse_known_args(argv)
+    args.device = resolve_device(args.device, "bench_sweep")
     if unknown:  # ./run.sh bench passes the same arguments to every benchmark
         print(f"bench_sweep: ignoring arguments {' '.join(unknown)}", file=sys.stderr)
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
@@ -88,13 +94,14 @@ def main(argv=None) -> int:
         say(note)
     say(f"sweep: BP muP SGD, widths {widths} x {args.n_lrs} learning rates = {n_cells} cells, {dataset} "
         f"({spec['train_subset']} training samples, 1 epoch); {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+        f"{torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"device {args.device}")
     results, losses = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
             store = Path(tmp) / f"{mode}.sqlite"
             t0 = time.perf_counter()
-            s = run_sweep(spec, store, progress=False, **MODES[mode])
+            s = run_sweep(spec, store, progress=False, device=args.device, **MODES[mode])
             wall = time.perf_counter() - t0
             if s["failed"]:
                 raise SystemExit(f"bench_sweep: {mode}: {s['failed']} cells failed: {s['errors']}")
@@ -131,7 +138,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"benchmark": "sweep", "dataset": dataset, "widths": widths, "n_lrs": args.n_lrs,
                           "train_subset": spec["train_subset"], "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                           "mulocal": mulocal.__version__, "modes": results, "max_train_loss_diff": diff,
                           "max_train_loss_diff_near_optimum": diff_stable,
                           "note": note or None}))

@@ -102,6 +102,15 @@ delta_l^BP and an update equal to gamma_L times the BP gradient.
 Cost: every prediction is recomputed once, only when its input changed; under FPA nothing is
 recomputed. A sequential step costs one W^T product (and, without FPA, one W product) per
 hidden layer.
+
+Fused parallel step (``PC.fused``, ``_step_fused``): parallel inference without FPA, guard, record, tol,
+momentum or incremental updates, on a plain MLP, runs in few in-place tensor operations: the one-hot target
+built once per training step, the loss reduced only where it is used (the returned feed-forward loss; the
+status, once at the end), v_l <- v_l - kappa gamma_l e_l + kappa gamma_{l+1} mult J_l (W^T e_{l+1}) as two
+in-place updates (no gradient tensor unless the status' residual or a per-replica kappa needs it), predictions
+and activities written into their buffers, and at F-ini the errors that are exactly 0 neither computed nor
+propagated (a T = 5 step from F-ini skips one W product and one W^T product). Same moves, gradients, loss and
+status up to float rounding (tests/test_pc_fused.py); measured in docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
@@ -109,10 +118,11 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import check_loss, loss_and_grad
-from ..nets import Net
+from ..nets import MLP, Dense, Net
 from ..streams import generators
 from .options import Option
 
@@ -294,9 +304,193 @@ class PC:
         self._power[l] = (w, x)
         return torch.nan_to_num(lam, nan=0.0, posinf=0.0)
 
+    # ------------------------------------------------------------------ the fused parallel step
+    def fused(self, net: Net) -> bool:
+        """Whether ``step`` takes the fused path (``_step_fused``): parallel inference without FPA, guard, record,
+        tol, momentum or incremental updates, on a plain MLP (``Dense`` layers, no residual layer). It computes
+        the same moves, weight gradients, loss and inference status as the general path, up to float rounding
+        (tested: tests/test_pc_fused.py); the general path, which the energy oracle checks, runs otherwise."""
+        return (self.inference == "parallel" and not (self.fpa or self.guard or self.record or self.momentum
+                                                      or self.incremental) and self.tol is None
+                and type(net) is MLP and all(type(layer) is Dense for layer in net.layers))
+
+    def _top(self, f: torch.Tensor, onehot: torch.Tensor, lab: torch.Tensor, need_loss: bool = True):
+        """(per-sample loss terms (K, B) or None, e_L = -dloss/df) at the output f, with the one-hot target built
+        once per training step (``losses.loss_and_grad`` builds it at every call). ``_loss_of`` turns the terms
+        into the batch-mean loss per replica, bitwise that of ``loss_and_grad``: the cross-entropy sum over
+        classes of logp * onehot is logp[y] exactly, and onehot - p = -(p - onehot) exactly."""
+        if self.loss == "ce":
+            logp = torch.log_softmax(f, -1)
+            terms = logp.gather(-1, lab).squeeze(-1) if need_loss else None  # log p_y
+            return terms, torch.sub(onehot, logp.exp_())
+        e_top = torch.sub(onehot, f)
+        return (e_top.square().sum(-1) if need_loss else None), e_top
+
+    def _loss_of(self, terms: torch.Tensor) -> torch.Tensor:
+        """The batch-mean loss from ``_top``'s terms (the batch is the last dimension; leading ones are kept)."""
+        return terms.mean(-1).neg_() if self.loss == "ce" else 0.5 * terms.mean(-1)
+
+    @torch.no_grad()
+    def _step_fused(self, net: Net, x: torch.Tensor, y: torch.Tensor):
+        """Parallel inference and the weight gradients in few, mostly in-place tensor operations: the one-hot
+        target built once, the loss only where it is used (the returned feed-forward loss; the status, reduced
+        once at the end), the step, gamma_{l+1} and the multiplier folded into one coefficient of an in-place
+        move, predictions and activities written into their buffers, the errors that are exactly 0 at F-ini
+        neither computed nor propagated, no host synchronisation. The moves are those of ``step`` (module
+        docstring); only the rounding differs (tests/test_pc_fused.py)."""
+        L, layers = net.depth, net.layers
+        gam = self.energy_weights(net)
+        u_ff, a_ff = net.forward(x)
+        kap = self._kappas(gam, net, a_ff)
+        f = u_ff[L]
+        lab = y.to(f.device)
+        lab = lab.unsqueeze(0).expand(f.shape[0], -1) if lab.dim() == 1 else lab
+        onehot = F.one_hot(lab, f.shape[-1]).to(f.dtype)
+        lab = lab.unsqueeze(-1)
+        status = self.status
+        residual = status and self.T > 1
+        terms, e_top = self._top(f, onehot, lab)
+        ff_loss = self._loss_of(terms)
+        v = [a_ff[0]] + [self._init_value(u_ff[l], net) for l in range(1, L)]
+        a, mu = list(a_ff), [None] + u_ff[1:]
+        wt = [None] + [layers[l].weight.transpose(1, 2) for l in range(1, L)]  # W_{l+1}^T, for mu_{l+1}
+        bias = [None] + [None if layers[l].bias is None else layers[l].bias.unsqueeze(1) for l in range(1, L)]
+        dims = tuple(range(1, f.dim()))  # per replica: every dimension but K
+        norms, losses = [], [terms]  # the status: ||e_l|| (l < L) and the loss terms of every state
+        if self.init == "forward":  # F-ini: every hidden error is exactly 0 (None: not computed)
+            errs = [None] * L + [e_top]
+        else:
+            for l in range(1, L):
+                a[l] = net.post(l, v[l])
+                mu[l + 1] = layers[l].forward(a[l])
+            terms, e_top = self._top(mu[L], onehot, lab, status)
+            errs = [None] + [v[l] - mu[l] for l in range(1, L)] + [e_top]
+            losses = [terms]
+        if status:
+            norms.append([None if errs[l] is None else torch.linalg.vector_norm(errs[l], dim=dims)
+                          for l in range(1, L)])
+        tanh = net.activation == "tanh"
+        one = torch.ones((), dtype=f.dtype, device=f.device) if tanh else None
+        kb = [_bcast(k, v[1]) if isinstance(k, torch.Tensor) else None for k in kap]
+
+        def back(l):  # (c, J_l^T W_{l+1}^T e_{l+1} / mult, J_l or None): the bracket of dF/dv_l, c = gamma_{l+1} mult
+            bw = torch.bmm(errs[l + 1], layers[l].weight)  # the multiplier goes into c
+            c = gam[l] * layers[l].mult
+            if tanh:
+                return c, bw, torch.addcmul(one, a[l], a[l], value=-1.0)  # J = 1 - a^2
+            return c, net.linearize(l, v[l], a[l])(bw), None
+
+        def grad_v(l):  # dF/dv_l = gamma_l e_l - gamma_{l+1} J_l^T W_{l+1}^T e_{l+1} (a new tensor), None if 0
+            e = errs[l]
+            if errs[l + 1] is None:  # F-ini: e_{l+1} = 0 exactly
+                return None if e is None else e.mul(gam[l - 1])
+            c, jb, J = back(l)
+            if J is not None:
+                jb = J.mul_(jb)
+            if e is None:
+                return jb.mul_(-c)
+            return torch.add(e, jb, alpha=-c) if gam[l - 1] == 1 else e.mul(gam[l - 1]).sub_(jb, alpha=c)
+
+        g0 = None
+        for t in range(self.T):
+            moved = [False] * (L + 1)
+            for l in range(1, L):
+                fresh = v[l] is u_ff[l]  # still the feed-forward value (kept for perturbation()): move out of place
+                if kb[l - 1] is None and not (residual and t == 0):
+                    # v_l <- v_l - kappa gamma_l e_l + kappa c J (W^T e_{l+1}): in place, no gradient tensor
+                    k = kap[l - 1]
+                    above = back(l) if errs[l + 1] is not None else None  # J_l read at v_l before it moves
+                    if errs[l] is not None:
+                        v[l] = torch.add(v[l], errs[l], alpha=-k * gam[l - 1]) if fresh else \
+                            v[l].add_(errs[l], alpha=-k * gam[l - 1])
+                        fresh = False
+                    if above is not None:
+                        c, jb, J = above
+                        if J is None:
+                            v[l] = torch.add(v[l], jb, alpha=k * c) if fresh else v[l].add_(jb, alpha=k * c)
+                        else:
+                            v[l] = torch.addcmul(v[l], J, jb, value=k * c) if fresh else \
+                                v[l].addcmul_(J, jb, value=k * c)
+                    moved[l] = errs[l] is not None or errs[l + 1] is not None
+                    continue
+                grad = grad_v(l)
+                if grad is None:  # dF/dv_l = 0 exactly (F-ini, below the top): v_l stays
+                    continue
+                if residual and t == 0:
+                    sq = grad.square().sum(dims)
+                    g0 = sq if g0 is None else g0 + sq
+                if kb[l - 1] is None:
+                    v[l] = torch.add(v[l], grad, alpha=-kap[l - 1]) if fresh else v[l].add_(grad, alpha=-kap[l - 1])
+                else:
+                    v[l] = torch.addcmul(v[l], kb[l - 1], grad, value=-1.0) if fresh else \
+                        v[l].addcmul_(kb[l - 1], grad, value=-1.0)
+                moved[l] = True
+            for l in range(1, L):
+                if not moved[l]:  # a_l and mu_{l+1} unchanged
+                    continue
+                a[l] = torch.tanh(v[l], out=a[l]) if tanh and a[l] is not a_ff[0] else net.post(l, v[l])
+                mult = layers[l].mult
+                if mu[l + 1] is u_ff[l + 1]:  # the feed-forward value: a new tensor
+                    mu[l + 1] = torch.baddbmm(bias[l], a[l], wt[l], alpha=mult) if bias[l] is not None else \
+                        torch.bmm(a[l], wt[l])
+                elif bias[l] is not None:
+                    torch.baddbmm(bias[l], a[l], wt[l], alpha=mult, out=mu[l + 1])
+                else:
+                    torch.bmm(a[l], wt[l], out=mu[l + 1])
+                if bias[l] is None and mult != 1:
+                    mu[l + 1].mul_(mult)
+            for l in range(1, L):
+                if not (moved[l] or moved[l - 1]):  # v_l and mu_l unchanged: e_l too (0 at F-ini)
+                    continue
+                if errs[l] is None:
+                    errs[l] = v[l] - mu[l]
+                else:
+                    torch.sub(v[l], mu[l], out=errs[l])
+            terms, errs[L] = self._top(mu[L], onehot, lab, status)
+            if status:
+                norms.append([None if errs[l] is None else torch.linalg.vector_norm(errs[l], dim=dims)
+                              for l in range(1, L)])
+                losses.append(terms)
+        grads: list = []
+        for l in range(1, L + 1):
+            layer = layers[l - 1]
+            if errs[l] is None:  # e_l = 0 exactly (T = 1 from F-ini, below the top two layers): zero gradients
+                gw, gb = torch.zeros_like(layer.weight), None if layer.bias is None else torch.zeros_like(layer.bias)
+            else:
+                gw, gb = layer.grads(errs[l].mul(-gam[l - 1]), a[l - 1])
+            grads += [gw] if gb is None else [gw, gb]
+        self._last = (v, u_ff)
+        if status:
+            g_end = None
+            if residual:
+                for l in range(1, L):
+                    grad = grad_v(l)
+                    if grad is not None:
+                        sq = grad.square().sum(dims)
+                        g_end = sq if g_end is None else g_end + sq
+            tr = self._fused_energies(norms, losses, gam, L, f.shape[1])
+            prev, cur = tr[:-1], tr[1:]
+            rose = (~(cur <= prev + 1000 * torch.finfo(f.dtype).eps * prev.abs())).any(0)
+            self._accumulate(rose, (g_end.double() / g0.double().clamp_min(1e-300)).sqrt() if residual else None,
+                             None)
+        return grads, ff_loss
+
+    def _fused_energies(self, norms: list, losses: list, gam, L: int, B: int) -> torch.Tensor:
+        """The energies (n_states, K), float64, from the per-state ||e_l|| (None: exactly 0) and loss terms."""
+        out = self._loss_of(torch.stack(losses)).double() * gam[-1]
+        for l in range(1, L):  # Python-number coefficients: no host-to-device copy
+            col = [n[l - 1] for n in norms]
+            if all(c is None for c in col):
+                continue
+            x = torch.stack([torch.zeros_like(losses[0][..., 0]) if c is None else c for c in col]).double()
+            out = out + x.square() * (0.5 * gam[l - 1] / B)
+        return out
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
+        if self.fused(net):
+            return self._step_fused(net, x, y)
         L = net.depth
         gam = self.energy_weights(net)
         layers = net.layers
