@@ -40,6 +40,7 @@ ADDED = {
     "$.families[].inference",  # report: PC inference status of the family's cells
     "$.verdicts",  # report: muP vs its SP control by the verdict rule, by both metrics
     "$.replicas[].inference",  # train: PC inference status of the last epoch
+    "$.axis",  # coord and report: the axis of the check / the transfer (width, or depth for residual nets)
 }
 
 

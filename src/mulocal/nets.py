@@ -228,6 +228,10 @@ class Net:
         """
         raise NotImplementedError
 
+    def _dphi(self, u: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """phi'(u), from a = phi(u) when given (tanh: 1 - a^2, no second tanh)."""
+        return (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
+
     def residual(self, l: int) -> bool:
         """Whether layer l (1-based) adds the value below: u_l = u_{l-1} + layer_l(a_{l-1}). Plain nets: never."""
         return False
@@ -302,8 +306,7 @@ class MLP(Net):
         return self.phi(u)
 
     def linearize(self, l, u, a=None):
-        d = (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
-        return d.mul
+        return self._dphi(u, a).mul
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim, depth=self.depth,
@@ -450,8 +453,7 @@ class ResCNN(Net):
 
     def linearize(self, l, u, a=None):
         if l < self.depth - 1:
-            d = (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
-            return d.mul
+            return self._dphi(u, a).mul
         _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
         return lambda g: vjp(g)[0]
 
