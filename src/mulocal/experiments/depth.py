@@ -51,12 +51,14 @@ def _common(budget: str) -> dict:
 
 
 def specs(budget: str) -> list[dict]:
-    """The sweep specs: every rule under Depth-muP, then under the depth-free control; PC with the
-    propagating step under both."""
+    """The sweep specs, each under Depth-muP and under the depth-free control: every rule (tanh); PC with the
+    propagating step; BP, DTP and PC (propagating step) with relu."""
     common = _common(budget)
     pc = dict(common, algo="pc", algo_options=dict(PROPAGATING))
-    return [dict(common), dict(common, param_options=dict(DEPTH_FREE)), pc,
-            dict(pc, param_options=dict(DEPTH_FREE))]
+    relu = dict(common, algo=["bp", "dtp"], activation="relu")  # no tanh saturation to hide the control's growth
+    pc_relu = dict(pc, activation="relu")
+    out = [dict(common), pc, relu, pc_relu]
+    return [s for spec in out for s in (spec, dict(spec, param_options=dict(DEPTH_FREE)))]
 
 
 def activity_spec(budget: str) -> dict:
@@ -107,7 +109,8 @@ def pairs(report: dict, other: dict) -> list[dict]:
 
 def _rule_key(fam: dict) -> str:
     opts = fam.get("algo_options") or {}
-    return fam["algo"] + (" kappa=1" if opts.get("kappa") == PROPAGATING["kappa"] else "")
+    return (fam["algo"] + (" kappa=1" if opts.get("kappa") == PROPAGATING["kappa"] else "")
+            + (f" {fam['activation']}" if fam.get("activation", "tanh") != "tanh" else ""))
 
 
 def _activity(budget, store, device, data_dir, workers, say) -> dict:
@@ -161,11 +164,12 @@ def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     for v in verdicts:
         say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
             f"by training loss {v['train_loss']['verdict']}")
-    gaps = {}  # best test accuracy of each local rule minus BP's, per depth (Depth-muP)
+    gaps = {}  # best test accuracy of each local rule minus BP's (same activation), per depth (Depth-muP)
     best = {_rule_key(f["family"]): f["best_test_accuracy"] for f in fams if not f["control"]}
     for key in best:
-        if key != "bp" and "bp" in best:
-            gaps[key] = {H: (None if a is None or best["bp"].get(H) is None else a - best["bp"][H])
+        ref = "bp" + (" relu" if key.endswith(" relu") else "")
+        if not key.startswith("bp") and ref in best:
+            gaps[key] = {H: (None if a is None or best[ref].get(H) is None else a - best[ref][H])
                          for H, a in best[key].items()}
     for algo, g in gaps.items():
         say(f"{algo} best test accuracy minus BP's (Depth-muP), per depth: "
