@@ -14,7 +14,7 @@ training set; mulocal runs use muP, ``preset("mup", "sgd")``, and the learning r
    input layer, and PC's inference only touches layers 2..L (the input x is clamped, so the
    first-layer prediction never changes), so that count is lower than (2 + 2T) / 3.
 2. mulocal against PCX (``--pcx-python PATH``: a Python with PCX 0.6.3 and JAX 0.4.38 installed, e.g.
-   ``python3 -m venv /tmp/pcxenv && /tmp/pcxenv/bin/pip install pcx==0.6.3 jax==0.4.38 jaxlib==0.4.38``),
+   ``python3 -m venv pcx-venv && pcx-venv/bin/pip install pcx==0.6.3 jax==0.4.38 jaxlib==0.4.38``),
    side by side in this run: the PC MLP 784 -> 512 -> 512 -> 10, tanh, T = 5 parallel inference steps of SGD
    on the values (step ``--pcx-h-lr``, default 0.1), SGD on the weights (``--lr``), batch 128, float32, SP
    (every gamma and multiplier 1: the model PCX writes). mulocal: ``PC(T=5, inference="parallel",
@@ -54,7 +54,7 @@ backend (printed). A device that is not available here stops the script with one
 Run (a default run takes about 2 minutes on 2 CPU cores):
 
     python benchmarks/bench_pc.py
-    python benchmarks/bench_pc.py --pcx-python /tmp/pcxenv/bin/python --widths 512 --Ts 5   # against PCX
+    python benchmarks/bench_pc.py --pcx-python pcx-venv/bin/python --widths 512 --Ts 5   # against PCX
     python benchmarks/bench_pc.py --steps 20 --repeats 2     # quick check
     python benchmarks/bench_pc.py --widths 512,1024 --Ts 1,5,20
     python benchmarks/bench_pc.py --json                     # one JSON object on stdout instead of the table

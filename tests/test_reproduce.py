@@ -101,3 +101,18 @@ def test_depth_transfer_tiny(tmp_path, capsys):
     rep = subprocess.run([sys.executable, "-m", "mulocal.cli", "report", "--store", res["store"], "--axis", "depth",
                           "--json"], capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and json.loads(rep.stdout)["axis"] == "depth"
+
+
+def test_reproduce_all_runs_each_and_keeps_going(tmp_path, capsys):
+    """`reproduce all`: every experiment in turn, a failing one recorded with its error line (the rest still run),
+    one summary file; the analyses run on the CPU whatever --device says."""
+    from mulocal.experiments.reproduce import NAMES, run_all
+    assert "depth" in NAMES and "fig1-right" in NAMES
+    res = run_all("tiny", str(tmp_path), device="cpu", workers=0, names=("no-such-experiment", "fig8"))
+    first, second = res["experiments"]
+    assert first["status"] == "failed" and "unknown experiment" in first["error"]
+    assert second["status"] == "done" and Path(second["json"]).exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["experiments"][1]["name"] == "fig8"
+    bad = subprocess.run([sys.executable, "-m", "mulocal.cli", "reproduce", "all", "--budget", "huge"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown budget" in bad.stderr and "Traceback" not in bad.stderr

@@ -455,3 +455,26 @@ def test_verdict_rule_and_pairing():
     out = verdicts({"metric": "train_loss", "families": fams})
     assert [(v["label"], v["control"], v["train_loss"]["verdict"]) for v in out] == [
         ("pc mup g0", "pc sp", "reproduced"), ("pc mup g1", "pc sp", "reproduced")]
+
+
+def test_gpu_sweeps_pack_each_width_into_one_task(monkeypatch):
+    """On a GPU a sweep runs one task per GPU with the GPU's free memory as the budget, so a width's LRs x seeds
+    train as one batched model; on the CPU with 4 workers the same groups are halved to keep 4 processes busy."""
+    import importlib
+    P = importlib.import_module("mulocal.sweep.plan")  # the module (the package exports its function plan)
+    R = importlib.import_module("mulocal.sweep.runner")
+    monkeypatch.setattr(P, "gpu_free_bytes", lambda device="cuda": 100 << 30)
+    monkeypatch.setattr(P, "gpu_count", lambda: 1)
+    monkeypatch.setattr(R, "gpu_count", lambda: 1)
+    gpu, cpu = R.SweepOptions(device="cuda"), R.SweepOptions(device="cpu", workers=4)
+    assert gpu.capacity() == 1 and gpu.budget == int(P.GPU_FRACTION * (100 << 30))
+    assert cpu.capacity() == 4 and cpu.budget is None
+    assert R.SweepOptions(device="cuda", workers=3).capacity() == 3  # an explicit --workers wins
+    spec = dict(widths=[64, 512], lrs=[2.0 ** k for k in range(-6, 6)], seeds=[0, 1, 2], **TINY)
+    cells = expand(spec)
+    shapes = {("synthetic", 256, 128, 0): ((32,), 10, 256)}
+    on_gpu = plan(cells, shapes, gpu.max_replicas, gpu.budget, gpu.capacity())
+    assert sorted(len(t["cells"]) for t in on_gpu) == [36, 36]
+    on_cpu = plan(cells, shapes, cpu.max_replicas, cpu.budget, cpu.capacity())
+    wide = [t for t in on_cpu if t["config"]["width"] == 512]  # the costly group is halved for the 4 workers
+    assert len(on_cpu) >= 4 and len(wide) >= 2 and all(len(t["cells"]) < 36 for t in wide)

@@ -248,7 +248,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plot)
     m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "
-                                                "fig8, cnn, table1; or our depth-transfer experiment: depth")
+                                                "fig8, cnn, table1; our depth-transfer experiment: depth; or all of them: all")
     m.add_argument("name")
     m.add_argument("--budget", default="small", help="small (2-6 min each on 2 CPU cores, the CNN about 30) or paper (GPU)")
     m.add_argument("--out", type=out_dir, default="runs/reproduce", help="folder for results, stores and figures")
@@ -266,7 +266,9 @@ def register(subparsers) -> None:
 
 
 def cmd_reproduce(args) -> dict:
-    from ..experiments.reproduce import run
+    from ..experiments.reproduce import run, run_all
+    if args.name == "all":
+        return run_all(args.budget, args.out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json)
     return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json)
 
 

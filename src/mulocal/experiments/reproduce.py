@@ -113,6 +113,41 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     return res
 
 
+def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str = "cpu", data_dir=None,
+            workers: int | None = None, json_mode: bool = False, names=NAMES) -> dict:
+    """``mulocal reproduce all``: every experiment in turn (the analyses on the CPU whatever ``device``), each
+    into its own folder as ``run`` writes it; one that fails is recorded with its error line and the others
+    still run. Writes ``OUT/summary.json`` and prints a table: experiment, seconds, verdicts or status."""
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
+    from ..errors import MulocalError
+    say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
+    t0, rows = time.perf_counter(), []
+    for name in names:
+        dev = "cpu" if name in ANALYSES else device
+        say(f"== reproduce {name} --budget {budget} --device {dev}")
+        try:
+            res = run(name, budget, out_dir, dev, data_dir, workers, json_mode=json_mode)
+        except MulocalError as e:
+            rows.append({"name": name, "status": "failed", "error": str(e)})
+            say(f"{name}: failed: {e}")
+            continue
+        verdicts = [f"{v['label']}: {v['test_accuracy']['verdict']} (acc) / {v['train_loss']['verdict']} (loss)"
+                    for v in res.get("verdicts", [])]
+        rows.append({"name": name, "status": "done", "seconds": res["seconds"], "figure": res.get("figure"),
+                     "verdicts": verdicts, "json": str(Path(out_dir) / name / f"{name}.json")})
+    out = {"budget": budget, "device": device, "seconds": time.perf_counter() - t0, "experiments": rows,
+           "command": f"mulocal reproduce all --budget {budget} --device {device}"}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "summary.json").write_text(json.dumps(json_safe(out), indent=1))
+    say(f"{'experiment':<12}{'seconds':>9}  result")
+    for r in rows:
+        what = r.get("error") if r["status"] == "failed" else ("; ".join(r["verdicts"]) or "done")
+        say(f"{r['name']:<12}{r.get('seconds', float('nan')):>9.0f}  {what}")
+    say(f"all: {out['seconds']:.0f} s; summary {Path(out_dir) / 'summary.json'}")
+    return out
+
+
 # ------------------------------------------------------------------------------------ transfer
 def _is_baseline(fam: dict) -> bool:
     return bool((fam.get("algo_options") or {}).get("readout_only"))

@@ -2,7 +2,9 @@
 
 A group trains as the K replicas of one batched model, chunked so that K stays under ``max_replicas`` and
 a memory budget per task; with several workers the costliest chunks are halved until every worker has a
-task. Replica memory comes from the network's own sizes (``nets.sizes``).
+task. Replica memory comes from the network's own sizes (``nets.sizes``). On a GPU (``device_budget``) the
+budget is the GPU's free memory and the sweep runs one task per GPU at a time (``SweepOptions.capacity``), so
+a group's LRs x seeds become one batched model instead of many small processes sharing the device.
 """
 from __future__ import annotations
 
@@ -42,6 +44,30 @@ def _default_budget(workers: int) -> int:
     except (ValueError, OSError, AttributeError):
         phys = 8 << 30
     return int(min(4 << 30, phys / (2 * max(workers, 1))))
+
+
+GPU_FRACTION = 0.8  # of a GPU's free memory that one sweep's tasks may plan for
+
+
+def gpu_free_bytes(device: str = "cuda") -> int:
+    """Free memory of the CUDA device (bytes)."""
+    import torch
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
+
+
+def gpu_count() -> int:
+    import torch
+    return max(1, torch.cuda.device_count())
+
+
+def device_budget(device: str, workers: int) -> int | None:
+    """The memory budget per task on ``device``: on a GPU, ``GPU_FRACTION`` of its free memory shared by the
+    tasks that run on it at once (so a width's LRs x seeds train as one batched model: the GPU is filled by
+    replicas, not by processes); None on the CPU (``plan`` then uses host memory)."""
+    if not str(device).startswith("cuda"):
+        return None
+    per_gpu = max(1, workers // gpu_count())
+    return int(GPU_FRACTION * gpu_free_bytes(device) / per_gpu)
 
 
 def plan(cells: Sequence[dict], shapes: dict, max_replicas: int = 64, memory_budget: int | None = None,
@@ -98,4 +124,4 @@ def data_key(g: dict) -> tuple:
 
 
 
-__all__ = ["data_key", "plan", "replica_bytes", "task_cost"]
+__all__ = ["data_key", "device_budget", "gpu_count", "gpu_free_bytes", "plan", "replica_bytes", "task_cost"]

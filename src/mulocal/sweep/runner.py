@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import check_device, config_hash, group_of, load_data, validate
 from ..errors import ConfigError, MulocalError
 from .executors import EXECUTORS, check_reachable, make_executor
-from .plan import data_key, plan
+from .plan import data_key, device_budget, gpu_count, plan
 from .spec import expand
 from .store import Store, owner_token
 
@@ -60,13 +60,20 @@ class SweepOptions:
         return self
 
     @property
+    def on_gpu(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+    @property
     def budget(self) -> int | None:
-        return int(self.memory_budget_mb * 2 ** 20) if self.memory_budget_mb else None
+        if self.memory_budget_mb:
+            return int(self.memory_budget_mb * 2 ** 20)
+        return device_budget(self.device, self.capacity()) if self.on_gpu else None
 
     def capacity(self) -> int:
+        """Tasks at once: ``workers``; by default one per core, or one per GPU on a GPU."""
         if self.executor == "local" and self.workers == 0:
             return 1
-        return self.workers or os.cpu_count() or 1
+        return self.workers or (gpu_count() if self.on_gpu else (os.cpu_count() or 1))
 
 
 def run_sweep(spec: dict, store, options: SweepOptions | None = None, **kw) -> dict:
@@ -124,7 +131,7 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
     tasks = plan(todo, shapes, opts.max_replicas, opts.budget, opts.capacity(), opts.eval_batch_size)
     executor, workers, threads = opts.executor, opts.workers, opts.threads
     if executor == "local" and workers != 0 and tasks:  # no more processes than tasks
-        workers = min(workers or cores, len(tasks))
+        workers = min(workers or opts.capacity(), len(tasks))
         threads = threads or max(1, cores // workers)
     ex = make_executor(executor, workers, opts.ray_address, threads) if tasks else None
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": 0}
