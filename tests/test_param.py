@@ -39,6 +39,16 @@ def test_describe_lists_resolved_numbers():
     assert [float(x[5]) for x in lines] == pytest.approx([0.4, 0.1, 0.025])  # lr * m^-c
 
 
+def test_describe_states_the_residual_blocks_depth_factors():
+    """At depth H > 3 the table adds a residual block's branch multiplier d^-alpha and branch LR (d = (H - 2) /
+    (H_0 - 2) = 16 at H = 18): 16^-1/2 = 0.25, the width LR unchanged under SGD (c_H = 0), / 4 under Adam (c_H = 1/2)."""
+    sgd = preset("mup", "sgd").describe(256, depth=18, lr=0.1)
+    assert "d = 16 blocks" in sgd and "a = d^-0.5 = 0.25," in sgd and "its LR 0.1 (x d^-0)" in sgd
+    adam = preset("mup", "adam").describe(256, depth=18, lr=0.1)
+    assert "its LR 0.00625 (x d^-0.5)" in adam  # 0.1 x m^-1 (hidden c = 1, m = 4) x 16^-1/2
+    assert "residual net" not in preset("mup", "sgd").describe(256, lr=0.1)
+
+
 def test_gamma_L():
     p = preset("mup", "sgd").with_(gamma_bar_L=1.0, gamma_L_prime=2.0)
     assert p.gamma_L(256) == pytest.approx(2.0 / 4)

@@ -238,6 +238,11 @@ class Parameterization:
                 f"  {i:<6}{role:<8}{f'{fo}x{fi}':>14}{r.init_std:>12.4g}{r.multiplier:>9.4g}"
                 f"{lr * r.lr_scale:>12.4g}{lr * r.bias_lr_scale:>12.4g}"
             )
+        if depth > 3:  # what a residual net of this depth adds to each block (resmlp / rescnn)
+            b = self.rule("hidden", width, width, depth=depth, residual=True)
+            lines.append(f"  residual net (resmlp, rescnn) of depth {depth}: d = {self.depth_mult(depth):g} blocks / base "
+                         f"(H_0 = {self.base_depth}); each block's branch multiplier a = d^-{self.depth_alpha:g} = "
+                         f"{b.branch:.4g}, its LR {lr * b.lr_scale:.4g} (x d^-{self.depth_lr_exponent():g})")
         return "\n".join(lines)
 
 
