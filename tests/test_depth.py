@@ -26,16 +26,7 @@ from mulocal.algos import make_algo
 from mulocal.nets import MLP, ResMLP, build
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import OPTIMIZERS, PRESETS, Parameterization, preset
-
-RTOL = 1e-10
-PHI = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda u: u}
-
-
-def close(a, b, rtol=RTOL, scale=None):
-    """max |a - b| <= rtol * max |b| (or rtol * ``scale`` where the reference can be ~0)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    scale = torch.as_tensor(scale if scale is not None else b.abs().max(), dtype=torch.float64).clamp_min(1e-300)
-    return bool((a - b).abs().max() <= rtol * scale), float((a - b).abs().max() / scale)
+from oracles import PHI, RTOL, close
 
 
 # ----------------------------------------------------------------------------- the written-out net

@@ -35,15 +35,7 @@ import torch.nn.functional as F
 from mulocal.algos import make_algo
 from mulocal.nets import build
 from mulocal.param import preset
-
-RTOL = 1e-10
-PHI = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda u: u}
-
-
-def close(a, b, rtol=RTOL, scale=None):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    scale = torch.as_tensor(scale if scale is not None else b.abs().max(), dtype=torch.float64).clamp_min(1e-300)
-    return bool((a - b).abs().max() <= rtol * scale), float((a - b).abs().max() / scale)
+from oracles import PHI, close
 
 
 def _net(arch="resmlp", depth=5, act="tanh", algo="dtp", K=2, width=6, alpha=0.5, seeds=None, in_dim=7, out=4,

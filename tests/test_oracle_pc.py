@@ -36,16 +36,7 @@ import torch
 from mulocal.algos import make_algo
 from mulocal.nets import build
 from mulocal.param import preset
-
-RTOL = 1e-10
-
-
-def close(a, b, rtol=RTOL, scale=None):
-    """max |a - b| <= rtol * max |b| (relative to the reference's scale, or to ``scale`` when the
-    reference can be ~0, e.g. a residual at an exact fixed point)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    scale = torch.as_tensor(scale if scale is not None else b.abs().max(), dtype=torch.float64).clamp_min(1e-300)
-    return bool((a - b).abs().max() <= rtol * scale), float((a - b).abs().max() / scale)
+from oracles import RTOL, close
 
 
 # ----------------------------------------------------------------------------- the oracle

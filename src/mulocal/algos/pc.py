@@ -493,7 +493,6 @@ class PC:
             return self._step_fused(net, x, y)
         L = net.depth
         gam = self.energy_weights(net)
-        layers = net.layers
         # feed-forward pass: a[l] activity, mu[l] prediction (mu[L] = f)
         u_ff, a_ff = net.forward(x)
         kap = self._kappas(gam, net, a_ff)

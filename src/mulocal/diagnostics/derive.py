@@ -27,25 +27,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..errors import ConfigError
-from ..param import Parameterization
 import torch
 
+from ..errors import ConfigError
+from ..param import Parameterization
 from .coord import CoordResult, coord_check, fit_slope, rms
 
 
 PERTURBATION = "pert_"  # prefix of the inference-perturbation observables (PC's coord_observables)
 
 
-@dataclass
-class DeriveResult:
-    b: list[float]
-    c: list[float]
-    start: Parameterization
-    rounds: list[dict] = field(default_factory=list)
-    final: CoordResult | None = None
-    reference: Parameterization | None = None
-    tolerance: float = 0.15
+class _Fit:
+    """What every fit result shares: convergence of its rounds and agreement with a reference within
+    ``tolerance`` (a subclass defines ``max_deviation``)."""
 
     @property
     def converged(self) -> bool:
@@ -53,10 +47,21 @@ class DeriveResult:
 
     @property
     def agrees(self) -> bool | None:
-        """Whether the fitted table matches the reference within ``tolerance``."""
+        """Whether the fitted exponents match the reference within ``tolerance`` (None without a reference)."""
         if self.reference is None:
             return None
         return self.max_deviation <= self.tolerance
+
+
+@dataclass
+class DeriveResult(_Fit):
+    b: list[float]
+    c: list[float]
+    start: Parameterization
+    rounds: list[dict] = field(default_factory=list)
+    final: CoordResult | None = None
+    reference: Parameterization | None = None
+    tolerance: float = 0.15
 
     @property
     def max_deviation(self) -> float:
@@ -178,7 +183,7 @@ def derive(make_net: Callable[[Parameterization, int], object], algo, start: Par
 
 # ---------------------------------------------------------------------------------------------- depth
 @dataclass
-class DepthDeriveResult:
+class DepthDeriveResult(_Fit):
     """The fitted depth exponents: the branch multiplier's alpha (a = d^-alpha) and the branch LR's c_H."""
 
     alpha: float
@@ -190,18 +195,10 @@ class DepthDeriveResult:
     tolerance: float = 0.15
 
     @property
-    def converged(self) -> bool:
-        return bool(self.rounds) and self.rounds[-1]["max_change"] < 0.05
-
-    @property
     def max_deviation(self) -> float:
         if self.reference is None:
             return float("nan")
         return max(abs(self.alpha - self.reference.depth_alpha), abs(self.c_H - self.reference.depth_lr_exponent()))
-
-    @property
-    def agrees(self) -> bool | None:
-        return None if self.reference is None else self.max_deviation <= self.tolerance
 
     def to_dict(self) -> dict:
         out = {"alpha": round(self.alpha, 4), "c_H": round(self.c_H, 4),

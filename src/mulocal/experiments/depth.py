@@ -86,27 +86,6 @@ def is_control(fam: dict) -> bool:
     return opts.get("depth_alpha") == 0.0 and opts.get("depth_c") == 0.0
 
 
-def pairs(report: dict, other: dict) -> list[dict]:
-    """Each Depth-muP family paired with its depth-free control (same rule, options and width), judged by
-    ``sweep.transfer.verdict`` by both metrics."""
-    from ..config import canonical_json
-    from ..sweep.transfer import verdict
-
-    def key(fam):
-        return canonical_json({k: v for k, v in fam.items() if k not in ("param_options", "param_resolved")})
-    others = {f["label"]: f["transfer"] for f in other["families"]}
-    controls = {key(f["family"]): f for f in report["families"] if is_control(f["family"])}
-    out = []
-    for f in report["families"]:
-        c = controls.get(key(f["family"]))
-        if is_control(f["family"]) or c is None:
-            continue
-        out.append({"label": f["label"], "control": c["label"],
-                    report["metric"]: verdict(f["transfer"], c["transfer"]),
-                    other["metric"]: verdict(others.get(f["label"]), others.get(c["label"]))})
-    return out
-
-
 def _rule_key(fam: dict) -> str:
     opts = fam.get("algo_options") or {}
     return (fam["algo"] + (" kappa=1" if opts.get("kappa") == PROPAGATING["kappa"] else "")
@@ -143,6 +122,7 @@ def _activity(budget, store, device, data_dir, workers, say) -> dict:
 def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table
+    from ..sweep.transfer import verdicts as pair_verdicts
     from .grids import summary, sweep_until_bracketed
 
     store = out / "results.sqlite"
@@ -160,7 +140,9 @@ def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
              "train_loss": summary(f["transfer"]), "test_accuracy": summary(acc_t.get(f["label"])),
              "best_test_accuracy": {str(H): a for H, a in best_accuracy(f).items()}}
             for f in reports["train_loss"]["families"]]
-    verdicts = pairs(reports["test_accuracy"], reports["train_loss"])
+    # each Depth-muP family against its depth-free control (same rule, options, activation and width)
+    verdicts = pair_verdicts(reports["test_accuracy"], reports["train_loss"], control=is_control,
+                             free=("param_options", "param_resolved"))
     for v in verdicts:
         say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
             f"by training loss {v['train_loss']['verdict']}")

@@ -396,25 +396,30 @@ def verdict(mup: dict | None, sp: dict | None) -> dict:
 PAIRING_FREE = ("param", "gamma_bar_L", "param_options", "param_resolved", "algo_resolved")
 
 
-def _pair_key(fam: dict) -> str:
-    return canonical_json({k: v for k, v in fam.items() if k not in PAIRING_FREE})
+def is_sp(fam: dict) -> bool:
+    return fam.get("param") == "sp"
 
 
-def verdicts(report: dict, other: dict | None = None) -> list[dict]:
-    """Every non-SP family of ``report`` paired with the SP family of the same rule and options (the
+def _pair_key(fam: dict, free=PAIRING_FREE) -> str:
+    return canonical_json({k: v for k, v in fam.items() if k not in free})
+
+
+def verdicts(report: dict, other: dict | None = None, control=is_sp, free=PAIRING_FREE) -> list[dict]:
+    """Every family of ``report`` that is not a control paired with the control family (``control(family)``:
+    by default SP) that agrees with it in every key but ``free`` (by default the same rule and options; the
     parameterization and gbar_L may differ), judged by ``verdict`` by the report's metric and, with ``other``,
     by the other metric too. One entry per pair: {"label", "control", <metric>: verdict(...), ...}."""
     fams = report["families"]
-    sps = {_pair_key(f["family"]): f for f in fams if f["family"].get("param") == "sp"}
+    controls = {_pair_key(f["family"], free): f for f in fams if control(f["family"])}
     others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
     out = []
     for f in fams:
-        sp = sps.get(_pair_key(f["family"]))
-        if f["family"].get("param") == "sp" or sp is None:
+        c = controls.get(_pair_key(f["family"], free))
+        if control(f["family"]) or c is None:
             continue
-        entry = {"label": f["label"], "control": sp["label"], report["metric"]: verdict(f["transfer"], sp["transfer"])}
+        entry = {"label": f["label"], "control": c["label"], report["metric"]: verdict(f["transfer"], c["transfer"])}
         if other is not None:
-            entry[other["metric"]] = verdict(others.get(f["label"]), others.get(sp["label"]))
+            entry[other["metric"]] = verdict(others.get(f["label"]), others.get(c["label"]))
         out.append(entry)
     return out
 
