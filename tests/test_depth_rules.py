@@ -541,9 +541,22 @@ def test_analyze_layers_on_the_command_line():
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "mulocal.cli", "analyze", "layers", "--dataset", "synthetic", "--depth",
-                        "6", "--widths", "16", "--algos", "bp,pc", "--steps", "2", "--replicas", "1", "--json"],
+                        "6", "--widths", "16", "--algos", "bp,pc", "--kappa", "1", "--steps", "2", "--replicas", "1", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert out["width"] == 16 and set(out["configs"]) == {"bp mup-sgd", "pc mup-sgd"}
+    assert out["width"] == 16 and set(out["configs"]) == {"bp mup-sgd", "pc mup-sgd kappa=1.0"}
     assert all(len(c["dW_rel"]) == 6 for c in out["configs"].values())
+    # the command is the library call: the same numbers from layer_changes on the same batches and net
+    from mulocal.data import load_dataset
+    from mulocal.diagnostics.coord import coord_batches
+    from mulocal.diagnostics.layers import layer_changes
+    data = load_dataset("synthetic")
+    batches, probe = coord_batches(data, 2, 64)
+    net = build("resmlp", data.input_shape, data.n_classes, 16, preset("mup", "sgd", algo="pc"), depth=6, K=1,
+                seeds=[0])
+    direct = layer_changes(net, make_algo("pc", kappa=1.0), batches, probe, 0.1)
+    assert out["configs"]["pc mup-sgd kappa=1.0"]["dW_rel"] == pytest.approx(direct.dW_rel, rel=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "mulocal.cli", "analyze", "cosine", "--dataset", "synthetic",
+                          "--kappa", "1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "rule options apply to analyze layers and features only" in bad.stderr

@@ -185,6 +185,10 @@ def test_readout_only_baseline_trains_the_output_layer_alone(arch, optimizer):
         assert not torch.equal(net.params()[-2], init[-2])
 
 
+def _no_clock(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "epoch_time"} for h in history]
+
+
 def test_divergence_acted_on_every_n_steps_keeps_every_number():
     """sync_every only changes when diverged replicas are acted on: the recorded step of divergence, the
     survivors' weights and losses are bitwise those of acting at every step, and the diverged replica ends
@@ -205,10 +209,8 @@ def test_divergence_acted_on_every_n_steps_keeps_every_number():
     for res, w in others:
         assert [r["status"] for r in res["replicas"]] == ["done", "diverged", "done"]
         assert [h for h in res["replicas"][1]["history"] if h.get("event")] == event
-        for k in (0, 2):
-            assert res["replicas"][k]["history"] == ref["replicas"][k]["history"] or all(
-                a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
-                for a, b in zip(res["replicas"][k]["history"], ref["replicas"][k]["history"]))
+        for k in (0, 2):  # every recorded number the same (the wall-clock epoch_time aside)
+            assert _no_clock(res["replicas"][k]["history"]) == _no_clock(ref["replicas"][k]["history"])
         assert all(torch.equal(p[[0, 2]], q[[0, 2]]) for p, q in zip(w, ref_w))
         assert all((p[1] == 0).all() for p in w)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 
@@ -297,7 +298,6 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
                                                                                      if v is not None])
                                                                      + 0.03))
     axes[0][0].legend(fontsize=6)
-    import textwrap
     legend = ("bands: min-max over seeds; dotted lines and stars: estimated best LR (quadratic vertex in log2 LR of "
               "the seed-mean training loss); x: a seed diverged"
               + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""))
@@ -339,12 +339,12 @@ def features_figure(results: dict, path, title: str) -> str:
     band; each legend entry carries the width slope."""
     import numpy as np
     plt = _plt()
-    panels = (("feat", 0, "rms(W_L(t) dh_(L-1)) after step 1", True),
-              ("feat", -1, "rms(W_L(t) dh_(L-1)) after the last step", True),
-              ("share_init", -1, "rms(W_L(0) dh_(L-1)) / rms(df), last step", True),
-              ("dh_rel_2", -1, "||dh_(L-1)|| / ||h_(L-1)(0)||, last step", True))
+    panels = (("feat", 0, "rms(W_L(t) dh_(L-1)) after step 1"),
+              ("feat", -1, "rms(W_L(t) dh_(L-1)) after the last step"),
+              ("share_init", -1, "rms(W_L(0) dh_(L-1)) / rms(df), last step"),
+              ("dh_rel_2", -1, "||dh_(L-1)|| / ||h_(L-1)(0)||, last step"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4))
-    for (q, t, label, logy), ax in zip(panels, axes):
+    for (q, t, label), ax in zip(panels, axes):
         for i, (key, r) in enumerate(results.items()):
             if q not in r["values"]:
                 continue
@@ -356,8 +356,7 @@ def features_figure(results: dict, path, title: str) -> str:
             ax.plot(w, mean, "o" + ls, ms=3, color=f"C{i}", label=f"{key}: slope {slope:+.2f}")
             ax.fill_between(w, reps.min(1), reps.max(1), color=f"C{i}", alpha=0.15, lw=0)
         ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("width")
         ax.set_title(label, fontsize=8)
         ax.grid(alpha=0.3, which="both")

@@ -11,8 +11,8 @@ from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
-from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, ints, out_file,
-                    per_algo)
+from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, given_algo_options,
+                    ints, out_file, per_algo)
 
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
 
@@ -119,9 +119,9 @@ def cmd_coord(args) -> dict:
             if not args.json:
                 print(f"width {w}:\n{res.table()}")
             checks.append(entry)
+        worst = max(float("inf") if c["max_abs_slope"] is None else c["max_abs_slope"] for c in checks)
         return {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "lr": lr,
-                "axis": "depth", "checks": checks, "max_abs_slope": max(c["max_abs_slope"] or float("inf")
-                                                                        for c in checks)}
+                "axis": "depth", "checks": checks, "max_abs_slope": worst}
     res = coord_check(run.build_net, run.algo, _widths(args), batches, probe, lr, cell["optimizer"],
                       cell["momentum"])
     out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "lr": lr, **res.to_dict()}
@@ -171,6 +171,11 @@ def cmd_derive(args) -> dict:
 def cmd_analyze(args) -> dict:
     from ..diagnostics import align
     from ..plots import plot_lines
+    given = given_algo_options(args)
+    if given and args.what not in ("layers", "features"):
+        raise MulocalError(f"{', '.join(given)}: rule options apply to analyze layers and features only")
+    if args.what != "layers":  # layers reads one width, default DEPTH_CHECK_WIDTH
+        args.widths = args.widths or WIDTHS_ANALYZE
     widths = args.widths
     if args.what == "linear":
         gbars = args.gamma_bars or [-1.0, 0.0, 1.0]
@@ -233,7 +238,7 @@ def _layers(args, data) -> dict:
     from ..param import preset
     from ..plots import layers_figure
     batches, probe = coord_batches(data, args.steps, 64)
-    width = args.widths[0] if args.widths != WIDTHS_ANALYZE else 128
+    width = args.widths[0] if args.widths else DEPTH_CHECK_WIDTH
     out = {"arch": args.arch, "depth": args.depth, "width": width, "steps": args.steps, "lrs": {}, "configs": {}}
     algos = args.algos.split(",")
     lrs = dict(zip(algos, args.lrs)) if args.lrs else {}
@@ -265,13 +270,15 @@ def _features(args, data) -> dict:
     from ..plots import features_figure
     batches, probe = coord_batches(data, args.steps, 64)
     out = {"widths": args.widths, "steps": args.steps, "lr": args.lr, "configs": {}}
-    for algo in args.algos.split(","):
+    algos = args.algos.split(",")
+    for algo in algos:
+        opts = algo_options_from_args(args, algo, algos)
         for pname in args.params.split(","):
             p = preset(pname, "sgd", algo=algo)
             res = feature_learning(lambda w: build("mlp", data.input_shape, data.n_classes, w, p, K=args.replicas,
                                                    seeds=range(args.replicas)),
-                                   make_algo(algo), args.widths, batches, probe, args.lr)
-            key = f"{algo} {p.name}"
+                                   make_algo(algo, **opts), args.widths, batches, probe, args.lr)
+            key = f"{algo} {p.name}" + "".join(f" {k}={v}" for k, v in opts.items())
             out["configs"][key] = res.to_dict()
             if not args.json:
                 print(f"== {key}")
@@ -354,7 +361,7 @@ def register(sub) -> None:
     an = sub.add_parser("analyze", help="cosine to BP vs width, alignment exponents, deep-linear ||C||, per-layer "
                                         "feature learning, every layer's relative update (layers)")
     an.add_argument("what", choices=["cosine", "alignment", "linear", "features", "layers"])
-    an.add_argument("--widths", type=ints, default=WIDTHS_ANALYZE, help="widths (layers: the first, default 128)")
+    an.add_argument("--widths", type=ints, default=None, help="widths (default 64..2048; layers: the first, default 128)")
     an.add_argument("--arch", default="resmlp", choices=("mlp", "resmlp"), help="layers: the net (default resmlp)")
     an.add_argument("--depth", type=int, default=16, help="layers: number of weight layers (default 16)")
     an.add_argument("--lrs", type=floats, default=None, help="layers: one learning rate per rule of --algos")
@@ -374,7 +381,7 @@ def register(sub) -> None:
     an.add_argument("--no-download", action="store_true")
     an.add_argument("--plot", type=out_file, default=None, help="write a PNG here")
     an.add_argument("--json", action="store_true")
-    add_algo_options(an)  # layers: the rules' options (e.g. --kappa 1 for PC)
+    add_algo_options(an)  # layers, features: the rules' options (e.g. --kappa 1 for PC)
     an.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("describe", help="print what a preset resolves to at a width")

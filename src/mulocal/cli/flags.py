@@ -216,6 +216,11 @@ def add_algo_options(p: argparse.ArgumentParser, lists: bool = False) -> None:
                            metavar="V[,V...]" if lists else dest.upper(), help=_help(text, o.default))
 
 
+def given_algo_options(args) -> list[str]:
+    """The rule-option flags given on the command line (e.g. ['--kappa'])."""
+    return [o.cli for dest, (o, _) in _declared().items() if getattr(args, dest, None) is not None]
+
+
 def algo_options_from_args(args, algo: str, listed=()) -> dict:
     """Options of ``algo`` from their flags; a flag of another rule is an error naming the rules that take it
     (unless a rule of ``listed``, the other rules of the same command, takes it)."""

@@ -166,24 +166,22 @@ def cmd_sweep(args) -> dict:
     return summary, (1 if summary.get("failed") else 0)  # failed (an error in a worker) is not diverged
 
 
-def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
-    """The report of the store by ``--metric`` and, with ``both``, the report by the other metric."""
+def _report_from_args(args) -> tuple[dict, dict]:
+    """The report of the store by ``--metric``, and the report by the other metric."""
     from ..sweep.transfer import analyze, best_accuracy, learns, verdicts
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()
-        axis = getattr(args, "axis", "width")
-        rep = analyze(rows, metric=args.metric, axis=axis)
+        rep = analyze(rows, metric=args.metric, axis=args.axis)
         for f in rep["families"]:
             f["best_test_accuracy"] = {str(w): a for w, a in best_accuracy(f).items()}
             f["learns"] = learns(f, args.learn_floor)
-        other = None
-        if both:  # the other metric: the paper plots test accuracy, the estimator defaults to training loss
-            other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss",
-                            axis=axis)
-            rep["other_metric"] = {"metric": other["metric"],
-                                   "families": [{"label": f["label"], "transfer": f["transfer"]}
-                                                for f in other["families"]]}
-            rep["verdicts"] = verdicts(rep, other)
+        # the other metric: the paper plots test accuracy, the estimator defaults to training loss
+        other = analyze(rows, metric="test_accuracy" if args.metric != "test_accuracy" else "train_loss",
+                        axis=args.axis)
+        rep["other_metric"] = {"metric": other["metric"],
+                               "families": [{"label": f["label"], "transfer": f["transfer"]}
+                                            for f in other["families"]]}
+        rep["verdicts"] = verdicts(rep, other)
         results = st.results()
         if results:
             rep["results"] = results
@@ -196,7 +194,7 @@ def _report_from_args(args, both: bool = False) -> tuple[dict, dict | None]:
 
 def cmd_report(args) -> dict:
     from ..sweep.transfer import format_table
-    rep, other = _report_from_args(args, both=True)
+    rep, other = _report_from_args(args)
     if not args.json:
         if rep["families"] or not rep.get("results"):
             print(format_table(rep, other, args.learn_floor))
@@ -209,7 +207,7 @@ def cmd_report(args) -> dict:
 
 def cmd_plot(args) -> dict:
     from ..plots import plot_report
-    rep, other = _report_from_args(args, both=True)
+    rep, other = _report_from_args(args)
     out = args.out or checked_dir(str(Path(args.store).with_suffix("")) + "_plots")
     paths = plot_report(rep, out, other)
     if not args.json:

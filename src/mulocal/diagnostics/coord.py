@@ -54,6 +54,11 @@ def rms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().flatten(1).double().pow(2).mean(1).sqrt()
 
 
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm per replica: (K, ...) -> (K,), float64."""
+    return t.detach().flatten(1).double().pow(2).sum(1).sqrt()
+
+
 def fit_slope(widths: Sequence[float], values: Sequence[float]) -> float:
     """Least-squares slope of log(value) against log(width); nan if any value is not positive."""
     v = np.asarray(values, dtype=float)
@@ -125,6 +130,12 @@ class CoordResult:
         return plot_coord(self, path, title)
 
 
+def own_update(layer, inp: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None) -> torch.Tensor:
+    """(W(t) - W(0)) inp + b(t) - b(0): the layer's own update applied to ``inp``, as the layer applies it
+    (its multipliers, a residual branch's included)."""
+    return layer.forward(inp, layer.weight - w0, False if layer.bias is None else layer.bias - b0)
+
+
 @torch.no_grad()
 def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     us, acts = net.forward(probe_x)
@@ -135,8 +146,7 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
         out[f"dh_{l}"] = rms(acts[l] - acts0[l])
     for l in range(1, L + 1):
         layer = net.layers[l - 1]
-        db = None if layer.bias is None else layer.bias - b0[l - 1]
-        out[f"dWh_{l}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
+        out[f"dWh_{l}"] = rms(own_update(layer, acts[l - 1], w0[l - 1], b0[l - 1]))
         dw = layer.weight - w0[l - 1]
         if l >= 2:
             da = acts[l - 1] - acts0[l - 1]
@@ -149,6 +159,10 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     return out
 
 
+# shown but not counted across depth: f (as across width), and a single block's own update (~ 1/(H - 2) by design)
+NOT_COUNTED_DEPTH = ("f", "dWh_first", "dWh_mid", "dWh_last")
+
+
 def positions(depth: int) -> dict[str, int]:
     """The layers a depth check reads: the input layer, the first, middle and last residual block."""
     return {"in": 1, "first": 2, "mid": max(2, depth // 2), "last": depth - 1}
@@ -157,19 +171,13 @@ def positions(depth: int) -> dict[str, int]:
 @torch.no_grad()
 def _measure_depth(net: Net, w0, b0, acts0, f0, probe_x, us0) -> dict[str, torch.Tensor]:
     us, acts = net.forward(probe_x)
+    own = {l: own_update(net.layers[l - 1], acts[l - 1], w0[l - 1], b0[l - 1]) for l in range(1, net.depth)}
     out = {}
     for name, l in positions(net.depth).items():
-        layer = net.layers[l - 1]
-        db = None if layer.bias is None else layer.bias - b0[l - 1]
         out[f"h_{name}"] = rms(us[l])
         out[f"dh_{name}"] = rms(us[l] - us0[l])
-        out[f"dWh_{name}"] = rms(layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False))
-    total = 0
-    for l in range(2, net.depth):
-        layer = net.layers[l - 1]
-        db = None if layer.bias is None else layer.bias - b0[l - 1]
-        total = total + layer.forward(acts[l - 1], layer.weight - w0[l - 1], db if db is not None else False)
-    out["dWh_blocks"] = rms(total)
+        out[f"dWh_{name}"] = rms(own[l])
+    out["dWh_blocks"] = rms(sum(own[l] for l in range(2, net.depth)))
     out["df"] = rms(us[-1] - f0)
     out["f"] = rms(us[-1])
     return out
@@ -217,9 +225,8 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         for name, v in per_step.items():
             rec.setdefault(name, []).append(v)
         if not counted and axis == "depth":
-            counted = [n for n in per_step if n != "f" and not (n.startswith("dWh_") and n not in ("dWh_in",
-                                                                                               "dWh_blocks"))]
-        if not counted:
+            counted = [n for n in per_step if n not in NOT_COUNTED_DEPTH]
+        elif not counted:
             L = net.depth
             counted = ([f"h_{l}" for l in range(1, L)] + [f"dh_{l}" for l in range(1, L)]
                        + [f"dWh_{l}" for l in range(1, L + 1)] + [f"Wdh_{l}" for l in range(2, L + 1)] + ["df"]

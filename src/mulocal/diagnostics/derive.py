@@ -52,6 +52,15 @@ class _Fit:
             return None
         return self.max_deviation <= self.tolerance
 
+    def _fit_dict(self) -> dict:
+        return {"rounds": self.rounds, "converged": self.converged,
+                "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
+                                "slopes": self.final.slopes if self.final else None}}
+
+    def _verdict_line(self) -> str:
+        return (f"vs {self.reference.name}: max deviation {self.max_deviation:.3f} -> "
+                + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+
 
 @dataclass
 class DeriveResult(_Fit):
@@ -101,9 +110,7 @@ class DeriveResult(_Fit):
     def to_dict(self) -> dict:
         out = {"b": [round(v, 4) for v in self.b], "c": [round(v, 4) for v in self.c],
                "start": {"name": self.start.name, "b": list(self.start.b), "c": list(self.start.c)},
-               "rounds": self.rounds, "converged": self.converged,
-               "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
-                               "slopes": self.final.slopes if self.final else None},
+               **self._fit_dict(),
                "perturbation_slopes": self.perturbation_slopes, "unstable": self.unstable,
                "unstable_note": self.unstable_note}
         if self.reference is not None:
@@ -125,8 +132,7 @@ class DeriveResult(_Fit):
         lines.append(f"rounds: {len(self.rounds)}, converged: {self.converged}, "
                      f"max |slope| with the fitted table: {q:.3f}")
         if self.reference is not None:
-            lines.append(f"vs {self.reference.name}: max deviation {self.max_deviation:.3f} -> "
-                         + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+            lines.append(self._verdict_line())
         if self.perturbation_slopes:
             lines.append("inference perturbation slopes: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in self.perturbation_slopes.items()))
@@ -204,9 +210,7 @@ class DepthDeriveResult(_Fit):
         out = {"alpha": round(self.alpha, 4), "c_H": round(self.c_H, 4),
                "start": {"name": self.start.name, "alpha": self.start.depth_alpha,
                          "c_H": self.start.depth_lr_exponent()},
-               "rounds": self.rounds, "converged": self.converged,
-               "fit_quality": {"max_abs_slope": self.final.max_abs_slope if self.final else None,
-                               "slopes": self.final.slopes if self.final else None}}
+               **self._fit_dict()}
         if self.reference is not None:
             out["reference"] = {"name": self.reference.name, "alpha": self.reference.depth_alpha,
                                 "c_H": self.reference.depth_lr_exponent()}
@@ -222,8 +226,7 @@ class DepthDeriveResult(_Fit):
         lines.append(f"rounds: {len(self.rounds)}, converged: {self.converged}, max |slope| per doubling of depth "
                      f"with the fitted exponents: {q:.3f}")
         if ref is not None:
-            lines.append(f"vs {ref.name}: max deviation {self.max_deviation:.3f} -> "
-                         + ("agrees" if self.agrees else f"DISAGREES (tolerance {self.tolerance})"))
+            lines.append(self._verdict_line())
         return "\n".join(lines)
 
 

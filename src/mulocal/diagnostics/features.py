@@ -55,16 +55,7 @@ import torch
 from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
-from .coord import fit_slope
-
-
-def _norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm per replica: (K, ...) -> (K,), float64."""
-    return t.detach().flatten(1).double().pow(2).sum(1).sqrt()
-
-
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().flatten(1).double().pow(2).mean(1).sqrt()
+from .coord import fit_slope, norm, own_update, rms
 
 
 @dataclass
@@ -132,20 +123,19 @@ def _measure(net: Net, w0, b0, acts0, f0, probe) -> tuple[dict[str, torch.Tensor
     dh = acts[L - 1] - acts0[L - 1]
     df = us[-1] - f0
     feat = out_layer.forward(dh, out_layer.weight, False)  # W_L(t) dh_{L-1}, multiplier included
-    db = None if out_layer.bias is None else out_layer.bias - b0[L - 1]
-    read = out_layer.forward(acts0[L - 1], out_layer.weight - w0[L - 1], db if db is not None else False)
+    read = own_update(out_layer, acts0[L - 1], w0[L - 1], b0[L - 1])
     feat0 = out_layer.forward(dh, w0[L - 1], False)  # W_L(0) dh_{L-1}: the first-order part of feat
-    out["share"] = _rms(feat) / _rms(df)
-    out["share_init"] = _rms(feat0) / _rms(df)
-    out["share_dW"] = _rms(feat - feat0) / _rms(df)
-    out["df"] = _rms(df)
-    out["feat"] = _rms(feat)
-    out["read"] = _rms(read)
+    out["share"] = rms(feat) / rms(df)
+    out["share_init"] = rms(feat0) / rms(df)
+    out["share_dW"] = rms(feat - feat0) / rms(df)
+    out["df"] = rms(df)
+    out["feat"] = rms(feat)
+    out["read"] = rms(read)
     for l in range(1, L):
-        out[f"dh_rel_{l}"] = _norm(acts[l] - acts0[l]) / _norm(acts0[l])
+        out[f"dh_rel_{l}"] = norm(acts[l] - acts0[l]) / norm(acts0[l])
     for l in range(1, L + 1):
-        out[f"dW_rel_{l}"] = _norm(net.layers[l - 1].weight - w0[l - 1]) / _norm(w0[l - 1])
-    residual = (df - feat - read).detach().flatten(1).double().abs().max(1).values / _rms(df)
+        out[f"dW_rel_{l}"] = norm(net.layers[l - 1].weight - w0[l - 1]) / norm(w0[l - 1])
+    residual = (df - feat - read).detach().flatten(1).double().abs().max(1).values / rms(df)
     return out, residual
 
 

@@ -26,14 +26,14 @@ import torch
 from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
+from .coord import norm
 
 WITHIN = 0.1  # a block "learns" when its relative update is at least this fraction of the top block's
 
 
 def _rel(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """||new - old|| / ||old|| per replica (K,)."""
-    d = (new - old).flatten(1).double().norm(dim=1)
-    return d / old.flatten(1).double().norm(dim=1).clamp_min(1e-300)
+    return norm(new - old) / norm(old).clamp_min(1e-300)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0}
+DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0}  # the control (sweep.transfer.is_depth_free)
 ALGOS = ("bp", "pc", "dtp")
 BUDGETS = {
     "small": dict(depths=[8, 16, 32, 64], widths=[128], lrs=[2.0 ** k for k in range(-5, 3)], seeds=[0, 1], epochs=1,
@@ -62,9 +62,10 @@ def specs(budget: str) -> list[dict]:
 
 
 def activity_spec(budget: str) -> dict:
-    """PC under Depth-muP at one weight LR, swept over the inference step kappa."""
+    """PC under Depth-muP at one weight LR and the budget's first width, swept over the inference step kappa."""
     a = ACTIVITY[budget]
-    return dict(_common(budget), algo="pc", lrs=[a["lr"]], algo_options={"kappa": a["kappas"]})
+    return dict(_common(budget), algo="pc", widths=BUDGETS[budget]["widths"][:1], lrs=[a["lr"]],
+                algo_options={"kappa": a["kappas"]})
 
 
 def activity_rows(rows: list[dict]) -> list[dict]:
@@ -79,11 +80,6 @@ def activity_rows(rows: list[dict]) -> list[dict]:
         cfg.update(algo_options=opts, algo_resolved=resolved, lr=kappa, weight_lr=r["config"]["lr"])
         out.append(dict(r, lr=kappa, config=cfg))
     return out
-
-
-def is_control(fam: dict) -> bool:
-    opts = fam.get("param_options") or {}
-    return opts.get("depth_alpha") == 0.0 and opts.get("depth_c") == 0.0
 
 
 def _rule_key(fam: dict) -> str:
@@ -121,9 +117,8 @@ def _activity(budget, store, device, data_dir, workers, say) -> dict:
 
 def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     from ..plots import transfer_figure
-    from ..sweep.transfer import analyze, best_accuracy, format_table
-    from ..sweep.transfer import verdicts as pair_verdicts
-    from .grids import summary, sweep_until_bracketed
+    from ..sweep.transfer import analyze, format_table, is_depth_free, verdicts
+    from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
     store = out / "results.sqlite"
     rows, final, notes = sweep_until_bracketed(specs(budget), store, device, data_dir, workers, say)
@@ -135,29 +130,29 @@ def run_depth(budget: str, out, device, data_dir, workers, say) -> dict:
     fig = transfer_figure(reports["train_loss"], out / "depth.png", title, other=reports["test_accuracy"])
     say(format_table(reports["train_loss"], reports["test_accuracy"]))
     acc_t = {f["label"]: f["transfer"] for f in reports["test_accuracy"]["families"]}
-    fams = [{"label": f["label"], "family": f["family"], "control": is_control(f["family"]),
-             "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
-             "train_loss": summary(f["transfer"]), "test_accuracy": summary(acc_t.get(f["label"])),
-             "best_test_accuracy": {str(H): a for H, a in best_accuracy(f).items()}}
-            for f in reports["train_loss"]["families"]]
-    # each Depth-muP family against its depth-free control (same rule, options, activation and width)
-    verdicts = pair_verdicts(reports["test_accuracy"], reports["train_loss"], control=is_control,
-                             free=("param_options", "param_resolved"))
-    for v in verdicts:
-        say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
-            f"by training loss {v['train_loss']['verdict']}")
-    gaps = {}  # best test accuracy of each local rule minus BP's (same activation), per depth (Depth-muP)
-    best = {_rule_key(f["family"]): f["best_test_accuracy"] for f in fams if not f["control"]}
-    for key in best:
-        ref = "bp" + (" relu" if key.endswith(" relu") else "")
-        if not key.startswith("bp") and ref in best:
-            gaps[key] = {H: (None if a is None or best[ref].get(H) is None else a - best[ref][H])
-                         for H, a in best[key].items()}
-    for algo, g in gaps.items():
-        say(f"{algo} best test accuracy minus BP's (Depth-muP), per depth: "
-            + ", ".join(f"H={H}: {v:+.3f}" if v is not None else f"H={H}: -" for H, v in g.items()))
+    fams = [dict(family_entry(f, acc_t), control=is_depth_free(f["family"])) for f in reports["train_loss"]["families"]]
+    pairs = verdicts(reports["test_accuracy"], reports["train_loss"])  # each family against its depth-free control
+    say_verdicts(pairs, say)
+    gaps = _accuracy_minus_bp(fams)
+    for key, per_width in gaps.items():
+        for W, g in per_width.items():
+            say(f"{key} (width {W}) best test accuracy minus BP's (Depth-muP), per depth: "
+                + ", ".join(f"H={H}: {v:+.3f}" if v is not None else f"H={H}: -" for H, v in g.items()))
     activity = _activity(budget, out / "activity.sqlite", device, data_dir, workers, say)
-    return {"activity_lr": activity, "title": title, "store": str(store), "figure": fig, "families": fams, "verdicts": verdicts,
-            "accuracy_minus_bp": gaps, "grid_notes": notes,
-            "lrs": [s["lrs"] for s in final],
+    return {"activity_lr": activity, "title": title, "store": str(store), "figure": fig, "families": fams,
+            "verdicts": pairs, "accuracy_minus_bp": gaps, "grid_notes": notes, "lrs": [s["lrs"] for s in final],
             "report_command": f"mulocal report --store {store} --axis depth"}
+
+
+def _accuracy_minus_bp(fams: list[dict]) -> dict:
+    """Per local rule (with its options and activation), per width, per depth: its best test accuracy minus BP's
+    (same activation and width), Depth-muP families only."""
+    best = {(_rule_key(f["family"]), f["family"]["width"]): f["best_test_accuracy"] for f in fams if not f["control"]}
+    gaps: dict = {}
+    for (key, W), acc in best.items():
+        ref = best.get(("bp" + (" relu" if key.endswith(" relu") else ""), W))
+        if key.startswith("bp") or ref is None:
+            continue
+        gaps.setdefault(key, {})[str(W)] = {H: (None if a is None or ref.get(H) is None else a - ref[H])
+                                            for H, a in acc.items()}
+    return gaps

@@ -59,7 +59,25 @@ def sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tuple
     return [r for rows in per_spec for r in rows], specs, notes
 
 
-def summary(t: dict | None) -> dict:
+def transfer_summary(t: dict | None) -> dict:
     keys = ("slope", "slope_err", "penalty", "penalty_relative", "base_best_lr", "value_at_base_lr",
             "best_value_largest")
     return {k: (t or {}).get(k) for k in keys}
+
+
+def family_entry(f: dict, acc_transfer: dict) -> dict:
+    """A family of a training-loss report as the experiments' JSON holds it: best LR and grid edge per value of the
+    axis, the transfer by both metrics (``acc_transfer``: label -> the test-accuracy report's transfer) and the
+    best seed-mean test accuracy."""
+    from ..sweep.transfer import best_accuracy
+    return {"label": f["label"], "family": f["family"],
+            "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
+            "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
+            "train_loss": transfer_summary(f["transfer"]), "test_accuracy": transfer_summary(acc_transfer.get(f["label"])),
+            "best_test_accuracy": {str(w): a for w, a in best_accuracy(f).items()}}
+
+
+def say_verdicts(pairs: list[dict], say) -> None:
+    for v in pairs:
+        say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
+            f"by training loss {v['train_loss']['verdict']}")

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MulocalError
 from ..util import json_safe
-from .grids import sweep_until_bracketed, summary
+from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
 LR_GRID_SMALL = [2.0 ** k for k in range(-6, 3)]
 LR_GRID_PAPER = [2.0 ** k for k in range(-8, 4)]
@@ -120,7 +120,6 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
     still run. Writes ``OUT/summary.json`` and prints a table: experiment, seconds, verdicts or status."""
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
-    from ..errors import MulocalError
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
     t0, rows = time.perf_counter(), []
     for name in names:
@@ -175,17 +174,11 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
     fams = []
     for f in reports["train_loss"]["families"]:
         accs = best_accuracy(f)
-        fams.append({"label": f["label"], "family": f["family"], "baseline": _is_baseline(f["family"]),
-                     "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
-                     "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
-                     "train_loss": summary(f["transfer"]), "test_accuracy": summary(acc_t.get(f["label"])),
-                     "best_test_accuracy": {str(w): a for w, a in accs.items()},
-                     "over_baseline": {str(w): (None if a is None or baseline.get(w) is None else a - baseline[w])
-                                       for w, a in accs.items()}})
+        fams.append(dict(family_entry(f, acc_t), baseline=_is_baseline(f["family"]),
+                         over_baseline={str(w): (None if a is None or baseline.get(w) is None else a - baseline[w])
+                                        for w, a in accs.items()}))
     pairs = verdicts(shown["test_accuracy"], shown["train_loss"])
-    for v in pairs:
-        say(f"verdict {v['label']} vs {v['control']}: by test accuracy {v['test_accuracy']['verdict']}, "
-            f"by training loss {v['train_loss']['verdict']}")
+    say_verdicts(pairs, say)
     res = {"title": title, "store": str(store), "figure": fig, "families": fams, "verdicts": pairs,
            "baseline_accuracy": {str(w): a for w, a in baseline.items()}, "grid_notes": notes,
            "lrs": {s.get("algo") if isinstance(s.get("algo"), str) else ",".join(s["algo"]): s["lrs"] for s in specs},

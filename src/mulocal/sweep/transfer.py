@@ -400,15 +400,26 @@ def is_sp(fam: dict) -> bool:
     return fam.get("param") == "sp"
 
 
+def is_depth_free(fam: dict) -> bool:
+    """The depth control: no depth scaling (``depth_alpha = 0``, ``depth_c = 0``, docs/depth.md)."""
+    opts = fam.get("param_options") or {}
+    return opts.get("depth_alpha") == 0.0 and opts.get("depth_c") == 0.0
+
+
+# per transfer axis: which family is the control, and the keys in which a family and its control may differ
+CONTROLS = {"width": (is_sp, PAIRING_FREE), "depth": (is_depth_free, ("param_options", "param_resolved"))}
+
+
 def _pair_key(fam: dict, free=PAIRING_FREE) -> str:
     return canonical_json({k: v for k, v in fam.items() if k not in free})
 
 
-def verdicts(report: dict, other: dict | None = None, control=is_sp, free=PAIRING_FREE) -> list[dict]:
-    """Every family of ``report`` that is not a control paired with the control family (``control(family)``:
-    by default SP) that agrees with it in every key but ``free`` (by default the same rule and options; the
-    parameterization and gbar_L may differ), judged by ``verdict`` by the report's metric and, with ``other``,
-    by the other metric too. One entry per pair: {"label", "control", <metric>: verdict(...), ...}."""
+def verdicts(report: dict, other: dict | None = None) -> list[dict]:
+    """Every family of ``report`` that is not a control paired with its control family (``CONTROLS`` of the
+    report's axis: across width SP, with the same rule and options, the parameterization and gbar_L free; across
+    depth the depth-free version of the same configuration), judged by ``verdict`` by the report's metric and,
+    with ``other``, by the other metric too. One entry per pair: {"label", "control", <metric>: verdict(...)}."""
+    control, free = CONTROLS[report.get("axis", "width")]
     fams = report["families"]
     controls = {_pair_key(f["family"], free): f for f in fams if control(f["family"])}
     others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
