@@ -20,7 +20,7 @@ def check_loss(kind: str) -> str:
     return kind
 
 
-def _labels(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def labels(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Labels as (K, B) int64, accepting shared (B,) labels."""
     y = y.to(f.device)
     return y.unsqueeze(0).expand(f.shape[0], -1) if y.dim() == 1 else y
@@ -28,7 +28,7 @@ def _labels(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def loss_and_grad(f: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-mean loss per replica (K,) and the per-sample gradient dl/df (K, B, C)."""
-    y = _labels(f, y)
+    y = labels(f, y)
     onehot = F.one_hot(y, f.shape[-1]).to(f.dtype)
     if kind == "ce":
         logp = torch.log_softmax(f, -1)
@@ -42,7 +42,7 @@ def loss_and_grad(f: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Te
 
 def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """Summed (not averaged) loss per replica (K,), for evaluation."""
-    y = _labels(f, y)
+    y = labels(f, y)
     if kind == "ce":
         return F.cross_entropy(f.transpose(1, 2), y, reduction="none").sum(-1)
     onehot = F.one_hot(y, f.shape[-1]).to(f.dtype)

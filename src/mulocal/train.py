@@ -160,6 +160,8 @@ class Trainer:
             # on the device until the next sync: the loss sum and each replica's first diverging step (-1: none)
             loss_sum = torch.zeros(net.K, dtype=torch.float64, device=net.device)
             first_bad = torch.full((net.K,), -1, dtype=torch.long, device=net.device)
+            bound = cfg.diverge_factor  # a replica diverges when its loss exceeds bound * |its first loss|
+            limit = None if self.loss0 is None or not bound else bound * self.loss0.abs()
             for i in range(steps):
                 idx = perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 grads, loss = self.algo.step(net, x_all[idx], y_all[idx], opt=self.opt)
@@ -168,12 +170,14 @@ class Trainer:
                 loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
                 if self.loss0 is None:
                     self.loss0 = loss.clone()
+                    limit = bound * self.loss0.abs() if bound else None
                 bad = ~torch.isfinite(loss)
-                if cfg.diverge_factor:
-                    bad |= loss > cfg.diverge_factor * self.loss0.to(loss.device).abs()
+                if limit is not None:
+                    bad |= loss > limit
                 first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
                 if (i + 1) % cfg.sync_every == 0 or i == steps - 1:  # the one host read-back of the interval
-                    self._mark_diverged(first_bad >= 0, first_bad)
+                    fb = first_bad.cpu()
+                    self._mark_diverged(fb >= 0, fb)
                     first_bad.fill_(-1)
                 if bar is not None:
                     bar.update(1)
@@ -254,7 +258,7 @@ class Trainer:
         ck = load_checkpoint(path, self.net)
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
-        self.loss0 = ck.get("loss0")
+        self.loss0 = None if ck.get("loss0") is None else ck["loss0"].to(self.net.device)  # no copy per step
         if ck.get("algo") is not None and hasattr(self.algo, "load_state_dict"):
             self.algo.load_state_dict(ck["algo"], self.net)
         for g, s in zip(self.gens, ck["gens"]):

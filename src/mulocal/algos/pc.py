@@ -121,8 +121,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..losses import check_loss, loss_and_grad
-from ..nets import MLP, Dense, Net
+from ..losses import check_loss, labels, loss_and_grad
+from ..nets import MLP, Net
 from ..streams import generators
 from .options import Option
 
@@ -312,7 +312,7 @@ class PC:
         (tested: tests/test_pc_fused.py); the general path, which the energy oracle checks, runs otherwise."""
         return (self.inference == "parallel" and not (self.fpa or self.guard or self.record or self.momentum
                                                       or self.incremental) and self.tol is None
-                and type(net) is MLP and all(type(layer) is Dense for layer in net.layers))
+                and type(net) is MLP)  # MLP builds Dense layers only (ResMLP, a subclass, is excluded)
 
     def _top(self, f: torch.Tensor, onehot: torch.Tensor, lab: torch.Tensor, need_loss: bool = True):
         """(per-sample loss terms (K, B) or None, e_L = -dloss/df) at the output f, with the one-hot target built
@@ -343,8 +343,7 @@ class PC:
         u_ff, a_ff = net.forward(x)
         kap = self._kappas(gam, net, a_ff)
         f = u_ff[L]
-        lab = y.to(f.device)
-        lab = lab.unsqueeze(0).expand(f.shape[0], -1) if lab.dim() == 1 else lab
+        lab = labels(f, y)
         onehot = F.one_hot(lab, f.shape[-1]).to(f.dtype)
         lab = lab.unsqueeze(-1)
         status = self.status
@@ -428,7 +427,7 @@ class PC:
             for l in range(1, L):
                 if not moved[l]:  # a_l and mu_{l+1} unchanged
                     continue
-                a[l] = torch.tanh(v[l], out=a[l]) if tanh and a[l] is not a_ff[0] else net.post(l, v[l])
+                a[l] = torch.tanh(v[l], out=a[l]) if tanh else net.post(l, v[l])
                 mult = layers[l].mult
                 if mu[l + 1] is u_ff[l + 1]:  # the feed-forward value: a new tensor
                     mu[l + 1] = torch.baddbmm(bias[l], a[l], wt[l], alpha=mult) if bias[l] is not None else \
@@ -468,23 +467,19 @@ class PC:
                     if grad is not None:
                         sq = grad.square().sum(dims)
                         g_end = sq if g_end is None else g_end + sq
-            tr = self._fused_energies(norms, losses, gam, L, f.shape[1])
-            prev, cur = tr[:-1], tr[1:]
-            rose = (~(cur <= prev + 1000 * torch.finfo(f.dtype).eps * prev.abs())).any(0)
-            self._accumulate(rose, (g_end.double() / g0.double().clamp_min(1e-300)).sqrt() if residual else None,
-                             None)
+            # the per-state parts as _energy_parts lays them out: ||e_l|| (None: exactly 0), then the loss
+            zero, rows = torch.zeros_like(losses[0][..., 0]), self._loss_of(torch.stack(losses))
+            parts = [p for s, n in enumerate(norms) for p in [zero if c is None else c for c in n] + [rows[s]]]
+            tr = self._energy_from_parts(parts, gam, L, f.shape[1])
+            self._finish_status(tr[:-1], tr[1:], f.dtype, g0 if residual else None, g_end, None)
         return grads, ff_loss
 
-    def _fused_energies(self, norms: list, losses: list, gam, L: int, B: int) -> torch.Tensor:
-        """The energies (n_states, K), float64, from the per-state ||e_l|| (None: exactly 0) and loss terms."""
-        out = self._loss_of(torch.stack(losses)).double() * gam[-1]
-        for l in range(1, L):  # Python-number coefficients: no host-to-device copy
-            col = [n[l - 1] for n in norms]
-            if all(c is None for c in col):
-                continue
-            x = torch.stack([torch.zeros_like(losses[0][..., 0]) if c is None else c for c in col]).double()
-            out = out + x.square() * (0.5 * gam[l - 1] / B)
-        return out
+    def _finish_status(self, prev, cur, dtype, g0, g_end, backtracks) -> None:
+        """Add one training step to the inference status: whether the energy rose at any inference step (beyond
+        float rounding of ``dtype``) and, with ``g0``, the relative residual sqrt(g_end / g0)."""
+        rose = (~(cur <= prev + 1000 * torch.finfo(dtype).eps * prev.abs())).any(0)
+        self._accumulate(rose, None if g0 is None else (g_end.double() / g0.double().clamp_min(1e-300)).sqrt(),
+                         backtracks)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -614,9 +609,7 @@ class PC:
             prev, cur = tr[:-1], tr[1:]
             if self.incremental:  # compare each step with the energy at the weights it was made with
                 prev, cur = tr[0:-1:2], tr[1::2]
-            rose = (~(cur <= prev + 1000 * torch.finfo(u_ff[1].dtype).eps * prev.abs())).any(0)
-            self._accumulate(rose, (g_end.double() / g0.double().clamp_min(1e-300)).sqrt() if residual else None,
-                             backtracks)
+            self._finish_status(prev, cur, u_ff[1].dtype, g0 if residual else None, g_end, backtracks)
         if self.record:
             n = sum(v[l][0].numel() for l in range(1, L))
             self.stats = {"energy": torch.stack(energies), "steps": steps,
