@@ -136,13 +136,13 @@ def test_rescnn_forward_and_bp_equal_autograd_of_written_net(act, loss):
         assert ok, (i, err)
 
 
-@pytest.mark.parametrize("T", [1, 2])
-def test_pc_on_rescnn_equals_written_residual_energy(T):
-    """Sequential inference with an explicit step kappa: v_l <- v_l - kappa dE/dv_l (top down, each with the
-    values as they are), E = sum_{l<H} 1/2 ||v_l - mu_l(v_{l-1})||^2 + loss(f(v_{H-1})); then grad W = autograd
-    of E at the final values / B."""
+@pytest.mark.parametrize("T,mode", [(1, "sequential"), (2, "sequential"), (2, "parallel"), (3, "parallel")])
+def test_pc_on_rescnn_equals_written_residual_energy(T, mode):
+    """Inference with an explicit step kappa: v_l <- v_l - kappa dE/dv_l (sequential: top down, each with the
+    values as they are; parallel: every layer from one snapshot), E = sum_{l<H} 1/2 ||v_l - mu_l(v_{l-1})||^2 +
+    loss(f(v_{H-1})); then grad W = autograd of E at the final values / B."""
     net, x, y = _net("rescnn", depth=5, algo="pc")
-    pc = make_algo("pc", T=T, inference="sequential", kappa=0.3, no_status=True)
+    pc = make_algo("pc", T=T, inference=mode, kappa=0.3, no_status=True)
     grads, _ = pc.step(net, x, y)
     ref = Written(net)
 
@@ -153,6 +153,11 @@ def test_pc_on_rescnn_equals_written_residual_energy(T):
 
     v = ref.forward(x)[:-1]
     for _ in range(T):
+        if mode == "parallel":
+            vv = [t.detach().clone().requires_grad_() for t in v]
+            g = torch.autograd.grad(energy(vv), vv[1:])
+            v = [v[0]] + [v[l] - 0.3 * g[l - 1] for l in range(1, ref.H)]
+            continue
         for l in range(ref.H - 1, 0, -1):
             vv = [t.detach().clone().requires_grad_() for t in v]
             v[l] = v[l] - 0.3 * torch.autograd.grad(energy(vv), vv[l])[0]

@@ -228,6 +228,13 @@ class Net:
         """
         raise NotImplementedError
 
+    def _pool(self, a):
+        """2 x 2 pooling (``self.pool``: max or avg) of (K, B, C, H, W) images, per replica and sample."""
+        K, B = a.shape[:2]
+        flat = a.reshape(K * B, *a.shape[2:])
+        y = F.max_pool2d(flat, 2) if self.pool == "max" else F.avg_pool2d(flat, 2)
+        return y.reshape(K, B, *y.shape[1:])
+
     def _dphi(self, u: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
         """phi'(u), from a = phi(u) when given (tanh: 1 - a^2, no second tanh)."""
         return (1 - a * a) if (a is not None and self.activation == "tanh") else self.dphi(u)
@@ -313,7 +320,18 @@ class MLP(Net):
                     activation=self.activation, bias=self.use_bias, K=self.K)
 
 
-class ResMLP(MLP):
+class _Residual:
+    """Residual nets: every layer but the input and output layers is a block (u_l = u_{l-1} + branch)."""
+
+    def residual(self, l: int) -> bool:
+        return 1 < l < len(self.layers)
+
+    @property
+    def residual_net(self) -> bool:
+        return len(self.layers) > 2
+
+
+class ResMLP(_Residual, MLP):
     """Residual MLP of ``depth`` = H weight layers: an input layer (in_dim -> M), H - 2 residual blocks and an
     output layer (M -> out_dim):
 
@@ -335,10 +353,6 @@ class ResMLP(MLP):
             return super()._layer(role, fan_in, fan_out, depth, bias, dtype)
         rule = self.param.rule(role, fan_in, self.width, depth=depth, residual=True)
         return Branch(role, fan_in, fan_out, self.K, bias, rule, dtype, self.device)
-
-    def residual(self, l: int) -> bool:
-        return 1 < l < len(self.layers)
-
 
 class CNN(Net):
     """conv(k) -> phi -> pool2 -> [conv(k) -> phi -> pool2] * (depth - 2) -> flatten -> linear readout.
@@ -369,12 +383,6 @@ class CNN(Net):
         self.layers.append(Dense("output", c * h * w, self.out_dim, K, bias, rule, dtype, self.device))
         self.init(seeds if seeds is not None else range(K))
 
-    def _pool(self, a):
-        K, B = a.shape[:2]
-        flat = a.reshape(K * B, *a.shape[2:])
-        y = F.max_pool2d(flat, 2) if self.pool == "max" else F.avg_pool2d(flat, 2)
-        return y.reshape(K, B, *y.shape[1:])
-
     def post(self, l, u):
         if l == 0:
             return u
@@ -391,7 +399,7 @@ class CNN(Net):
                     pool=self.pool)
 
 
-class ResCNN(Net):
+class ResCNN(_Residual, Net):
     """Residual CNN of ``depth`` = H weight layers (channels = the scaled width M):
 
         h_1 = conv_1(pool_in(x)) + b_1,   h_l = h_{l-1} + a_l (conv_l(phi(h_{l-1})) + b_l)  (l = 2..H-1),
@@ -444,21 +452,13 @@ class ResCNN(Net):
             y = F.avg_pool2d(u.reshape(K * B, *u.shape[2:]), self.in_pool)
             return y.reshape(K, B, *y.shape[1:])
         a = self.phi(u)
-        if l < self.depth - 1:
-            return a
-        K, B = a.shape[:2]
-        flat = a.reshape(K * B, *a.shape[2:])
-        y = F.max_pool2d(flat, 2) if self.pool == "max" else F.avg_pool2d(flat, 2)
-        return y.reshape(K, B, -1)
+        return a if l < self.depth - 1 else self._pool(a).flatten(2)
 
     def linearize(self, l, u, a=None):
         if l < self.depth - 1:
             return self._dphi(u, a).mul
         _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
         return lambda g: vjp(g)[0]
-
-    def residual(self, l: int) -> bool:
-        return 1 < l < len(self.layers)
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,

@@ -55,7 +55,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..losses import check_loss, loss_and_grad
-from ..nets import Branch, ConvBranch, Dense, Net
+from ..nets import Branch, Conv, ConvBranch, Dense, Net
 from ..optim import LayerwiseOptimizer
 from ..streams import counter_keys, counter_normal, generator, generators
 from .options import Option
@@ -80,7 +80,6 @@ class UpConvFeedback:
     input's spatial size, then a same-padded convolution (a transposed convolution of stride 1)."""
 
     def __init__(self, conv_in_shape, out_shape, K, rule, kernel, dtype, device):
-        from ..nets import Conv
         self.in_shape, self.out_shape = tuple(conv_in_shape), tuple(out_shape)  # (C_l, h, w), (C_{l-1}, H, W)
         self.conv = Conv("hidden", self.in_shape[0], self.out_shape[0], kernel, K, True, rule, dtype, device)
         self.rule, self.mult = rule, self.conv.mult
@@ -280,9 +279,8 @@ class TP(TargetRule):
             return
         L = net.depth
         self.fb = {}
-        if net.residual_net:
-            with torch.no_grad():
-                self._stream = tuple(net.forward(torch.zeros(1, *net.input_shape, dtype=net.dtype))[0][1].shape[2:])
+        if net.residual_net:  # the stream's shape: acts[1] = phi(u_1) has it (only the last activity is pooled)
+            self._stream = tuple(acts[1].shape[2:])
         for l in range(2, L + 1):
             layer = net.layers[l - 1]
             role = "input" if l == L else "hidden"
@@ -424,13 +422,14 @@ class TP(TargetRule):
                         gw0, gb0 = fbg(-r, z_0, h[l])
                     else:  # ldrl
                         eta = self._noise(h[l], sig[l - 1])
-                        g_e, z_e = self._g(l, h[l] + eta, net)
+                        h_e = h[l] + eta
+                        g_e, z_e = self._g(l, h_e, net)
                         s = g_e - g_0
                         r = (g_n - g_0 - xi) if want else None  # reported only
                         value = (0.5 * s.pow(2) - xi * (g_n - g_0)) if want else None
                         gw, gb = fbg(-xi, z_n, h_n)
                         gw0, gb0 = fbg(xi - s, z_0, h[l])
-                        gwe, gbe = fbg(s, z_e, h[l] + eta)
+                        gwe, gbe = fbg(s, z_e, h_e)
                         gw0, gb0 = gw0 + gwe, gb0 + gbe
                     gw, gb = gw + gw0, gb + gb0
                 grads += [gw, gb]
@@ -445,7 +444,7 @@ class TP(TargetRule):
         us, acts = net.forward(x)
         self.setup(net, acts)
         if self.trainable:
-            self.train_feedback(net, self.space(net, us, acts), us[-1])
+            self.train_feedback(net, self.space(net, us, acts), us[-1], stats=False)
 
     def prepare(self, net, us, acts, f) -> None:
         self.setup(net, acts)
