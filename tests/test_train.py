@@ -240,3 +240,24 @@ def test_no_host_read_back_per_training_step(monkeypatch, algo, opts):
         return calls[0]
     few, many = count(1000), count(1)
     assert many >= 40 and few <= 30, (few, many)
+
+
+def test_a_finished_run_trains_on_when_its_epochs_are_raised():
+    """Raising cfg.epochs of a finished Trainer and calling run() again = one run of that many epochs (bitwise):
+    done replicas run again, a diverged one stays frozen and recorded once."""
+    from mulocal.config import assemble
+
+    def trainer(epochs):
+        return assemble(dict(algo="bp", dataset="synthetic", width=16, epochs=epochs, batch_size=32,
+                             train_subset=200, test_subset=50), [0.1, 1e4], [0, 1]).trainer()
+    whole = trainer(3).run()
+    tr = trainer(1)
+    tr.run()
+    for _ in range(2):
+        tr.cfg.epochs += 1
+        res = tr.run()
+    strip = [[{k: v for k, v in h.items() if k != "epoch_time"} for h in r["history"]] for r in res["replicas"]]
+    want = [[{k: v for k, v in h.items() if k != "epoch_time"} for h in r["history"]] for r in whole["replicas"]]
+    assert strip == want
+    assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
+    assert sum(h.get("event") == "diverged" for h in res["replicas"][1]["history"]) == 1

@@ -304,7 +304,7 @@ class Run:
 def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: str = "cpu", data=None,
              data_dir=None, download: bool = True, val_fraction: float = 0.0, eval_batch_size: int = 2000,
              progress: bool = False, metrics_path: str | None = None, checkpoint_path: str | None = None,
-             resume: bool = False) -> Run:
+             resume: bool = False, compile: str = "off") -> Run:
     """Build a run from a cell: data -> parameterization -> learning rule -> net (at ``cell["width"]``, K =
     len(seeds) replicas, replica k with learning rate ``lrs[k]`` and seed ``seeds[k]``) -> training config.
 
@@ -323,7 +323,7 @@ def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: 
                         momentum=cell["momentum"], weight_decay=cell["weight_decay"], max_steps=cell["max_steps"],
                         diverge_factor=cell["diverge_factor"] or None,
                         eval_batch_size=eval_batch_size, progress=progress, metrics_path=metrics_path,
-                        checkpoint_path=checkpoint_path, resume=resume)
+                        checkpoint_path=checkpoint_path, resume=resume, compile=compile)
     run = Run(cell, data, param, algo, None, train, seeds, device)
     if cell.get("width") is not None:
         run.net = run.build_net(cell["width"])

@@ -44,7 +44,9 @@ class LayerwiseOptimizer:
         self.base_lr = replica_lrs(lr, self.K)
         self.scales = [float(s) for s in scales]
         self.momentum, self.betas, self.eps, self.weight_decay = momentum, betas, eps, weight_decay
-        self.t = 0
+        self.t = 0  # steps taken (the eager Adam bias corrections read it)
+        self.graph_safe = False  # set_graph_safe(): no per-step Python number enters the step
+        self.t_dev = None  # in graph-safe mode: the step count as a device tensor, advanced in place
         self.active = torch.ones(self.K, dtype=torch.bool)
         self.lrs = []
         self._set_lrs()
@@ -59,8 +61,26 @@ class LayerwiseOptimizer:
 
     def _set_lrs(self) -> None:
         base = self.base_lr * self.active.to(torch.float64)
-        self.lrs = [(base * s).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
-                    for p, s in zip(self.params, self.scales)]
+        new = [(base * s).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+               for p, s in zip(self.params, self.scales)]
+        if len(self.lrs) == len(new):  # in place: a captured step keeps reading the same tensors
+            for old, lr in zip(self.lrs, new):
+                old.copy_(lr)
+        else:
+            self.lrs = new
+
+    def set_graph_safe(self, on: bool = True) -> None:
+        """Graph-safe mode (for a compiled or captured training step): the step count lives in a device
+        tensor advanced in place, so no Python number that changes from step to step enters ``step`` (a
+        compiled step would otherwise be recompiled at every step). SGD computes the same numbers in both
+        modes; Adam's bias corrections 1 - beta^t are then computed on the device (equal up to the rounding
+        of beta^t). Switching back copies the count to ``t``."""
+        if on and not self.graph_safe:
+            # shape (1,), not 0-dim: torch.compile (2.13) drops an in-place add to a 0-dim float64 CPU tensor
+            self.t_dev = torch.tensor([float(self.t)], dtype=torch.float64, device=self.params[0].device)
+        elif not on and self.graph_safe:
+            self.t = int(self.t_dev.item())
+        self.graph_safe = bool(on)
 
     def freeze(self, replicas: torch.Tensor) -> None:
         """Stop updating the replicas where ``replicas`` is True (e.g. diverged ones)."""
@@ -69,7 +89,12 @@ class LayerwiseOptimizer:
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
-        self.t += 1
+        """p <- p - lr g (SGD; g <- momentum buf + g with momentum), or Adam:
+        m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,  p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+        t = self.t_dev.add_(1) if self.graph_safe else self.t + 1  # graph-safe: a float64 device tensor
+        if not self.graph_safe:
+            self.t = t
+        c1, c2 = (1 - self.betas[0] ** t, 1 - self.betas[1] ** t) if self.kind == "adam" else (None, None)
         for i, (p, g, lr) in enumerate(zip(self.params, grads, self.lrs)):
             if g is None:
                 continue
@@ -84,11 +109,16 @@ class LayerwiseOptimizer:
                 m, v = self.bufs[i], self.sq[i]
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-                p.addcmul_(lr, m / denom, value=-1.0 / (1 - b1 ** self.t))
+                if self.graph_safe:
+                    denom = (v / c2.to(v.dtype)).sqrt_().add_(self.eps)
+                    p.addcmul_(lr * (-1.0 / c1).to(p.dtype), m / denom)
+                else:
+                    denom = (v / c2).sqrt_().add_(self.eps)
+                    p.addcmul_(lr, m / denom, value=-1.0 / c1)
 
     def state_dict(self) -> dict:
-        return dict(kind=self.kind, t=self.t, base_lr=self.base_lr.clone(), active=self.active.clone(),
+        t = int(self.t_dev.item()) if self.graph_safe else self.t
+        return dict(kind=self.kind, t=t, base_lr=self.base_lr.clone(), active=self.active.clone(),
                     bufs=[b.cpu().clone() for b in self.bufs] if self.bufs else None,
                     sq=[b.cpu().clone() for b in self.sq] if self.sq else None)
 
@@ -96,6 +126,8 @@ class LayerwiseOptimizer:
         if state.get("kind") != self.kind:
             raise ConfigError(f"optimizer state is for '{state.get('kind')}', not '{self.kind}'")
         self.t, self.base_lr, self.active = state["t"], state["base_lr"], state["active"]
+        if self.graph_safe:
+            self.t_dev.fill_(float(self.t))
         for mine, theirs in ((self.bufs, state["bufs"]), (self.sq, state["sq"])):
             if mine is not None and theirs is not None:
                 for b, s in zip(mine, theirs):

@@ -123,17 +123,27 @@ def _mix_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def counter_bits(keys: torch.Tensor, counter: int, n: int) -> torch.Tensor:
-    """64 random bits (as int64) j = 0..n-1 of draw ``counter``: (K, n), row k from keys[k] only."""
-    if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+def counter_bits(keys: torch.Tensor, counter, n: int) -> torch.Tensor:
+    """64 random bits (as int64) j = 0..n-1 of draw ``counter``: (K, n), row k from keys[k] only.
+
+    ``counter``: a non-negative int, or a 0-dim int64 tensor on the keys' device (mixed there: the same bits,
+    and no Python number that changes per draw, so a compiled or captured step can advance it in place)."""
+    if isinstance(counter, torch.Tensor):
+        if counter.dim() != 0 or counter.dtype != torch.int64:
+            raise ValueError(f"a counter tensor must be a 0-dim int64 tensor, got {tuple(counter.shape)} {counter.dtype}")
+        mixed = _mix_(counter.to(keys.device, copy=True))
+    elif isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
         raise ValueError(f"counter must be a non-negative integer, got {counter!r}")
-    base = _mix_(keys.to(torch.int64) ^ _signed(_mix_int(counter)))  # (K,)
+    else:
+        mixed = _signed(_mix_int(counter))
+    base = _mix_(keys.to(torch.int64) ^ mixed)  # (K,)
     j = torch.arange(1, n + 1, dtype=torch.int64, device=keys.device).mul_(_signed(_GAMMA))
     return _mix_(j + base.unsqueeze(1))
 
 
-def counter_normal(keys: torch.Tensor, counter: int, shape, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Standard normals (K, *shape) for draw ``counter``: row k depends only on keys[k], the counter and the
+def counter_normal(keys: torch.Tensor, counter, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Standard normals (K, *shape) for draw ``counter`` (an int or a 0-dim int64 tensor, as in
+    :func:`counter_bits`): row k depends only on keys[k], the counter and the
     element index (so replica k equals a separate run), computed on ``device`` (default: the keys') with
     integer tensor ops, no generator state and no host round trip. The recipe is in the module docstring."""
     device = keys.device if device is None else torch.device(device)
@@ -144,11 +154,7 @@ def counter_normal(keys: torch.Tensor, counter: int, shape, dtype=torch.float32,
     r = r.log_().mul_(-2.0).sqrt_()
     theta = bits.bitwise_and_(0xFFFFFFFF).to(torch.float64).mul_(2.0 ** -32).mul_(2.0 * math.pi)  # 2 pi u2
     K, m = r.shape
-    z = torch.empty(K, 2, m, dtype=torch.float64, device=device)
-    torch.cos(theta, out=z[:, 0])
-    torch.sin(theta, out=z[:, 1])
-    z.mul_(r.unsqueeze(1))
-    out = torch.empty(K, m, 2, dtype=dtype, device=device).copy_(z.transpose(1, 2))  # interleave: 2j cos, 2j+1 sin
+    out = torch.stack((torch.cos(theta).mul_(r), torch.sin(theta).mul_(r)), dim=2).to(dtype)  # 2j cos, 2j+1 sin
     return out.view(K, 2 * m)[:, :n].reshape(K, *shape)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +21,8 @@ from .losses import check_loss, loss_value
 from .nets import Net
 from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
 from .streams import generators
+
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 @dataclass
@@ -43,6 +46,14 @@ class TrainConfig:
     progress               a progress bar on stderr
     metrics_path           append one JSON line per replica and epoch to this file
     checkpoint_path        write a checkpoint here after every epoch; ``resume`` continues from it
+    compile                "off" (eager), "default" or "reduce-overhead": after one eager step, the training
+                           step (the rule's step, the optimizer step and the device-side bookkeeping) runs
+                           through ``torch.compile(fullgraph=True, mode=...)``; "reduce-overhead" captures it
+                           as a CUDA graph on a GPU (no launch per operation). Same numbers up to float
+                           rounding (fused kernels). A step that cannot be compiled (a rule that draws from
+                           host generators, e.g. DTP with noise_rng="host"; a PC tolerance that stops
+                           inference early) runs eagerly instead: the result's ``compile`` entry says which
+                           and why
     """
 
     epochs: int = 1
@@ -59,6 +70,7 @@ class TrainConfig:
     metrics_path: str | None = None  # JSON lines, one per replica and epoch
     checkpoint_path: str | None = None  # written after every epoch
     resume: bool = False
+    compile: str = "off"
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "eval_batch_size", "sync_every"):
@@ -67,6 +79,8 @@ class TrainConfig:
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode '{self.compile}'; choose one of {', '.join(COMPILE_MODES)}")
         if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor >= 0):
             raise ConfigError(f"diverge_factor must be a non-negative number or None, got {self.diverge_factor!r}")
 
@@ -121,6 +135,14 @@ class Trainer:
         self.history: list[list[dict]] = [[] for _ in range(net.K)]
         self.epoch = 0
         self.gens = generators("data_order", self.seeds)
+        self._limit: torch.Tensor | None = None  # the divergence bound, diverge_factor * |loss0|, on the device
+        self._acc: dict | None = None
+        self._compiled = None  # the compiled training step (compile != "off", after the first eager step)
+        self._idx_bufs: dict = {}
+        self._train_set: tuple | None = None
+        self._graphs0 = (0, 0)
+        self._compiled_code = None
+        self.compile_info = {"mode": cfg.compile, "used": False, "graphs": 0, "fallback": None}
         if cfg.resume and cfg.checkpoint_path and Path(cfg.checkpoint_path).exists():
             self.load(cfg.checkpoint_path)
 
@@ -141,7 +163,10 @@ class Trainer:
             self.history[k].append({"epoch": self.epoch, "step": int(steps[k]), "event": "diverged"})
 
     def run(self, on_epoch: Callable[[int, list[dict]], None] | None = None) -> dict:
+        """Train until ``cfg.epochs`` (a finished run whose ``cfg.epochs`` was raised trains on: its done
+        replicas run again, its diverged ones stay frozen). Returns :meth:`result`."""
         cfg, net, data = self.cfg, self.net, self.data
+        self.status = ["running" if s == "done" else s for s in self.status]
         n = len(data.x_train)
         steps = math.ceil(n / cfg.batch_size)
         if cfg.max_steps:
@@ -151,41 +176,31 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=(cfg.epochs - self.epoch) * steps, desc=f"{getattr(self.algo, 'name', 'train')} "
                        f"M={net.width} K={net.K}", unit="step", leave=False, dynamic_ncols=True)
-        x_all, y_all = data.x_train.to(net.device), data.y_train.to(net.device)
+        if self._train_set is None:  # on the device once per Trainer (a compiled step reads it in place)
+            self._train_set = (data.x_train.to(net.device), data.y_train.to(net.device))
+        x_all, y_all = self._train_set
         if self.epoch == 0 and getattr(self.algo, "pretrain_epochs", 0):
             self._pretrain(x_all, n, steps)
+        acc = self._accumulators()
         while self.epoch < cfg.epochs and any(s == "running" for s in self.status):
             t0 = time.perf_counter()
             perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(net.device)
             # on the device until the next sync: the loss sum and each replica's first diverging step (-1: none)
-            loss_sum = torch.zeros(net.K, dtype=torch.float64, device=net.device)
-            first_bad = torch.full((net.K,), -1, dtype=torch.long, device=net.device)
-            bound = cfg.diverge_factor  # a replica diverges when its loss exceeds bound * |its first loss|
-            limit = None if self.loss0 is None or not bound else bound * self.loss0.abs()
+            acc["loss_sum"].zero_(), acc["first_bad"].fill_(-1), acc["i"].zero_()
             for i in range(steps):
-                idx = perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                grads, loss = self.algo.step(net, x_all[idx], y_all[idx], opt=self.opt)
-                self.opt.step(grads)
-                loss = loss.detach().double()
-                loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
-                if self.loss0 is None:
-                    self.loss0 = loss.clone()
-                    limit = bound * self.loss0.abs() if bound else None
-                bad = ~torch.isfinite(loss)
-                if limit is not None:
-                    bad |= loss > limit
-                first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+                idx = self._batch_index(perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size])
+                loss = self._step(x_all, y_all, idx)
                 if (i + 1) % cfg.sync_every == 0 or i == steps - 1:  # the one host read-back of the interval
-                    fb = first_bad.cpu()
+                    fb = acc["first_bad"].cpu()
                     self._mark_diverged(fb >= 0, fb)
-                    first_bad.fill_(-1)
+                    acc["first_bad"].fill_(-1)
                 if bar is not None:
                     bar.update(1)
                     if i % 50 == 0:
                         bar.set_postfix(loss=f"{loss[torch.isfinite(loss)].mean().item():.4f}" if
                                         torch.isfinite(loss).any() else "nan")
             self._mark_diverged(~_finite_replicas(net), steps)
-            loss_sum = loss_sum.cpu()
+            loss_sum = acc["loss_sum"].cpu()
             self.epoch += 1
             train_time = time.perf_counter() - t0
             test = evaluate(net, data.x_test, data.y_test, self.loss, cfg.eval_batch_size)
@@ -221,6 +236,91 @@ class Trainer:
         self.status = ["done" if s == "running" else s for s in self.status]
         return self.result()
 
+    # ------------------------------------------------------------------ one training step
+    def _accumulators(self) -> dict:
+        """The device-side bookkeeping of a sync interval, allocated once and reset in place (a captured step
+        keeps writing to the same memory): the loss sum, each replica's first diverging step (-1: none), and
+        the step index within the epoch."""
+        if self._acc is None:
+            dev, K = self.net.device, self.net.K
+            self._acc = {"loss_sum": torch.zeros(K, dtype=torch.float64, device=dev),
+                         "first_bad": torch.full((K,), -1, dtype=torch.long, device=dev),
+                         "i": torch.zeros((), dtype=torch.long, device=dev)}
+        return self._acc
+
+    def _batch_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """The step's sample indices (K, B). Compiled: copied into a buffer of that shape, so that the step reads
+        the same memory every time (a captured graph replays on fixed addresses)."""
+        if self._compiled is None:
+            return idx
+        buf = self._idx_bufs.get(tuple(idx.shape))
+        if buf is None:
+            buf = self._idx_bufs[tuple(idx.shape)] = torch.empty_like(idx)
+            _mark_static(buf)
+        return buf.copy_(idx)
+
+    def _train_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One step of every replica: the rule's step and the optimizer's, then the interval's bookkeeping on
+        the device (the loss sum; a replica's first step whose loss is not finite or exceeds
+        ``diverge_factor`` times its first loss). Nothing is read back to the host."""
+        grads, loss = self.algo.step(self.net, x_all[idx], y_all[idx], opt=self.opt)
+        self.opt.step(grads)
+        loss = loss.detach().double()
+        if self.loss0 is None:  # the first step of a run (always eager: compiling starts after it)
+            self.loss0 = loss.clone()
+            self._limit = self.cfg.diverge_factor * self.loss0.abs() if self.cfg.diverge_factor else None
+        acc = self._acc
+        acc["loss_sum"] += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+        bad = ~torch.isfinite(loss)
+        if self._limit is not None:
+            bad |= loss > self._limit
+        first = acc["first_bad"]
+        first.copy_(torch.where(bad & (first < 0), acc["i"], first))
+        acc["i"] += 1
+        return loss
+
+    def _step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The training step: eager, or compiled after the first eager step when ``compile`` asks for it; a
+        step that fails to compile falls back to eager for the rest of the run (said once on stderr and in
+        the result's ``compile`` entry)."""
+        if self._compiled is None:
+            loss = self._train_step(x_all, y_all, idx)
+            if self.cfg.compile != "off" and self.compile_info["fallback"] is None:
+                blocker = getattr(self.algo, "compile_blocker", lambda net: None)(self.net)
+                if blocker:
+                    self._stop_compiling(blocker)
+                else:
+                    self._start_compiling(x_all, y_all)
+            return loss
+        try:
+            return self._compiled(x_all, y_all, idx)
+        except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing or compiling: nothing ran
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            self._stop_compiling(reason[:300])
+            return self._train_step(x_all, y_all, idx)
+
+    def _start_compiling(self, x_all, y_all) -> None:
+        import torch._dynamo
+        self.opt.set_graph_safe(True)
+        if hasattr(self.algo, "set_graph_safe"):
+            self.algo.set_graph_safe(True)
+        for t in (x_all, y_all, *_tensors_of((self.net.params(), self.opt, self.algo, self._acc, self._limit))):
+            _mark_static(t)
+        self._graphs0 = _compile_counts()
+        own = _own_code(self._train_step)
+        self._compiled_code = own.__func__.__code__
+        self._compiled = compile_step(own, self.cfg.compile)
+        self.compile_info["used"] = True
+
+    def _stop_compiling(self, reason: str) -> None:
+        import sys
+        self._compiled = None
+        self.opt.set_graph_safe(False)
+        if hasattr(self.algo, "set_graph_safe"):
+            self.algo.set_graph_safe(False)
+        self.compile_info.update(used=False, fallback=reason)
+        print(f"warning: compile={self.cfg.compile}: the training step runs eagerly ({reason})", file=sys.stderr)
+
     def _pretrain(self, x_all, n: int, steps: int) -> None:
         """Feedback-only epochs (target propagation) on their own data-order stream."""
         gens = generators("pretrain_order", self.seeds)
@@ -240,7 +340,12 @@ class Trainer:
             inference = {key[3:]: v for key, v in last.items() if key.startswith("pc_")}
             if inference:  # the rule's inference status over the last epoch (predictive coding)
                 reps[-1]["inference"] = inference
-        return {"replicas": reps, "epochs": self.epoch}
+        if self.compile_info["used"]:
+            now = _compile_counts()
+            self.compile_info["graphs"] = _graphs_of(self._compiled_code, now[0] - self._graphs0[0])
+            if self.cfg.compile == "reduce-overhead":  # graphs run without a CUDA graph (a GPU; process-wide count)
+                self.compile_info["cudagraph_skips"] = now[1] - self._graphs0[1]
+        return {"replicas": reps, "epochs": self.epoch, "compile": dict(self.compile_info)}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str) -> None:
@@ -259,10 +364,68 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
         self.loss0 = None if ck.get("loss0") is None else ck["loss0"].to(self.net.device)  # no copy per step
+        if self.loss0 is not None and self.cfg.diverge_factor:
+            self._limit = self.cfg.diverge_factor * self.loss0.abs()
         if ck.get("algo") is not None and hasattr(self.algo, "load_state_dict"):
             self.algo.load_state_dict(ck["algo"], self.net)
         for g, s in zip(self.gens, ck["gens"]):
             g.set_state(s)
+
+
+def compile_step(fn, mode: str):
+    """``fn`` through torch.compile: one whole graph (``fullgraph``: a graph break is an error, never a silent
+    partial compile), static shapes, ``mode`` "default" (inductor's fused kernels) or "reduce-overhead" (and
+    CUDA graphs on a GPU)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def _own_code(method):
+    """``method`` bound to its object, with a copy of its code object: dynamo keeps its compiled graphs and counts
+    recompiles per code object, so each Trainer gets its own cache (with one shared code object the 9th Trainer
+    of a process, e.g. a sweep running its tasks inline, would hit dynamo's recompile limit and run eagerly)."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)
+
+
+def _graphs_of(code, fallback: int) -> int:
+    """The graphs dynamo holds for ``code`` (this Trainer's own step: one per batch shape), or ``fallback``."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        return len(_debug_get_cache_entry_list(code))
+    except (ImportError, AttributeError, TypeError):
+        return fallback
+
+
+def _compile_counts() -> tuple[int, int]:
+    """(graphs compiled by torch.compile in this process so far, graphs inductor ran without a CUDA graph). A step
+    compiled once per batch shape adds one or two graphs; a count that grows with the steps means recompiles."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
+
+
+def _tensors_of(obj, depth: int = 4) -> list[torch.Tensor]:
+    """The tensors held by ``obj`` (lists, tuples, dicts, objects' attributes), ``depth`` levels down."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0 or obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.Generator)):
+        return []
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for v in items for t in _tensors_of(v, depth - 1)]
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    """Tell torch.compile that ``t`` keeps its address (a CUDA graph then reads it in place instead of copying
+    it in at every replay, and may update it in place)."""
+    import torch._dynamo
+    torch._dynamo.mark_static_address(t, guard=False)
 
 
 def load_checkpoint(path: str, net: Net) -> dict:

@@ -304,6 +304,16 @@ class PC:
         self._power[l] = (w, x)
         return torch.nan_to_num(lam, nan=0.0, posinf=0.0)
 
+    def compile_blocker(self, net: Net) -> str | None:
+        """Why this rule's step cannot run as one compiled graph (``TrainConfig.compile``), or None."""
+        if self.tol is not None:
+            return "PC's tol stops inference on a host read of the energies"
+        if self.init == "random":
+            return "PC's init='random' draws the values on host generators"
+        if self.record:
+            return "record reads diagnostics back to the host at every step"
+        return None
+
     # ------------------------------------------------------------------ the fused parallel step
     def fused(self, net: Net) -> bool:
         """Whether ``step`` takes the fused path (``_step_fused``): parallel inference without FPA, guard, record,
@@ -625,10 +635,13 @@ class PC:
 
     # ------------------------------------------------------------------ inference status
     def _accumulate(self, rose, rel_residual, backtracks) -> None:
+        """Add one training step's status to the device accumulators (in place: the counts are device
+        tensors too, so a compiled or captured step adds to the same memory at every replay)."""
         st = self._status
         if st is None or st["rose"].shape != rose.shape or st["rose"].device != rose.device:
             z = torch.zeros(rose.shape, dtype=torch.float64, device=rose.device)
-            st = self._status = {"rose": z, "residual": z.clone(), "backtracks": z.clone(), "n": 0, "n_res": 0}
+            n = torch.zeros((), dtype=torch.int64, device=rose.device)
+            st = self._status = {"rose": z, "residual": z.clone(), "backtracks": z.clone(), "n": n, "n_res": n.clone()}
         st["rose"] += rose
         if rel_residual is not None:
             st["residual"] += rel_residual
@@ -638,20 +651,25 @@ class PC:
         st["n"] += 1
 
     def inference_status(self) -> dict:
-        """Per replica, since the last call (then reset): ``energy_rose``, the fraction of training steps in
-        which the energy rose at some inference step (nan under FPA, where the move is not a descent on F);
-        ``residual``, the mean relative residual ||dF/dv|| at the end over ||dF/dv|| at the start;
-        ``backtracks`` (guard on), the mean number of undone steps per training step; ``steps``, the number
-        of training steps counted. Empty if no step ran. One device-to-host copy."""
-        st, self._status = self._status, None
-        if st is None or not st["n"]:
+        """Per replica, since the last call (then reset to zero in place): ``energy_rose``, the fraction of
+        training steps in which the energy rose at some inference step (nan under FPA, where the move is not a
+        descent on F); ``residual``, the mean relative residual ||dF/dv|| at the end over ||dF/dv|| at the
+        start; ``backtracks`` (guard on), the mean number of undone steps per training step; ``steps``, the
+        number of training steps counted. Empty if no step ran. Read back to the host once per call."""
+        st = self._status
+        if st is None:
             return {}
-        n = st["n"]
-        out = {"energy_rose": [math.nan] * len(st["rose"]) if self.fpa else (st["rose"] / n).cpu().tolist()}
-        if st["n_res"]:
-            out["residual"] = (st["residual"] / st["n_res"]).cpu().tolist()
+        host = {k: v.to("cpu", copy=True) for k, v in st.items()}  # a copy: on the CPU .cpu() would alias
+        for v in st.values():
+            v.zero_()
+        n, n_res = int(host["n"]), int(host["n_res"])
+        if not n:
+            return {}
+        out = {"energy_rose": [math.nan] * len(host["rose"]) if self.fpa else (host["rose"] / n).tolist()}
+        if n_res:
+            out["residual"] = (host["residual"] / n_res).tolist()
         if self.guard:
-            out["backtracks"] = (st["backtracks"] / n).cpu().tolist()
+            out["backtracks"] = (host["backtracks"] / n).tolist()
         out["steps"] = n
         return out
 

@@ -144,6 +144,17 @@ class TargetRule:
 
     profile = False  # set True to accumulate seconds per phase in ``self.timings``
 
+    def compile_blocker(self, net: Net) -> str | None:
+        """Why this rule's step cannot run as one compiled graph (``TrainConfig.compile``), or None."""
+        if self.profile:
+            return "profile times each phase on the host"
+        if self.record:
+            return "record reads diagnostics back to the host at every step"
+        if getattr(self, "trainable", False) and getattr(self, "noise_rng", None) == "host" and self.fb_iters:
+            return f"{self.name.upper()}'s noise_rng='host' draws the feedback noise on host generators " \
+                   f"(noise_rng='counter' draws it on the device)"
+        return None
+
     @staticmethod
     def space(net: Net, us, acts) -> list:
         """The activities targets are set for, h_0..h_{L-1}: a_l = post(u_l), or for a residual net the stream
@@ -241,7 +252,7 @@ class TP(TargetRule):
         self.feedback, self.fb_loss, self.sigma, self.fb_iters = feedback, fb_loss, sigma, fb_iters
         self.fb_lr, self.fb_optimizer, self.ridge = fb_lr, fb_optimizer, float(ridge)
         self.pretrain_epochs, self.noise_rng = int(pretrain_epochs), noise_rng
-        self.noise_counter = 0  # counter_normal draws made so far (noise_rng="counter"; checkpointed)
+        self._counter = torch.zeros((), dtype=torch.int64)  # counter_normal draws so far (a device tensor)
         self.fb: dict[int, Dense] | None = None
         self.fb_opt: LayerwiseOptimizer | None = None
         self._net_ref = None
@@ -311,7 +322,7 @@ class TP(TargetRule):
         seeds = list(getattr(net, "seeds", range(net.K)))
         self.noise_gens = generators("feedback_noise", seeds)  # noise_rng="host"
         self.noise_keys = counter_keys("feedback_noise_counter", seeds, device=net.device)  # noise_rng="counter"
-        self.noise_counter = 0
+        self._counter = torch.zeros((), dtype=torch.int64, device=net.device)  # noise_counter, on the device
         params, scales = [], []
         for l in range(2, L + 1):
             params += [self.fb[l].weight, self.fb[l].bias]
@@ -340,9 +351,24 @@ class TP(TargetRule):
         if self.noise_rng == "host":
             n = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.noise_gens])
             return n.to(like.device).mul_(sigma)
-        n = counter_normal(self.noise_keys, self.noise_counter, like.shape[1:], like.dtype, like.device)
-        self.noise_counter += 1
+        n = counter_normal(self.noise_keys, self._counter, like.shape[1:], like.dtype, like.device)
+        self._counter += 1  # in place, on the device: no host number per draw
         return n.mul_(sigma)
+
+    @property
+    def noise_counter(self) -> int:
+        """counter_normal draws made so far (noise_rng="counter"; checkpointed). Kept on the device and
+        advanced there; reading it here is a host read."""
+        return int(self._counter)
+
+    @noise_counter.setter
+    def noise_counter(self, value: int) -> None:
+        self._counter.fill_(int(value))
+
+    def set_graph_safe(self, on: bool = True) -> None:
+        """Put the feedback optimizer in graph-safe mode (``LayerwiseOptimizer.set_graph_safe``)."""
+        if self.fb_opt is not None:
+            self.fb_opt.set_graph_safe(on)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

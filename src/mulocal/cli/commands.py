@@ -11,6 +11,7 @@ from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
+from ..train import COMPILE_MODES
 from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, given_algo_options,
                     ints, out_file, per_algo)
 
@@ -47,7 +48,8 @@ def cmd_train(args) -> dict:
         raise MulocalError(f"--lr has {len(lrs)} values and --seeds {len(seeds)}: give one, or the same number")
     lrs, seeds = (lrs * K)[:K] if len(lrs) == 1 else lrs, (seeds * K)[:K] if len(seeds) == 1 else seeds
     run = assemble(cell, lrs, seeds, val_fraction=args.val_fraction, progress=not args.no_progress,
-                   metrics_path=args.metrics, checkpoint_path=args.checkpoint, resume=args.resume, **_run_kw(args))
+                   metrics_path=args.metrics, checkpoint_path=args.checkpoint, resume=args.resume,
+                   compile=args.compile, **_run_kw(args))
 
     def report(epoch, rows):
         if not args.json:
@@ -63,6 +65,8 @@ def cmd_train(args) -> dict:
     reps = [{k: v for k, v in r.items() if k != "history"} for r in res["replicas"]]
     out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "width": args.width,
            "dataset": cell["dataset"], "epochs": res["epochs"], "replicas": reps}
+    if args.compile != "off":  # what was compiled, or why it ran eagerly
+        out["compile"] = res["compile"]
     if K == 1:
         out.update(test_accuracy=reps[0]["test_accuracy"], test_loss=reps[0]["test_loss"], status=reps[0]["status"])
     else:
@@ -343,6 +347,9 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _run_flags(t)
+    t.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="run the training step through torch.compile after one eager step: default (fused "
+                        "kernels) or reduce-overhead (CUDA graphs on a GPU); same numbers up to float rounding")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(t)
     add_algo_options(t)

@@ -14,6 +14,7 @@ from ..config import FIELDS, config_hash
 from ..errors import ConfigError
 from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
 from ..sweep.spec import ALIASES
+from ..train import COMPILE_MODES
 from .flags import add_algo_options, add_fields, checked_dir, list_of, out_dir, out_file, scoped_algo_options
 
 
@@ -95,6 +96,9 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--memory-budget-mb", type=float, default=None,
                    help="memory per task used to size the replica chunks (default: RAM / (2 workers), <= 4 GiB)")
     r.add_argument("--device", default=None, help="cpu (default) or cuda")
+    r.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="run each task's training step through torch.compile (reduce-overhead: CUDA graphs on a "
+                        "GPU); off by default")
     r.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     r.add_argument("--no-download", action="store_true", help="never try to download data")
     r.add_argument("--reset-running", action="store_true",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import check_device, config_hash, group_of, load_data, validate
 from ..errors import ConfigError, MulocalError
+from ..train import COMPILE_MODES
 from .executors import EXECUTORS, check_reachable, make_executor
 from .plan import data_key, device_budget, gpu_count, plan
 from .spec import expand
@@ -33,6 +34,7 @@ class SweepOptions:
     max_replicas: int = 64  # most cells trained as one batched model
     memory_budget_mb: float | None = None  # memory per task used to size replica chunks
     device: str = "cpu"
+    compile: str = "off"  # TrainConfig.compile for every task (each task compiles its own step once)
     data_dir: str | None = None
     download: bool = True
     eval_batch_size: int = 2000
@@ -57,6 +59,8 @@ class SweepOptions:
             if self.ray_address:
                 check_reachable(self.ray_address)
         check_device(self.device)
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode '{self.compile}'; choose one of {', '.join(COMPILE_MODES)}")
         return self
 
     @property
@@ -148,7 +152,7 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
         bar.set_postfix_str(f"{finished_before}/{len(cells)} cells", refresh=False)
     t_run = time.perf_counter()
     queue, inflight, claimed = list(tasks), {}, set()
-    extra = {"device": opts.device, "data_dir": None if opts.data_dir is None else str(opts.data_dir),
+    extra = {"device": opts.device, "compile": opts.compile, "data_dir": None if opts.data_dir is None else str(opts.data_dir),
              "download": opts.download, "eval_batch_size": opts.eval_batch_size}
     try:
         while queue or inflight:

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 LISTS = {"widths": "int", "lrs": "lr", "seeds": "int0"}
 ALIASES = {"width": "widths", "lr": "lrs", "seed": "seeds", "algorithm": "algo", "parameterization": "param"}
 RUN_KEYS = ("store", "executor", "workers", "threads", "ray_address", "max_replicas", "memory_budget_mb", "device",
-            "data_dir", "eval_batch_size")
+            "data_dir", "eval_batch_size", "compile")
 
 
 def _as_list(value) -> list:

@@ -16,7 +16,7 @@ def run_task(task: dict) -> dict:
         data = load_data(g, task.get("data_dir"), task.get("download", True))
         lrs, seeds = [c["lr"] for c in cells], [c["seed"] for c in cells]
         t0 = time.perf_counter()
-        run = assemble(g, lrs, seeds, device=task.get("device", "cpu"), data=data,
+        run = assemble(g, lrs, seeds, device=task.get("device", "cpu"), compile=task.get("compile", "off"), data=data,
                        eval_batch_size=task.get("eval_batch_size", 2000))
         res = run.trainer().run()
         seconds = time.perf_counter() - t0
