@@ -111,6 +111,30 @@ def time_mulocal(data: Dataset, width: int, make_rule, lr: float, steps: int, wa
     return train(steps)
 
 
+def compiled_job(data: Dataset, width: int, make_rule, lr: float, steps: int, warmup: int, device: str, mode: str,
+                 param: str = "sp"):
+    """A job timing mulocal with ``TrainConfig.compile = mode``: its first call builds one Trainer and trains a
+    warm-up epoch of ``max(warmup, 2)`` steps (the first step eager, the compile at the second); every call then
+    trains one more epoch of ``steps`` steps on that Trainer and returns (seconds, status, compile info)."""
+    state = {}
+
+    def job():
+        if not state:
+            net = build("mlp", data.input_shape, data.n_classes, width, preset(param, "sgd"), depth=DEPTH, K=1,
+                        seeds=[0], device=device)
+            cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=lr, optimizer="sgd", progress=False,
+                              max_steps=max(warmup, 2), compile=mode)
+            state["trainer"] = Trainer(net, make_rule(), data, cfg, seeds=[0])
+            state["trainer"].run()
+            cfg.max_steps = steps
+        tr = state["trainer"]
+        tr.cfg.epochs += 1
+        res = tr.run()
+        rows = [h for h in res["replicas"][0]["history"] if "event" not in h]
+        return rows[-1]["epoch_time"], res["replicas"][0]["status"], dict(tr.compile_info)
+    return job
+
+
 # --------------------------------------------------------------------------------------- naive
 class NaivePC:
     """Predictive coding the straightforward eager-PyTorch way: autograd on the energy.
@@ -347,7 +371,8 @@ def label(key) -> str:
         return f"BP M={w}" if what == "bp" else f"PC T={what} M={w}"
     return {"pcx_mulocal": f"mulocal PC, PCX settings M={PCX_WIDTH}", "pcx": f"PCX M={PCX_WIDTH}",
             "pcx_seq": f"mulocal PC sequential M={PCX_WIDTH}", "pcx_par": f"mulocal PC parallel M={PCX_WIDTH}",
-            "pcx_naive": f"naive PC M={PCX_WIDTH}"}[key]
+            "pcx_naive": f"naive PC M={PCX_WIDTH}",
+            "pcx_mulocal_compiled": f"mulocal PC, PCX settings, compiled M={PCX_WIDTH}"}[key]
 
 
 def main(argv=None) -> int:
@@ -361,6 +386,9 @@ def main(argv=None) -> int:
                    help="a Python with PCX 0.6.3 + JAX 0.4.38: run PCX's PC MLP side by side (section 2)")
     p.add_argument("--pcx-h-lr", type=float, default=0.1, help="inference step (SGD on the values) of section 2 "
                                                                "(default 0.1)")
+    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+                   help="also time section 2's mulocal PC with TrainConfig.compile = this mode (torch.compile of "
+                        "the training step; default none)")
     p.add_argument("--check-steps", type=int, default=5,
                    help="training steps of the mulocal-vs-PCX loss agreement check (default 5)")
     add_device_arg(p)
@@ -419,6 +447,9 @@ def main(argv=None) -> int:
         # 2: mulocal with PCX's settings, then PCX (alternating within every repeat)
         jobs["pcx_mulocal"] = lambda: time_mulocal(data, PCX_WIDTH, lambda: pcx_rule(h_lr), lr, steps, warmup, dev,
                                                    param="sp")
+        if args.compile != "none":
+            jobs["pcx_mulocal_compiled"] = compiled_job(data, PCX_WIDTH, lambda: pcx_rule(h_lr), lr, steps, warmup,
+                                                        dev, args.compile)
         if pcx_side is not None:
             def run_pcx():
                 if warmup:
@@ -451,11 +482,17 @@ def main(argv=None) -> int:
         table.append(dict(width=w, bp=bp, pc=rows))
 
     mine, seq, par, nv = res["pcx_mulocal"], res["pcx_seq"], res["pcx_par"], res["pcx_naive"]
+    comp = res.get("pcx_mulocal_compiled")
+    if comp is not None:
+        comp["compile"] = min(raw["pcx_mulocal_compiled"], key=lambda r: r[0])[2]
     pcx = dict(
         width=PCX_WIDTH, T=PCX_T, h_lr=h_lr, steps_per_epoch=steps_per_epoch,
         mulocal=mine, pcx=res.get("pcx"), pcx_run=pcx_side is not None, pcx_python=args.pcx_python,
         pcx_env=pcx_info, agreement=check,
         ratio_mulocal_over_pcx=mine["seconds"] / res["pcx"]["seconds"] if "pcx" in res else None,
+        compile_mode=args.compile, mulocal_compiled=comp,
+        ratio_compiled_over_pcx=comp["seconds"] / res["pcx"]["seconds"] if comp and "pcx" in res else None,
+        ratio_compiled_over_eager=comp["seconds"] / mine["seconds"] if comp else None,
         mulocal_sequential=seq, mulocal_parallel=par, naive=nv,
         ratio_mulocal_over_naive=seq["seconds"] / nv["seconds"],
         ratio_mulocal_parallel_over_naive=par["seconds"] / nv["seconds"],
@@ -512,10 +549,18 @@ def print_table(r: dict) -> None:
     print("-" * len(hdr))
     m = x["mulocal"]
     print(f"{'mulocal PC (parallel, kappa = step, status on)':<44} | {m['epoch_s']:>8.2f} {m['ms_per_step']:>8.2f}")
+    comp = x.get("mulocal_compiled")
+    if comp:
+        how = "compiled" if comp["compile"]["used"] else f"eager: {comp['compile']['fallback']}"
+        print(f"{'  the same, compile=' + x['compile_mode'] + ' (' + how + ')':<44} | {comp['epoch_s']:>8.2f} "
+              f"{comp['ms_per_step']:>8.2f}")
     if x["pcx_run"]:
         q, e = x["pcx"], x["pcx_env"] or {}
         print(f"{'PCX ' + str(e.get('pcx')) + ' (JAX ' + str(e.get('jax')) + ', jit)':<44} | {q['epoch_s']:>8.2f} "
               f"{q['ms_per_step']:>8.2f}")
+        if comp:
+            print(f"ratio mulocal compiled / PCX: {x['ratio_compiled_over_pcx']:.2f}; compiled / eager "
+                  f"{x['ratio_compiled_over_eager']:.2f}")
         print(f"ratio mulocal / PCX (this run, repeats alternating): {x['ratio_mulocal_over_pcx']:.2f}   threads: "
               f"torch {r['env']['torch_threads']}, JAX/XLA on {e.get('backend')} with {e.get('cpu_count')} cores "
               f"(its default pool)")

@@ -25,9 +25,8 @@ Run:
 """
 from __future__ import annotations
 
+import json
 import time
-
-import torch
 
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
@@ -76,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated rules (default {','.join(RULES)})")
     p.add_argument("--compile", default="reduce-overhead", choices=[m for m in COMPILE_MODES if m != "off"] + ["none"],
                    help="the compiled mode timed next to eager (default reduce-overhead; none: eager only)")
+    p.add_argument("--compile-widths", default=None, help="time the compiled mode at these widths only (default all)")
+    p.add_argument("--compile-Ks", default=None, help="time the compiled mode at these K only (default all)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
     add_timing_args(p, steps=100, warmup=10)
     add_device_arg(p)
     add_data_args(p)
@@ -93,8 +95,10 @@ def main(argv=None) -> int:
     data, data_desc, note = load_data(args, n_eval=16)
     steps = min(args.steps, len(data.x_train) // BATCH)
 
+    cw = widths if args.compile_widths is None else parse_ints(args.compile_widths, "--compile-widths")
+    cK = Ks if args.compile_Ks is None else parse_ints(args.compile_Ks, "--compile-Ks")
     configs = {(w, K, r, m): Config(data, w, K, r, m, steps, args.warmup, args.device)
-               for w in widths for K in Ks for r in rules for m in modes}
+               for w in widths for K in Ks for r in rules for m in modes if m == "off" or (w in cw and K in cK)}
     raw = interleaved(configs, args.repeats)
     rows = []
     for (w, K, r, m), times in raw.items():
@@ -104,20 +108,26 @@ def main(argv=None) -> int:
                          fallback=c.compile_info["fallback"]))
 
     def ms(w, K, r, m):
-        return next(x["ms_per_step"] for x in rows if (x["width"], x["K"], x["rule"], x["mode"]) == (w, K, r, m))
+        return next((x["ms_per_step"] for x in rows if (x["width"], x["K"], x["rule"], x["mode"]) == (w, K, r, m)),
+                    None)
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
 
     summary = []
     k0, k1 = Ks[0], Ks[-1]
     for w in widths:
         for r in rules:
             for m in modes:
+                if not any(ms(w, K, r, m) is not None for K in Ks):
+                    continue
                 s = dict(width=w, rule=r, mode=m, ms={K: ms(w, K, r, m) for K in Ks})
                 if k1 != k0:
-                    s["replica_gain"] = (k1 / ms(w, k1, r, m)) / (k0 / ms(w, k0, r, m))
+                    s["replica_gain"] = ratio(ratio(k1, ms(w, k1, r, m)), ratio(k0, ms(w, k0, r, m)))
                 if "bp" in rules:
-                    s["over_bp"] = {K: ms(w, K, r, m) / ms(w, K, "bp", m) for K in Ks}
+                    s["over_bp"] = {K: ratio(ms(w, K, r, m), ms(w, K, "bp", m)) for K in Ks}
                 if m != "off":
-                    s["compiled_over_eager"] = {K: ms(w, K, r, m) / ms(w, K, r, "off") for K in Ks}
+                    s["compiled_over_eager"] = {K: ratio(ms(w, K, r, m), ms(w, K, r, "off")) for K in Ks}
                 summary.append(s)
     result = dict(benchmark="bench_step", model=f"mlp depth {DEPTH} tanh 784 -> M -> M -> 10, muP SGD, batch {BATCH}",
                   dataset=data_desc, dataset_note=note, steps=steps, warmup=args.warmup, repeats=args.repeats,
@@ -125,6 +135,9 @@ def main(argv=None) -> int:
                   env=environment(args.device, load_average_start=load_start, load_average_end=load_average()),
                   rows=rows, summary=summary, max_repeat_spread=max(x["spread"] for x in rows),
                   total_wall_s=time.perf_counter() - t_start)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
     emit(result, args.json, print_table)
     return 0
 
@@ -136,12 +149,15 @@ def print_table(r: dict) -> None:
     extra = (" | gain" if len(Ks) > 1 else "") + " | /BP at K=" + ",".join(map(str, Ks)) + " | compiled/eager"
     print(f"| width | rule | mode | {head}{extra} |")
     print("|" + "---|" * (3 + len(Ks) + (1 if len(Ks) > 1 else 0) + 2))
+    def fmt(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
     for s in r["summary"]:
-        cells = [f"{s['ms'][K]:.3f}" for K in Ks]
+        cells = [fmt(s["ms"][K], ".3f") for K in Ks]
         if len(Ks) > 1:
-            cells.append(f"{s['replica_gain']:.1f}x")
-        cells.append(", ".join(f"{v:.2f}" for v in s["over_bp"].values()) if "over_bp" in s else "-")
-        cells.append(", ".join(f"{v:.2f}" for v in s["compiled_over_eager"].values())
+            cells.append(fmt(s["replica_gain"], ".1f") + ("x" if s["replica_gain"] is not None else ""))
+        cells.append(", ".join(fmt(v) for v in s["over_bp"].values()) if "over_bp" in s else "-")
+        cells.append(", ".join(fmt(v) for v in s["compiled_over_eager"].values())
                      if "compiled_over_eager" in s else "-")
         print(f"| {s['width']} | {s['rule']} | {s['mode']} | " + " | ".join(cells) + " |")
     for x in r["rows"]:
