@@ -118,10 +118,10 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import check_loss, labels, loss_and_grad
+from ..losses import onehot as one_hot
 from ..nets import MLP, Net
 from ..streams import generators
 from .options import Option
@@ -354,7 +354,7 @@ class PC:
         kap = self._kappas(gam, net, a_ff)
         f = u_ff[L]
         lab = labels(f, y)
-        onehot = F.one_hot(lab, f.shape[-1]).to(f.dtype)
+        onehot = one_hot(lab, f.shape[-1], f.dtype)
         lab = lab.unsqueeze(-1)
         status = self.status
         residual = status and self.T > 1

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..algos import make_algo
 from ..algos.bp import BP
 from ..errors import ConfigError
+from ..losses import onehot
 from ..nets import build
 from ..param import preset
 from .coord import coord_check
@@ -43,7 +43,7 @@ def pc_equilibrium_grads(net, x, y, loss: str = "mse"):
         for k in range(net.K):
             Ws = [layer.weight[k] * layer.mult for layer in net.layers]
             xk = net.prepare_input(x)[k]
-            yk = F.one_hot(y if y.dim() == 1 else y[k], net.out_dim).to(xk.dtype)
+            yk = onehot(y if y.dim() == 1 else y[k], net.out_dim, xk.dtype)
             grads.append(pc_fixed_point(Ws, xk, yk, gam)["grads"])
         return [torch.stack([g[l] for g in grads]) for l in range(net.depth)]
     gam = make_algo("pc", loss=loss).energy_weights(net)
