@@ -261,3 +261,36 @@ def test_a_finished_run_trains_on_when_its_epochs_are_raised():
     assert strip == want
     assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
     assert sum(h.get("event") == "diverged" for h in res["replicas"][1]["history"]) == 1
+
+
+def test_tf32_is_a_dtype_of_its_own_and_sets_the_gpu_precision_during_the_run(monkeypatch):
+    """dtype="tf32": float32 tensors, and inside Trainer.run the GPU's float32 products and convolutions in
+    TensorFloat-32 (strict IEEE float32 for dtype float32, cuDNN's TF32 default included); the settings come back
+    afterwards. On the CPU the numbers are float32's, bitwise. A tf32 cell is another cell (its own hash)."""
+    import torch
+
+    from mulocal.algos.bp import BP
+    from mulocal.config import assemble, config_hash, default_cell
+    seen = []
+    step = BP.step
+
+    def spy(self, net, x, y, opt=None):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                     net.params()[0].dtype))
+        return step(self, net, x, y, opt)
+    monkeypatch.setattr(BP, "step", spy)
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    res = {}
+    for dtype in ("float32", "tf32"):
+        seen.clear()
+        cell = dict(algo="bp", dataset="synthetic", width=16, epochs=1, batch_size=32, train_subset=96,
+                    test_subset=32, dtype=dtype)
+        res[dtype] = assemble(cell, [0.1], [0]).trainer().run()
+        want = "tf32" if dtype == "tf32" else "ieee"
+        assert set(seen) == {(want, want, torch.float32)}
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    strip = [[{k: v for k, v in h.items() if k != "epoch_time"} for h in r["history"]] for r in res["tf32"]["replicas"]]
+    want = [[{k: v for k, v in h.items() if k != "epoch_time"} for h in r["history"]]
+            for r in res["float32"]["replicas"]]
+    assert strip == want
+    assert config_hash(default_cell(dtype="tf32")) != config_hash(default_cell(dtype="float32"))
