@@ -101,6 +101,17 @@ def test_compiled_training_equals_eager(aot_eager, algo, opts, optimizer, arch):
     assert tr.opt.state_dict()["t"] == 20  # the step count advanced on the device
 
 
+def test_reduce_overhead_mode_runs_on_the_cpu_too(aot_eager):
+    """The CUDA-graph mode marks each step's start (its previous outputs are dead); on the CPU there is no CUDA
+    graph, and the numbers are the eager ones. PC with the spectral step bound keeps its power-iteration vector
+    in place across compiled steps."""
+    opts = {"inference": "parallel", "parallel_step": "bound"}
+    _, eager = _train("pc", opts)
+    _, comp = _train("pc", opts, compile="reduce-overhead")
+    assert aot_eager == ["reduce-overhead"] and comp["compile"]["used"] and comp["compile"]["graphs"] == 2
+    _assert_close(_numbers(comp), _numbers(eager))
+
+
 def test_compiled_step_keeps_replicas_separate(aot_eager):
     """Replica k of a compiled batched run equals a compiled separate run of it."""
     _, both = _train("dtp", {"noise_rng": "counter"}, compile="default", lrs=(0.1, 0.05), seeds=(3, 8))

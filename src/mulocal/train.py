@@ -304,6 +304,8 @@ class Trainer:
                     self._start_compiling(x_all, y_all)
             return loss
         try:
+            if self.cfg.compile == "reduce-overhead":  # a new training step: the last replay's outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(x_all, y_all, idx)
         except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing or compiling: nothing ran
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

@@ -287,7 +287,8 @@ class PC:
         w = layer.weight
         K, shape = w.shape[0], tuple(shape)
         st = self._power.get(l)
-        if st is not None and st[0] is w and tuple(st[1].shape) == (K, 1, *shape):
+        warm = st is not None and st[0] is w and tuple(st[1].shape) == (K, 1, *shape)
+        if warm:
             x, iters = st[1], self.power_iters
         else:
             gen = torch.Generator().manual_seed(POWER_SEED)
@@ -301,7 +302,10 @@ class PC:
             ok = torch.isfinite(lam) & (lam > 0)
             x = torch.where(_bcast(ok, z), z / _bcast(lam.clamp_min(1e-300 if w.dtype == torch.float64 else 1e-30), z),
                             x)
-        self._power[l] = (w, x)
+        if warm:  # in place: a compiled or captured step keeps its state in the same memory
+            st[1].copy_(x)
+        else:
+            self._power[l] = (w, x)
         return torch.nan_to_num(lam, nan=0.0, posinf=0.0)
 
     def compile_blocker(self, net: Net) -> str | None:
