@@ -4,7 +4,8 @@ What it measures (3-layer tanh MLP 784 -> M -> M -> 10, muP for SGD, batch 128, 
 for every width M in ``--widths`` (default 512,2048), replica count K in ``--Ks`` (default 1,16), learning rule
 (``--rules``, default bp, pc (T = 5 parallel inference), dtp (noise_rng="counter", drawn on the device) and
 dtp-host (noise_rng="host", mulocal's default: drawn on the CPU, one generator per replica)) and compile mode
-(``off`` and ``--compile``, default reduce-overhead: ``TrainConfig.compile``, CUDA graphs on a GPU), the
+(``off`` and ``--compile``, default reduce-overhead on a GPU (``TrainConfig.compile``: CUDA graphs), default on
+the CPU (inductor's fused kernels); widths 128,512 and K = 1,8 by default on the CPU), the
 wall time of ``--steps`` training steps of the ``Trainer`` (the rule's step, the optimizer step and the
 device-side bookkeeping; the end-of-epoch evaluation is not counted: ``epoch_time``). Each configuration keeps
 one Trainer: its first epoch (``--warmup`` steps) warms up, and compiles when asked; every repeat then trains
@@ -70,11 +71,13 @@ class Config:
 
 def main(argv=None) -> int:
     p = make_parser(__doc__)
-    p.add_argument("--widths", default="512,2048", help="comma-separated widths (default 512,2048)")
-    p.add_argument("--Ks", default="1,16", help="comma-separated replica counts (default 1,16)")
+    p.add_argument("--widths", default=None, help="comma-separated widths (default 512,2048 on a GPU, 128,512 on "
+                                                  "the CPU)")
+    p.add_argument("--Ks", default=None, help="comma-separated replica counts (default 1,16 on a GPU, 1,8 on the CPU)")
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated rules (default {','.join(RULES)})")
-    p.add_argument("--compile", default="reduce-overhead", choices=[m for m in COMPILE_MODES if m != "off"] + ["none"],
-                   help="the compiled mode timed next to eager (default reduce-overhead; none: eager only)")
+    p.add_argument("--compile", default=None, choices=[m for m in COMPILE_MODES if m != "off"] + ["none"],
+                   help="the compiled mode timed next to eager (default reduce-overhead on a GPU, default on the "
+                        "CPU; none: eager only)")
     p.add_argument("--compile-widths", default=None, help="time the compiled mode at these widths only (default all)")
     p.add_argument("--compile-Ks", default=None, help="time the compiled mode at these K only (default all)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -83,7 +86,10 @@ def main(argv=None) -> int:
     add_data_args(p)
     args = p.parse_args(argv)
     args.device = resolve_device(args.device, "bench_step")
-    widths, Ks = parse_ints(args.widths, "--widths"), parse_ints(args.Ks, "--Ks")
+    gpu = args.device.startswith("cuda")
+    widths = parse_ints(args.widths or ("512,2048" if gpu else "128,512"), "--widths")
+    Ks = parse_ints(args.Ks or ("1,16" if gpu else "1,8"), "--Ks")
+    args.compile = args.compile or ("reduce-overhead" if gpu else "default")
     rules = [r for r in args.rules.split(",") if r]
     bad = [r for r in rules if r not in RULES]
     if bad or not rules:

@@ -306,6 +306,6 @@ def test_tp_noise_counter_lives_on_the_device(synth):
 @pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})])
 def test_inductor_compiled_training_equals_eager(algo, opts):
     _, eager = _train(algo, opts, epochs=1)
-    _, comp = _train(algo, opts, "default", epochs=1)
+    _, comp = _train(algo, opts, compile="default", epochs=1)
     assert comp["compile"]["used"] and comp["compile"]["graphs"] == 2
     _assert_close(_numbers(comp), _numbers(eager), rtol=1e-8)
