@@ -123,3 +123,21 @@ def test_reproduce_all_runs_each_and_keeps_going(tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "mulocal.cli", "reproduce", "all", "--budget", "huge"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown budget" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reproduce_passes_compile_to_every_sweep(tmp_path, capsys, monkeypatch):
+    """`reproduce --compile MODE`: every sweep of the experiment (the grid extensions, the depth experiment's
+    activity sweep) runs its tasks with that mode; the analyses ignore it. (The sweeps here run eagerly: what is
+    checked is what they are asked for; the compiled step itself is tests/test_compile.py's.)"""
+    import mulocal.sweep as sweep
+    real, asked = sweep.run_sweep, []
+
+    def spy(spec, store, options=None, **kw):
+        asked.append(kw.get("compile"))
+        return real(spec, store, options, **{**kw, "compile": "off"})
+    monkeypatch.setattr(sweep, "run_sweep", spy)
+    assert main(["reproduce", "depth", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0",
+                 "--compile", "default", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(asked) >= 2 and set(asked) == {"default"}  # the transfer sweeps and the activity sweep
+    assert out["command"].endswith("--compile default")

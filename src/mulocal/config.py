@@ -287,8 +287,6 @@ class Run:
                   seeds: Sequence[int] | None = None, depth: int | None = None):
         """The cell's model at ``width`` (``param`` / ``bias`` / ``depth`` override the cell's, e.g. for the
         exponent fitter and the depth checks)."""
-        import torch
-
         from .nets import build
         c = self.cell
         seeds = list(self.seeds if seeds is None else seeds)

@@ -313,7 +313,7 @@ class Trainer:
             return self._train_step(x_all, y_all, idx)
 
     def _start_compiling(self, x_all, y_all) -> None:
-        import torch._dynamo
+        import torch._dynamo  # noqa: F401 (loads torch._dynamo.exc, which _step catches)
         self.opt.set_graph_safe(True)
         if hasattr(self.algo, "set_graph_safe"):
             self.algo.set_graph_safe(True)

@@ -257,6 +257,9 @@ def register(subparsers) -> None:
     m.add_argument("--device", default=None, help="cpu (default) or cuda, for the transfer experiments")
     m.add_argument("--data-dir", default=None)
     m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
+    m.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="the sweeps' training steps through torch.compile (reduce-overhead: CUDA graphs on a GPU); "
+                        "each task compiles once")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_reproduce)
     d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
@@ -270,8 +273,10 @@ def register(subparsers) -> None:
 def cmd_reproduce(args) -> dict:
     from ..experiments.reproduce import run, run_all
     if args.name == "all":
-        return run_all(args.budget, args.out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json)
-    return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json)
+        return run_all(args.budget, args.out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json,
+                       compile=args.compile)
+    return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json,
+               compile=args.compile)
 
 
 def cmd_demo(args) -> dict:

@@ -20,9 +20,10 @@ def edges(reports: list[dict]) -> tuple[set, set]:
     return low, high
 
 
-def sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tuple[list, list[dict], list[str]]:
-    """Run every spec; while a spec's family has its best LR (by training loss or test accuracy) on an end of
-    its grid, extend that spec's grid by two points at that end and run again (``MAX_EXTEND`` rounds).
+def sweep_until_bracketed(specs, store, how: dict, say) -> tuple[list, list[dict], list[str]]:
+    """Run every spec (``how``: the sweep's run options, e.g. device, data_dir, workers, compile); while a spec's
+    family has its best LR (by training loss or test accuracy) on an end of its grid, extend that spec's grid by
+    two points at that end and run again (``MAX_EXTEND`` rounds).
     Returns (the store's rows of the final grids, the final specs, what was extended)."""
     from ..config import config_hash
     from ..sweep import expand, run_sweep
@@ -33,7 +34,7 @@ def sweep_until_bracketed(specs, store, device, data_dir, workers, say) -> tuple
     for round_ in range(MAX_EXTEND + 1):
         hashes = []
         for spec in specs:
-            run_sweep(spec, store, workers=workers, device=device, data_dir=data_dir, progress=True)
+            run_sweep(spec, store, progress=True, **how)
             hashes.append([config_hash(c) for c in expand(spec)])
         with Store(store, create=False) as st:
             per_spec = [st.rows(hashes=h) for h in hashes]

@@ -73,7 +73,8 @@ def _specs(name: str, budget: str) -> list[dict]:
 
 
 def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", device: str = "cpu", data_dir=None,
-        workers: int | None = None, json_mode: bool = False) -> dict:
+        workers: int | None = None, json_mode: bool = False, compile: str = "off") -> dict:
+    """One experiment into ``out_dir/name`` (``compile``: TrainConfig.compile for the sweeps' tasks)."""
     if name not in NAMES:
         raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}")
     if budget not in BUDGETS:
@@ -87,11 +88,12 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
     t0 = time.perf_counter()
+    how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile)
     if name in TRANSFER:
-        res = _transfer(name, budget, out, device, data_dir, workers, say)
+        res = _transfer(name, budget, out, how, say)
     elif name == "depth":
         from .depth import run_depth
-        res = run_depth(budget, out, device, data_dir, workers, say)
+        res = run_depth(budget, out, how, say)
     elif name == "fig3":
         res = _fig3(budget, out, data_dir, say)
     elif name == "fig8":
@@ -101,7 +103,9 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     if tiny:
         res["note"] = "tiny budget: a smoke run of the code path, not a result"
     res.update(name=name, budget=budget, seconds=time.perf_counter() - t0,
-               command=f"mulocal reproduce {name} --budget {budget}")
+               command=f"mulocal reproduce {name} --budget {budget}"
+                       + (f" --device {device}" if device != "cpu" else "")
+                       + (f" --compile {compile}" if compile != "off" and name not in ANALYSES else ""))
     (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
     if name in ANALYSES:  # the numbers live in a store too, so `mulocal report --store` shows every experiment
         from ..sweep.store import Store
@@ -114,7 +118,7 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
 
 
 def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str = "cpu", data_dir=None,
-            workers: int | None = None, json_mode: bool = False, names=NAMES) -> dict:
+            workers: int | None = None, json_mode: bool = False, names=NAMES, compile: str = "off") -> dict:
     """``mulocal reproduce all``: every experiment in turn (the analyses on the CPU whatever ``device``), each
     into its own folder as ``run`` writes it; one that fails is recorded with its error line and the others
     still run. Writes ``OUT/summary.json`` and prints a table: experiment, seconds, verdicts or status."""
@@ -126,7 +130,8 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
         dev = "cpu" if name in ANALYSES else device
         say(f"== reproduce {name} --budget {budget} --device {dev}")
         try:
-            res = run(name, budget, out_dir, dev, data_dir, workers, json_mode=json_mode)
+            res = run(name, budget, out_dir, dev, data_dir, workers, json_mode=json_mode,
+                      compile="off" if name in ANALYSES else compile)
         except MulocalError as e:
             rows.append({"name": name, "status": "failed", "error": str(e)})
             say(f"{name}: failed: {e}")
@@ -136,7 +141,8 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
         rows.append({"name": name, "status": "done", "seconds": res["seconds"], "figure": res.get("figure"),
                      "verdicts": verdicts, "json": str(Path(out_dir) / name / f"{name}.json")})
     out = {"budget": budget, "device": device, "seconds": time.perf_counter() - t0, "experiments": rows,
-           "command": f"mulocal reproduce all --budget {budget} --device {device}"}
+           "command": f"mulocal reproduce all --budget {budget} --device {device}"
+                      + (f" --compile {compile}" if compile != "off" else "")}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "summary.json").write_text(json.dumps(json_safe(out), indent=1))
     say(f"{'experiment':<12}{'seconds':>9}  result")
@@ -152,12 +158,12 @@ def _is_baseline(fam: dict) -> bool:
     return bool((fam.get("algo_options") or {}).get("readout_only"))
 
 
-def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
+def _transfer(name, budget, out, how: dict, say) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table, verdicts
 
     store = out / "results.sqlite"
-    rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, device, data_dir, workers, say)
+    rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, how, say)
     reports = {m: analyze(rows, metric=m) for m in ("train_loss", "test_accuracy")}
     base = [f for f in reports["test_accuracy"]["families"] if _is_baseline(f["family"])]
     baseline = best_accuracy(base[0]) if base else {}
@@ -184,7 +190,7 @@ def _transfer(name, budget, out, device, data_dir, workers, say) -> dict:
            "lrs": {s.get("algo") if isinstance(s.get("algo"), str) else ",".join(s["algo"]): s["lrs"] for s in specs},
            "report_command": f"mulocal report --store {store}"}
     if name == "fig7":
-        res["feature_learning"] = _fig7_features(budget, out, data_dir, say, reports["train_loss"])
+        res["feature_learning"] = _fig7_features(budget, out, how["data_dir"], say, reports["train_loss"])
     return res
 
 
