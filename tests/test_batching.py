@@ -34,6 +34,7 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+THREE = [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})]  # one rule each
 RULES = [("bp", {}), ("pc", {}), ("pc", {"inference": "parallel"}), ("pc", {"inference": "parallel", "fpa": True}),
          ("dtp", {"noise_rng": "counter"}), ("tp", {"feedback": "ridge"}), ("gnt", {})]
 
@@ -73,7 +74,7 @@ def test_host_noise_is_a_loop_over_replicas():
     assert n8 > n1
 
 
-@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})])
+@pytest.mark.parametrize("algo,opts", THREE)
 def test_the_trainer_reads_the_device_once_per_sync_interval(algo, opts):
     """Over an epoch of 12 steps with sync_every = 4 the loop reads back 3 times (plus its end-of-epoch reads),
     whatever the rule: no host read inside a step."""

@@ -22,6 +22,7 @@ from mulocal.streams import counter_bits, counter_keys, counter_normal
 from mulocal.sweep import run_sweep
 from mulocal.sweep.store import Store
 
+THREE = [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})]  # one rule each
 RTOL = 1e-9  # float64: the compiled graph reorders a few sums
 
 
@@ -219,7 +220,7 @@ def test_each_trainer_compiles_its_own_step(aot_eager):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})])
+@pytest.mark.parametrize("algo,opts", THREE)
 def test_cuda_graphs_train_like_eager(algo, opts):
     """On a GPU, compile="reduce-overhead" replays the step as a CUDA graph (no graph skipped) and trains the same
     numbers as the eager step up to float32 rounding."""
@@ -303,7 +304,7 @@ def test_tp_noise_counter_lives_on_the_device(synth):
 
 # ---------------------------------------------------------------------------- the real backend (slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,opts", [("bp", {}), ("pc", {"inference": "parallel"}), ("dtp", {"noise_rng": "counter"})])
+@pytest.mark.parametrize("algo,opts", THREE)
 def test_inductor_compiled_training_equals_eager(algo, opts):
     _, eager = _train(algo, opts, epochs=1)
     _, comp = _train(algo, opts, compile="default", epochs=1)

@@ -299,3 +299,19 @@ def test_norm_estimate_tracks_the_weights_during_training(fmnist, one_thread):
         s2 = torch.linalg.matrix_norm(net.layers[l].mult * net.layers[l].weight[0].double(), ord=2) ** 2
         expect = 1.0 / (1.0 + c * s2)
         assert abs(float(algo.stats["kappa"][l - 1][0]) / float(expect) - 1) < 1e-2
+
+
+def test_a_resumed_bound_step_continues_its_power_iteration(tmp_path):
+    """Parallel PC's bound step warm-starts its ||W||_2 power iteration from the last step: a run resumed from
+    its checkpoint continues it (the vectors are checkpointed) and trains bitwise what one run trains."""
+    from mulocal.config import assemble
+    cell = dict(algo="pc", dataset="synthetic", width=16, batch_size=32, train_subset=160, test_subset=32,
+                algo_options={"inference": "parallel", "T": 3})
+    whole = assemble(dict(cell, epochs=2), [0.1, 0.2], [0, 1]).trainer().run()
+    ck = str(tmp_path / "ck.pt")
+    assemble(dict(cell, epochs=1), [0.1, 0.2], [0, 1], checkpoint_path=ck).trainer().run()
+    resumed = assemble(dict(cell, epochs=2), [0.1, 0.2], [0, 1], checkpoint_path=ck, resume=True).trainer().run()
+
+    def numbers(res):
+        return [[{k: v for k, v in h.items() if k != "epoch_time"} for h in r["history"]] for r in res["replicas"]]
+    assert numbers(resumed) == numbers(whole)

@@ -90,7 +90,8 @@ class LayerwiseOptimizer:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         """p <- p - lr g (SGD; g <- momentum buf + g with momentum), or Adam:
-        m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,  p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+        m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
+        p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
         t = self.t_dev.add_(1) if self.graph_safe else self.t + 1  # graph-safe: a float64 device tensor
         if not self.graph_safe:
             self.t = t

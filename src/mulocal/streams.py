@@ -130,7 +130,8 @@ def counter_bits(keys: torch.Tensor, counter, n: int) -> torch.Tensor:
     and no Python number that changes per draw, so a compiled or captured step can advance it in place)."""
     if isinstance(counter, torch.Tensor):
         if counter.dim() != 0 or counter.dtype != torch.int64:
-            raise ValueError(f"a counter tensor must be a 0-dim int64 tensor, got {tuple(counter.shape)} {counter.dtype}")
+            raise ValueError(f"a counter tensor must be a 0-dim int64 tensor, got {tuple(counter.shape)} "
+                             f"{counter.dtype}")
         mixed = _mix_(counter.to(keys.device, copy=True))
     elif isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
         raise ValueError(f"counter must be a non-negative integer, got {counter!r}")

@@ -637,6 +637,18 @@ class PC:
             self.stats = {"steps": steps}
         return grads, ff_loss
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue exactly: the bound step's warm-started power-iteration vectors, by
+        layer (``{}`` when the bound step has not run)."""
+        return {"power": {l: x.detach().cpu().clone() for l, (w, x) in self._power.items()}} if self._power else {}
+
+    def load_state_dict(self, state: dict, net: Net) -> None:
+        """Restore :meth:`state_dict` for ``net`` (each vector warm-starts the power iteration of its layer)."""
+        weights = {int(l): net.layers[int(l)].weight for l in (state or {}).get("power", {})}
+        self._power = {int(l): (weights[int(l)], x.to(device=net.device, dtype=weights[int(l)].dtype))
+                       for l, x in (state or {}).get("power", {}).items()}
+
     # ------------------------------------------------------------------ inference status
     def _accumulate(self, rose, rel_residual, backtracks) -> None:
         """Add one training step's status to the device accumulators (in place: the counts are device
