@@ -7,23 +7,28 @@
 #   3. if time is left (GPU_CHECK_FIG1=1): the paper-budget fig1-right sweep, timed.
 # Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt.
 # Needs FashionMNIST where MULOCAL_DATA_DIR points (the benchmarks fall back to random data and say so).
+# Rehearse it on a CPU: DEVICE=cpu GPU_CHECK_QUICK=1 benchmarks/gpu_check.sh (tiny sizes, the same steps).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+SIZES=(--widths 512,2048 --Ks 1,16 --compile reduce-overhead --compile-widths 512 --compile-Ks 1 --steps 100
+       --warmup 10 --repeats 3)
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && SIZES=(--widths 32 --Ks 1,2 --compile reduce-overhead --steps 5 --warmup 2
+                                         --repeats 1 --rules bp,dtp)
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/gpu.txt" 2>&1
 echo "[gpu_check] tests" >&2
-"$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_noise.py -k cuda -rs > "$OUT/tests.txt" 2>&1
+"$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_noise.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
 echo "[gpu_check] tests done after $(( $(date +%s) - t0 )) s" >&2
-"$PY" benchmarks/bench_step.py --device cuda --widths 512,2048 --Ks 1,16 --compile reduce-overhead \
-  --compile-widths 512 --compile-Ks 1 --steps 100 --warmup 10 --repeats 3 --out "$OUT/step.json" > "$OUT/step.txt" 2>&1
+"$PY" benchmarks/bench_step.py --device "$DEVICE" "${SIZES[@]}" --out "$OUT/step.json" > "$OUT/step.txt" 2>&1
 echo "[gpu_check] bench_step done after $(( $(date +%s) - t0 )) s" >&2
 if [ "${GPU_CHECK_FIG1:-0}" = 1 ]; then
   s=$(date +%s)
-  "$PY" -m mulocal reproduce fig1-right --budget paper --device cuda --out "$OUT/fig1" > "$OUT/fig1.txt" 2>&1
+  "$PY" -m mulocal reproduce fig1-right --budget paper --device "$DEVICE" --out "$OUT/fig1" > "$OUT/fig1.txt" 2>&1
   echo "fig1-right paper budget: $(( $(date +%s) - s )) s" >> "$OUT/fig1.txt"
 fi
 tail -n 40 "$OUT/step.txt"
