@@ -92,6 +92,10 @@ def test_checkpoint_refuses_mismatched_shapes(synth, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(str(tmp_path / "junk.pt"), net)
+    # a checkpoint of another learning rule on the same net is refused by name, before any state is read
+    cfg = TrainConfig(epochs=1, max_steps=1, checkpoint_path=ck, progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="learning rule 'bp', this run uses 'pc'"):
+        Trainer(net, make_algo("pc"), synth, cfg)
 
 
 def test_cnn_learns_fashion_mnist(fmnist):

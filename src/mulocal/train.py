@@ -367,12 +367,18 @@ class Trainer:
                     "history": self.history, "seeds": self.seeds,
                     "gens": [g.get_state() for g in self.gens],
                     "loss0": None if self.loss0 is None else self.loss0.cpu(),
-                    # the rule's own state (TP/DTP: feedback weights, their optimizer, the noise streams)
-                    "algo": self.algo.state_dict() if hasattr(self.algo, "state_dict") else None}, tmp)
+                    # the rule's own state (TP/DTP: feedback weights, their optimizer, the noise streams; PC:
+                    # the bound step's power-iteration vectors), and which rule wrote it
+                    "algo": self.algo.state_dict() if hasattr(self.algo, "state_dict") else None,
+                    "algo_name": getattr(self.algo, "name", None)}, tmp)
         tmp.replace(path)
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, self.net)
+        theirs, mine = ck.get("algo_name"), getattr(self.algo, "name", None)
+        if theirs is not None and mine is not None and theirs != mine:  # older checkpoints do not say
+            raise CheckpointError(f"checkpoint {path} was written by the learning rule '{theirs}', this run uses "
+                                  f"'{mine}'")
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
         self.loss0 = None if ck.get("loss0") is None else ck["loss0"].to(self.net.device)  # no copy per step
