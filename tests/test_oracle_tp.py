@@ -441,8 +441,9 @@ def run_train_feedback(net, x, feedback, fb_loss, sigma, dphi=None):
         return n
     algo._noise = noise
     algo.fb_opt.step = lambda g: passed.append([t.clone() for t in g])  # record, do not apply
-    if dphi is not None:
+    if dphi is not None:  # a planted wrong phi' (read from phi(z) or from z, whichever the net uses)
         net.dphi = dphi
+        net._dphi = lambda u, a=None: dphi(u)
     stats = algo.train_feedback(net, acts, f)
     return algo, fbw, list(acts) + [f], drawn, passed, stats
 

@@ -340,11 +340,13 @@ class TP(TargetRule):
         z = self.fb[l].forward(a)
         return (net.phi(z) if self.feedback == "trainable" else z), z
 
-    def _fb_grads(self, l: int, net: Net, r: torch.Tensor, z: torch.Tensor, a: torch.Tensor):
-        """Gradient in (V_l, c_l) of sum(r * g_l(a)) / B, with ``z`` from ``_g(l, a)``."""
+    def _fb_grads(self, l: int, net: Net, r: torch.Tensor, z: torch.Tensor, a: torch.Tensor,
+                  g: torch.Tensor | None = None):
+        """Gradient in (V_l, c_l) of sum(r * g_l(a)) / B, with ``(g, z)`` from ``_g(l, a)`` (phi'(z) from
+        g = phi(z) where the activation allows: tanh' = 1 - g^2, no second tanh)."""
         if net.residual_net:
             return self.fb[l].grads(_flat(r) if l == net.depth else r, z)
-        return self.fb[l].grads(r if self.feedback == "linear" else r * net.dphi(z), a)
+        return self.fb[l].grads(r if self.feedback == "linear" else r * net._dphi(z, g), a)
 
     def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
         """sigma times standard normals shaped like ``like`` (K, ...): replica k's from its own stream."""
@@ -433,19 +435,19 @@ class TP(TargetRule):
                 h_n = self._fwd(net, l, a_n)
                 g_n, z_n = self._g(l, h_n, net)
 
-                def fbg(r, z, a):
-                    return self._fb_grads(l, net, r, z, a)
+                def fbg(r, z, a, g):
+                    return self._fb_grads(l, net, r, z, a, g)
                 if self.fb_loss == "rec":
                     r = g_n - a_n
                     value = 0.5 * r.pow(2) if want else None
-                    gw, gb = fbg(r, z_n, h_n)
+                    gw, gb = fbg(r, z_n, h_n, g_n)
                 else:
                     g_0, z_0 = self._g(l, h[l], net)
                     if self.fb_loss == "drl":
                         r = g_n - g_0 - xi
                         value = 0.5 * r.pow(2) if want else None
-                        gw, gb = fbg(r, z_n, h_n)
-                        gw0, gb0 = fbg(-r, z_0, h[l])
+                        gw, gb = fbg(r, z_n, h_n, g_n)
+                        gw0, gb0 = fbg(-r, z_0, h[l], g_0)
                     else:  # ldrl
                         eta = self._noise(h[l], sig[l - 1])
                         h_e = h[l] + eta
@@ -453,9 +455,9 @@ class TP(TargetRule):
                         s = g_e - g_0
                         r = (g_n - g_0 - xi) if want else None  # reported only
                         value = (0.5 * s.pow(2) - xi * (g_n - g_0)) if want else None
-                        gw, gb = fbg(-xi, z_n, h_n)
-                        gw0, gb0 = fbg(xi - s, z_0, h[l])
-                        gwe, gbe = fbg(s, z_e, h_e)
+                        gw, gb = fbg(-xi, z_n, h_n, g_n)
+                        gw0, gb0 = fbg(xi - s, z_0, h[l], g_0)
+                        gwe, gbe = fbg(s, z_e, h_e, g_e)
                         gw0, gb0 = gw0 + gwe, gb0 + gbe
                     gw, gb = gw + gw0, gb + gb0
                 grads += [gw, gb]
