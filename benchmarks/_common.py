@@ -121,6 +121,28 @@ def interleaved(jobs: dict, repeats: int) -> dict:
     return out
 
 
+class KeptTrainer:
+    """A timing job on one Trainer kept across repeats: built with ``cfg`` (``cfg.max_steps`` = the warm-up steps;
+    a compiled step compiles there) and warmed up at once (``warmup_s``); each call then trains one more epoch of
+    ``steps`` steps and returns its seconds (the Trainer's ``epoch_time``: training steps only)."""
+
+    def __init__(self, net, rule, data, cfg, seeds, steps: int):
+        import time
+
+        from mulocal.train import Trainer
+        self.trainer, self.steps = Trainer(net, rule, data, cfg, seeds=seeds), steps
+        t0 = time.perf_counter()
+        self.trainer.run()
+        self.warmup_s = time.perf_counter() - t0
+        cfg.max_steps = steps
+
+    def __call__(self) -> float:
+        self.trainer.cfg.epochs += 1
+        self.result = self.trainer.run()
+        rows = [h for h in self.result["replicas"][0]["history"] if "event" not in h]
+        return rows[-1]["epoch_time"]
+
+
 def per_epoch(seconds: float, steps: int, steps_per_epoch: int) -> float:
     return seconds / steps * steps_per_epoch
 

@@ -75,7 +75,7 @@ from torch import nn
 
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
-                     resolve_device)
+                     resolve_device, KeptTrainer)
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
 from mulocal.data import Dataset
@@ -113,9 +113,9 @@ def time_mulocal(data: Dataset, width: int, make_rule, lr: float, steps: int, wa
 
 def compiled_job(data: Dataset, width: int, make_rule, lr: float, steps: int, warmup: int, device: str, mode: str,
                  param: str = "sp"):
-    """A job timing mulocal with ``TrainConfig.compile = mode``: its first call builds one Trainer and trains a
-    warm-up epoch of ``max(warmup, 2)`` steps (the first step eager, the compile at the second); every call then
-    trains one more epoch of ``steps`` steps on that Trainer and returns (seconds, status, compile info)."""
+    """A job timing mulocal with ``TrainConfig.compile = mode``: its first call builds one ``KeptTrainer`` (a
+    warm-up epoch of ``max(warmup, 2)`` steps: the first step eager, the compile at the second); every call then
+    trains one more epoch of ``steps`` steps on it and returns (seconds, status, compile info)."""
     state = {}
 
     def job():
@@ -124,14 +124,10 @@ def compiled_job(data: Dataset, width: int, make_rule, lr: float, steps: int, wa
                         seeds=[0], device=device)
             cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=lr, optimizer="sgd", progress=False,
                               max_steps=max(warmup, 2), compile=mode)
-            state["trainer"] = Trainer(net, make_rule(), data, cfg, seeds=[0])
-            state["trainer"].run()
-            cfg.max_steps = steps
-        tr = state["trainer"]
-        tr.cfg.epochs += 1
-        res = tr.run()
-        rows = [h for h in res["replicas"][0]["history"] if "event" not in h]
-        return rows[-1]["epoch_time"], res["replicas"][0]["status"], dict(tr.compile_info)
+            state["kept"] = KeptTrainer(net, make_rule(), data, cfg, [0], steps)
+        kept = state["kept"]
+        seconds = kept()
+        return seconds, kept.result["replicas"][0]["status"], dict(kept.trainer.compile_info)
     return job
 
 

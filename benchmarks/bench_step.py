@@ -31,38 +31,30 @@ import time
 
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
-                     resolve_device, spread)
+                     resolve_device, spread, KeptTrainer)
 from mulocal.algos import make_algo
 from mulocal.nets import build
 from mulocal.param import preset
-from mulocal.train import COMPILE_MODES, TrainConfig, Trainer
+from mulocal.train import COMPILE_MODES, TrainConfig
 
 DEPTH = 3
 RULES = {"bp": ("bp", {}), "pc": ("pc", {"T": 5, "inference": "parallel"}),
          "dtp": ("dtp", {"noise_rng": "counter"}), "dtp-host": ("dtp", {"noise_rng": "host"})}
 
 
-class Config:
-    """One (width, K, rule, mode): a Trainer kept across repeats, one more epoch of ``steps`` steps each time."""
+class Config(KeptTrainer):
+    """One (width, K, rule, mode): a Trainer kept across repeats; each call returns seconds per step."""
 
     def __init__(self, data, width: int, K: int, rule: str, mode: str, steps: int, warmup: int, device: str):
         name, opts = RULES[rule]
         net = build("mlp", data.input_shape, data.n_classes, width, preset("mup", "sgd"), depth=DEPTH, K=K,
                     seeds=list(range(K)), device=device)
-        self.steps = steps
         cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=[0.05] * K, optimizer="sgd", progress=False,
                           max_steps=max(warmup, 1), compile=mode)
-        self.trainer = Trainer(net, make_algo(name, **opts), data, cfg, seeds=list(range(K)))
-        t0 = time.perf_counter()
-        self.trainer.run()  # the warm-up epoch (and the compile)
-        self.warmup_s = time.perf_counter() - t0
-        self.trainer.cfg.max_steps = steps
+        super().__init__(net, make_algo(name, **opts), data, cfg, list(range(K)), steps)
 
     def __call__(self) -> float:
-        self.trainer.cfg.epochs += 1
-        res = self.trainer.run()
-        rows = [h for h in res["replicas"][0]["history"] if "event" not in h]
-        return rows[-1]["epoch_time"] / self.steps
+        return super().__call__() / self.steps
 
     @property
     def compile_info(self) -> dict:

@@ -70,7 +70,7 @@ import time
 import torch
 
 from _common import (BATCH, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
-                     load_average, load_data, make_parser, parse_ints, per_epoch, print_header, spread)
+                     load_average, load_data, make_parser, parse_ints, per_epoch, print_header, spread, sync)
 from mulocal.algos import make_algo
 from mulocal.algos.tp import NOISE_RNGS, TargetRule
 from mulocal.data import Dataset
@@ -135,11 +135,6 @@ def time_rule(data: Dataset, spec: tuple, width: int, lr: float, steps: int, war
     return dict(seconds=seconds, phases=phases, last_loss=last_loss)
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
-
-
 def time_noise(data: Dataset, K: int, noise_rng: str, width: int, lr: float, steps: int, warmup: int,
                device: str) -> dict:
     """DTP, trainable feedback, K replicas (seeds 0..K-1), its noise drawn with ``noise_rng``: ``warmup`` untimed
@@ -154,7 +149,7 @@ def time_noise(data: Dataset, K: int, noise_rng: str, width: int, lr: float, ste
     state = {"offset": 0}
 
     def train(n: int) -> tuple[float, float]:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         total = torch.zeros(K, dtype=torch.float64, device=device)
         for _ in range(n):

@@ -45,8 +45,8 @@ class LayerwiseOptimizer:
         self.scales = [float(s) for s in scales]
         self.momentum, self.betas, self.eps, self.weight_decay = momentum, betas, eps, weight_decay
         self.t = 0  # steps taken (the eager Adam bias corrections read it)
-        self.graph_safe = False  # set_graph_safe(): no per-step Python number enters the step
-        self.t_dev = None  # in graph-safe mode: the step count as a device tensor, advanced in place
+        self.t_dev = None  # graph-safe mode (set_graph_safe): the step count on the device, advanced in place
+        self._dtypes = {p.dtype for p in self.params}
         self.active = torch.ones(self.K, dtype=torch.bool)
         self.lrs = []
         self._set_lrs()
@@ -79,8 +79,12 @@ class LayerwiseOptimizer:
             # shape (1,), not 0-dim: torch.compile (2.13) drops an in-place add to a 0-dim float64 CPU tensor
             self.t_dev = torch.tensor([float(self.t)], dtype=torch.float64, device=self.params[0].device)
         elif not on and self.graph_safe:
-            self.t = int(self.t_dev.item())
-        self.graph_safe = bool(on)
+            self.t, self.t_dev = int(self.t_dev.item()), None
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether the step count lives on the device (``set_graph_safe``)."""
+        return self.t_dev is not None
 
     def freeze(self, replicas: torch.Tensor) -> None:
         """Stop updating the replicas where ``replicas`` is True (e.g. diverged ones)."""
@@ -96,6 +100,8 @@ class LayerwiseOptimizer:
         if not self.graph_safe:
             self.t = t
         c1, c2 = (1 - self.betas[0] ** t, 1 - self.betas[1] ** t) if self.kind == "adam" else (None, None)
+        if self.graph_safe and c1 is not None:  # the device corrections cast once per dtype, not per tensor
+            by_dtype = {dt: (c2.to(dt), (-1.0 / c1).to(dt)) for dt in self._dtypes}
         for i, (p, g, lr) in enumerate(zip(self.params, grads, self.lrs)):
             if g is None:
                 continue
@@ -111,8 +117,9 @@ class LayerwiseOptimizer:
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 if self.graph_safe:
-                    denom = (v / c2.to(v.dtype)).sqrt_().add_(self.eps)
-                    p.addcmul_(lr * (-1.0 / c1).to(p.dtype), m / denom)
+                    c2_t, neg_inv_c1 = by_dtype[p.dtype]
+                    denom = (v / c2_t).sqrt_().add_(self.eps)
+                    p.addcmul_(lr * neg_inv_c1, m / denom)
                 else:
                     denom = (v / c2).sqrt_().add_(self.eps)
                     p.addcmul_(lr, m / denom, value=-1.0 / c1)

@@ -27,6 +27,13 @@ from .streams import generators
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
+def check_compile(mode: str) -> str:
+    """``mode`` if it is one of COMPILE_MODES, else a ConfigError naming them."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode '{mode}'; choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 @dataclass
 class TrainConfig:
     """How to train (the model, the learning rule and the parameterization are given separately).
@@ -86,8 +93,7 @@ class TrainConfig:
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"unknown compile mode '{self.compile}'; choose one of {', '.join(COMPILE_MODES)}")
+        check_compile(self.compile)
         if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor >= 0):
             raise ConfigError(f"diverge_factor must be a non-negative number or None, got {self.diverge_factor!r}")
 

@@ -393,6 +393,10 @@ class PC:
                 return c, bw, torch.addcmul(one, a[l], a[l], value=-1.0)  # J = 1 - a^2
             return c, net.linearize(l, v[l], a[l])(bw), None
 
+        def add_sq(total, grad):  # total + ||grad||^2 per replica (None: nothing summed yet)
+            sq = grad.square().sum(dims)
+            return sq if total is None else total + sq
+
         def grad_v(l):  # dF/dv_l = gamma_l e_l - gamma_{l+1} J_l^T W_{l+1}^T e_{l+1} (a new tensor), None if 0
             e = errs[l]
             if errs[l + 1] is None:  # F-ini: e_{l+1} = 0 exactly
@@ -430,8 +434,7 @@ class PC:
                 if grad is None:  # dF/dv_l = 0 exactly (F-ini, below the top): v_l stays
                     continue
                 if residual and t == 0:
-                    sq = grad.square().sum(dims)
-                    g0 = sq if g0 is None else g0 + sq
+                    g0 = add_sq(g0, grad)
                 if kb[l - 1] is None:
                     v[l] = torch.add(v[l], grad, alpha=-kap[l - 1]) if fresh else v[l].add_(grad, alpha=-kap[l - 1])
                 else:
@@ -479,13 +482,12 @@ class PC:
                 for l in range(1, L):
                     grad = grad_v(l)
                     if grad is not None:
-                        sq = grad.square().sum(dims)
-                        g_end = sq if g_end is None else g_end + sq
+                        g_end = add_sq(g_end, grad)
             # the per-state parts as _energy_parts lays them out: ||e_l|| (None: exactly 0), then the loss
             zero, rows = torch.zeros_like(losses[0][..., 0]), self._loss_of(torch.stack(losses))
             parts = [p for s, n in enumerate(norms) for p in [zero if c is None else c for c in n] + [rows[s]]]
             tr = self._energy_from_parts(parts, gam, L, f.shape[1])
-            self._finish_status(tr[:-1], tr[1:], f.dtype, g0 if residual else None, g_end, None)
+            self._finish_status(tr[:-1], tr[1:], f.dtype, g0, g_end, None)  # g0: None unless residual
         return grads, ff_loss
 
     def _finish_status(self, prev, cur, dtype, g0, g_end, backtracks) -> None:

@@ -37,9 +37,24 @@ from .coord import CoordResult, coord_check, fit_slope, rms
 PERTURBATION = "pert_"  # prefix of the inference-perturbation observables (PC's coord_observables)
 
 
+@dataclass(kw_only=True)
 class _Fit:
-    """What every fit result shares: convergence of its rounds and agreement with a reference within
-    ``tolerance`` (a subclass defines ``max_deviation``)."""
+    """What every fit result shares: where it started, its rounds and final check, convergence, and agreement
+    with a reference within ``tolerance`` (a subclass lists its exponents' deviations in ``_deviations``)."""
+
+    start: Parameterization
+    rounds: list[dict] = field(default_factory=list)
+    final: CoordResult | None = None
+    reference: Parameterization | None = None
+    tolerance: float = 0.15
+
+    def _deviations(self) -> list[float]:
+        raise NotImplementedError
+
+    @property
+    def max_deviation(self) -> float:
+        """The largest |fitted - reference| exponent (nan without a reference)."""
+        return float("nan") if self.reference is None else max(self._deviations())
 
     @property
     def converged(self) -> bool:
@@ -66,18 +81,10 @@ class _Fit:
 class DeriveResult(_Fit):
     b: list[float]
     c: list[float]
-    start: Parameterization
-    rounds: list[dict] = field(default_factory=list)
-    final: CoordResult | None = None
-    reference: Parameterization | None = None
-    tolerance: float = 0.15
 
-    @property
-    def max_deviation(self) -> float:
-        if self.reference is None:
-            return float("nan")
-        return max(max(abs(x - y) for x, y in zip(self.b, self.reference.b)),
-                   max(abs(x - y) for x, y in zip(self.c, self.reference.c)))
+    def _deviations(self) -> list[float]:
+        return [abs(x - y) for x, y in zip(self.b, self.reference.b)] + \
+               [abs(x - y) for x, y in zip(self.c, self.reference.c)]
 
     @property
     def perturbation_slopes(self) -> dict[str, float]:
@@ -157,7 +164,7 @@ def derive(make_net: Callable[[Parameterization, int], object], algo, start: Par
     if rounds < 1:
         raise ConfigError("the fitter needs at least one round")
     b, c = list(start.b), list(start.c)
-    res = DeriveResult(b, c, start, reference=reference, tolerance=tolerance)
+    res = DeriveResult(b, c, start=start, reference=reference, tolerance=tolerance)
     for _ in range(rounds):
         param = start.with_(b=tuple(b), c=tuple(c))
         coord = coord_check(lambda w: make_net(param, w), algo, widths, batches, probe, lr, optimizer)
@@ -194,17 +201,9 @@ class DepthDeriveResult(_Fit):
 
     alpha: float
     c_H: float
-    start: Parameterization
-    rounds: list[dict] = field(default_factory=list)
-    final: CoordResult | None = None
-    reference: Parameterization | None = None
-    tolerance: float = 0.15
 
-    @property
-    def max_deviation(self) -> float:
-        if self.reference is None:
-            return float("nan")
-        return max(abs(self.alpha - self.reference.depth_alpha), abs(self.c_H - self.reference.depth_lr_exponent()))
+    def _deviations(self) -> list[float]:
+        return [abs(self.alpha - self.reference.depth_alpha), abs(self.c_H - self.reference.depth_lr_exponent())]
 
     def to_dict(self) -> dict:
         out = {"alpha": round(self.alpha, 4), "c_H": round(self.c_H, 4),
@@ -251,7 +250,7 @@ def derive_depth(make_net: Callable[[Parameterization, int], object], algo, star
     if rounds < 1:
         raise ConfigError("the fitter needs at least one round")
     alpha, c_H = float(start.depth_alpha), float(start.depth_lr_exponent())
-    res = DepthDeriveResult(alpha, c_H, start, reference=reference, tolerance=tolerance)
+    res = DepthDeriveResult(alpha, c_H, start=start, reference=reference, tolerance=tolerance)
 
     def check(a, c):
         param = start.with_(depth_alpha=a, depth_c=c)

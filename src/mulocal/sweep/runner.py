@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import check_device, config_hash, group_of, load_data, validate
 from ..errors import ConfigError, MulocalError
-from ..train import COMPILE_MODES
+from ..train import check_compile
 from .executors import EXECUTORS, check_reachable, make_executor
 from .plan import data_key, device_budget, gpu_count, plan
 from .spec import expand
@@ -59,8 +59,7 @@ class SweepOptions:
             if self.ray_address:
                 check_reachable(self.ray_address)
         check_device(self.device)
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"unknown compile mode '{self.compile}'; choose one of {', '.join(COMPILE_MODES)}")
+        check_compile(self.compile)
         return self
 
     @property
@@ -71,7 +70,7 @@ class SweepOptions:
     def budget(self) -> int | None:
         if self.memory_budget_mb:
             return int(self.memory_budget_mb * 2 ** 20)
-        return device_budget(self.device, self.capacity()) if self.on_gpu else None
+        return device_budget(self.device, self.capacity())  # None off the GPU
 
     def capacity(self) -> int:
         """Tasks at once: ``workers``; by default one per core, or one per GPU on a GPU."""
