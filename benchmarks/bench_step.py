@@ -3,7 +3,7 @@
 What it measures (3-layer tanh MLP 784 -> M -> M -> 10, muP for SGD, batch 128, FashionMNIST training set):
 for every width M in ``--widths`` (default 512,2048), replica count K in ``--Ks`` (default 1,16), learning rule
 (``--rules``, default bp, pc (T = 5 parallel inference), dtp (noise_rng="counter", drawn on the device) and
-dtp-host (noise_rng="host", mulocal's default: drawn on the CPU, one generator per replica)) and compile mode
+dtp-host (noise_rng="host", what DTP's default "auto" draws with on a CPU: one CPU generator per replica)) and compile mode
 (``off`` and ``--compile``, default reduce-overhead on a GPU (``TrainConfig.compile``: CUDA graphs), default on
 the CPU (inductor's fused kernels); widths 128,512 and K = 1,8 by default on the CPU), the
 wall time of ``--steps`` training steps of the ``Trainer`` (the rule's step, the optimizer step and the

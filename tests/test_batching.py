@@ -39,13 +39,14 @@ RULES = [("bp", {}), ("pc", {}), ("pc", {"inference": "parallel"}), ("pc", {"inf
          ("dtp", {"noise_rng": "counter"}), ("tp", {"feedback": "ridge"}), ("gnt", {})]
 
 
-def _step_ops(algo, opts, K, arch="mlp", optimizer="sgd"):
+def _step_ops(algo, opts, K, arch="mlp", optimizer="sgd", device="cpu"):
     """(operations, host reads) of the second training step (the first sets up feedback and caches)."""
-    net = build(arch, (1, 6, 6), 10, 16, preset("mup", optimizer), depth=4, K=K, seeds=list(range(K)))
+    net = build(arch, (1, 6, 6), 10, 16, preset("mup", optimizer), depth=4, K=K, seeds=list(range(K)), device=device)
     rule = make_algo(algo, **opts)
     opt = LayerwiseOptimizer.for_net(net, [0.05] * K, optimizer)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(K, 8, 1, 6, 6, generator=g), torch.randint(0, 10, (K, 8), generator=g)
+    x, y = x.to(device), y.to(device)
     for i in range(2):
         with Ops() as ops:
             grads, loss = rule.step(net, x, y, opt=opt)
@@ -72,6 +73,13 @@ def test_host_noise_is_a_loop_over_replicas():
     n1, _ = _step_ops("dtp", {"noise_rng": "host"}, 1)
     n8, _ = _step_ops("dtp", {"noise_rng": "host"}, 8)
     assert n8 > n1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dtp_batches_by_default_on_a_gpu():
+    """On a GPU, DTP left at its defaults (noise_rng="auto": counter noise there) is one batched step."""
+    assert _step_ops("dtp", {}, 1, device="cuda") == _step_ops("dtp", {}, 8, device="cuda")
+    assert _step_ops("dtp", {}, 8, device="cuda")[1] == 0
 
 
 @pytest.mark.parametrize("algo,opts", THREE)

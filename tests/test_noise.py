@@ -182,7 +182,7 @@ def test_dtp_counter_noise_replicas_equal_separate_runs_bitwise(synth, fb_loss):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def _resume_case(synth, tmp_path, trainer, noise_rng="counter"):
+def _resume_case(synth, tmp_path, trainer, noise_rng="counter", resume_rng=None):
     p = preset("mup", "sgd", algo="dtp", base_width=8)
     cfg = dict(lr=[0.1, 0.2], batch_size=64, progress=False)
     seeds = [4, 7]
@@ -190,13 +190,13 @@ def _resume_case(synth, tmp_path, trainer, noise_rng="counter"):
     def net(sd=seeds):
         return build("mlp", synth.input_shape, 10, 16, p, K=2, seeds=sd, dtype=torch.float64)
 
-    def algo():
-        return make_algo("dtp", fb_loss="ldrl", fb_optimizer="adam", fb_lr=1e-3, noise_rng=noise_rng)
+    def algo(rng=noise_rng):
+        return make_algo("dtp", fb_loss="ldrl", fb_optimizer="adam", fb_lr=1e-3, noise_rng=rng)
     full, full_algo = net(), algo()
     ref = trainer(full, full_algo, synth, TrainConfig(epochs=3, **cfg), seeds=seeds).run()
     ck = str(tmp_path / "ck.pt")
     trainer(net(), algo(), synth, TrainConfig(epochs=1, checkpoint_path=ck, **cfg), seeds=seeds).run()
-    resumed, resumed_algo = net([99, 98]), algo()
+    resumed, resumed_algo = net([99, 98]), algo(resume_rng or noise_rng)
     res = trainer(resumed, resumed_algo, synth, TrainConfig(epochs=3, checkpoint_path=ck, resume=True, **cfg),
                   seeds=seeds).run()
     assert res["epochs"] == 3 and resumed_algo.noise_counter == full_algo.noise_counter
@@ -215,6 +215,12 @@ def test_checkpoint_resume_with_counter_noise_is_bit_identical(synth, tmp_path, 
     and feedback weights to the bit and the same losses, with the rule's state (feedback weights, their Adam
     moments, the noise counter or the host generators) in the Trainer's checkpoint."""
     assert _resume_case(synth, tmp_path, Trainer, noise_rng)
+
+
+def test_auto_noise_resumes_with_the_generator_of_its_checkpoint(synth, tmp_path):
+    """A run drawn with counter noise (a GPU run's default) resumed by a rule left at noise_rng="auto" on the CPU
+    goes on drawing counter noise: it equals the uninterrupted counter run bit for bit."""
+    assert _resume_case(synth, tmp_path, Trainer, "counter", resume_rng="auto")
 
 
 def test_rule_state_refuses_another_noise_rng():
@@ -243,3 +249,45 @@ def test_noise_rng_enters_the_hash_only_where_numbers_changed(algo):
         assert r.get("noise_rng") == "counter"
         assert config_hash({"algo_resolved": r}) != config_hash({"algo_resolved": old})
     assert "noise_rng" not in resolved_algo(default_cell(algo="gnt"))
+
+
+# ----------------------------------------------------------------------------------- the default: auto
+def test_auto_noise_is_counter_on_a_gpu_and_host_elsewhere():
+    """noise_rng="auto" (the default) resolves by the net's device: the counter stream on CUDA (drawn there for
+    all replicas at once), the host generators on the CPU (every CPU result's numbers); named ones stay."""
+    from types import SimpleNamespace
+
+    from mulocal.algos.tp import resolve_noise_rng
+    assert make_algo("dtp").noise_rng == "auto"
+    for dev in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        assert resolve_noise_rng("auto", dev) == "counter"
+    assert resolve_noise_rng("auto", "cpu") == "host"
+    for rng in ("host", "counter"):
+        assert resolve_noise_rng(rng, "cuda") == resolve_noise_rng(rng, "cpu") == rng
+    # what decides whether the step can be compiled follows the device the net is on
+    gpu_net = SimpleNamespace(device=torch.device("cuda"))
+    assert make_algo("dtp").compile_blocker(gpu_net) is None
+    assert "host" in make_algo("dtp", noise_rng="host").compile_blocker(gpu_net)
+    net, algo = _setup_dtp("auto")
+    assert algo.noise_source == "host" and "noise_rng='auto'" in algo.compile_blocker(net)
+
+
+@pytest.mark.parametrize("opts,recorded", [({}, "host"), ({"noise_rng": "counter"}, "counter"),
+                                           ({"feedback": "ridge"}, None)])
+def test_auto_noise_on_the_cpu_is_the_host_stream_and_runs_record_their_generator(synth, opts, recorded):
+    """DTP left at its default trains on the CPU exactly the numbers of noise_rng="host" (bitwise: the results
+    stored before "auto" existed), and every history row names the generator the run drew with (none without
+    trained feedback)."""
+    p = preset("mup", "sgd", algo="dtp", base_width=8)
+
+    def run(**o):
+        net = build("mlp", synth.input_shape, 10, 16, p, K=2, seeds=[4, 7], dtype=torch.float64)
+        res = Trainer(net, make_algo("dtp", **o), synth, TrainConfig(lr=[0.05, 0.1], epochs=2, batch_size=64,
+                                                                      progress=False), seeds=[4, 7]).run()
+        return net.params(), res
+    params, res = run(**opts)
+    rows = [h for r in res["replicas"] for h in r["history"]]
+    assert len(rows) == 4 and all(h.get("noise_rng") == recorded for h in rows)
+    if not opts:
+        host, _ = run(noise_rng="host")
+        assert all(torch.equal(a, b) for a, b in zip(params, host))

@@ -11,8 +11,8 @@ name                        seeded with                         used by
 ``data_order``              SeedSequence([s, 0x5EED])           ``Trainer`` (per-epoch permutations)
 ``pretrain_order``          SeedSequence([s + 7919, 0x5EED])    ``Trainer._pretrain`` (feedback-only epochs)
 ``feedback_init``           SeedSequence([s, 0xFEED])           TP/DTP trainable feedback weights
-``feedback_noise``          SeedSequence([s, 0x0015E])          TP/DTP feedback-training noise, noise_rng="host"
-``feedback_noise_counter``  SeedSequence([s, 0x0015E, 0xC0])    the same, noise_rng="counter" (a counter key)
+``feedback_noise``          SeedSequence([s, 0x0015E])          TP/DTP feedback-training noise, "host" (CPU default)
+``feedback_noise_counter``  SeedSequence([s, 0x0015E, 0xC0])    the same, "counter" (GPU default; a counter key)
 ``pc_values``               s * 1_000_003 + rule seed           PC random value initialisation
 ``subset``                  seed (the data seed, not a replica) training/test subsets, validation split, probes
 ==========================  ==================================  ==================================================

@@ -60,7 +60,7 @@ class TrainConfig:
                            through ``torch.compile(fullgraph=True, mode=...)``; "reduce-overhead" captures it
                            as a CUDA graph on a GPU (no launch per operation). Same numbers up to float
                            rounding (fused kernels). A step that cannot be compiled (a rule that draws from
-                           host generators, e.g. DTP with noise_rng="host"; a PC tolerance that stops
+                           host generators, e.g. DTP's noise on a CPU; a PC tolerance that stops
                            inference early) runs eagerly instead: the result's ``compile`` entry says which
                            and why
     tf32                   on a GPU, float32 matrix products and convolutions in TensorFloat-32 during
@@ -226,12 +226,13 @@ class Trainer:
             # the rule's per-replica inference status over this epoch (predictive coding: did the energy rise
             # during inference, relative residual at its end), as pc_<key> columns
             inference = self.algo.inference_status() if hasattr(self.algo, "inference_status") else {}
+            facts = getattr(self.algo, "run_facts", dict)()  # how the rule ran, beyond its options (DTP's noise)
             rows = []
             for k in range(net.K):
                 row = {"epoch": self.epoch, "replica": k, "seed": self.seeds[k], "lr": float(self.lrs[k]),
                        "status": self.status[k], "train_loss": float(loss_sum[k] / steps),
                        "test_loss": test["loss"][k], "test_accuracy": test["accuracy"][k],
-                       "epoch_time": train_time}
+                       "epoch_time": train_time, **facts}
                 if val is not None:
                     row.update(val_loss=val["loss"][k], val_accuracy=val["accuracy"][k])
                 row.update({f"pc_{key}": vals[k] for key, vals in inference.items() if isinstance(vals, list)})

@@ -21,11 +21,12 @@ Feedback g_l (layer l -> layer l-1), ``feedback=``:
   -xi . (g(f(h + xi)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2 / 2.
   Explicit gradients; feedback weights have their own exponents (Parameterization.feedback_b/_c;
   g_L reads the fixed-size output: role "input", hidden g_l: role "hidden").
-  The noise xi (and eta) comes from ``noise_rng``: ``"host"`` (default) draws it replica by replica from
-  CPU generators (stream ``feedback_noise``) and copies it to the device (every stored result was drawn
-  so); ``"counter"`` draws it for all replicas at once on the net's device with
+  The noise xi (and eta) comes from ``noise_rng``: ``"host"`` draws it replica by replica from
+  CPU generators (stream ``feedback_noise``) and copies it to the device (every result drawn on a CPU);
+  ``"counter"`` draws it for all replicas at once on the net's device with
   ``streams.counter_normal`` (stream ``feedback_noise_counter``, one counter per draw): no per-replica
-  loop and no host copy, for GPUs (it becomes the default once measured there).
+  loop and no host copy, for GPUs. ``"auto"`` (default, :func:`resolve_noise_rng`): counter on a CUDA net,
+  host elsewhere; the generator a run used is in its history rows (``noise_rng``).
 * ``"inverse"`` - the exact (pseudo-)inverse of W_l, for linear networks: the oracle that makes
   DTP equal Gauss-Newton targets.
 
@@ -63,7 +64,17 @@ from .bp import backprop
 
 FEEDBACK = ("trainable", "linear", "ridge", "inverse")
 FB_LOSSES = ("rec", "drl", "ldrl")
-NOISE_RNGS = ("host", "counter")
+NOISE_RNGS = ("auto", "host", "counter")
+
+
+def resolve_noise_rng(noise_rng: str, device) -> str:
+    """The generator that option ``noise_rng`` draws the feedback noise with on ``device``: "host" or
+    "counter" as named; "auto" is "counter" on a CUDA device (one draw for all replicas, no host copy: the
+    host generators' replica loop and copy are what kept DTP from batching on a GPU) and "host" elsewhere
+    (the numbers of every result drawn on a CPU, bitwise)."""
+    if noise_rng != "auto":
+        return noise_rng
+    return "counter" if torch.device(device).type == "cuda" else "host"
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -150,10 +161,14 @@ class TargetRule:
             return "profile times each phase on the host"
         if self.record:
             return "record reads diagnostics back to the host at every step"
-        if getattr(self, "trainable", False) and getattr(self, "noise_rng", None) == "host" and self.fb_iters:
-            return f"{self.name.upper()}'s noise_rng='host' draws the feedback noise on host generators " \
-                   f"(noise_rng='counter' draws it on the device)"
+        if getattr(self, "trainable", False) and self.fb_iters and self._source_on(net) == "host":
+            return f"{self.name.upper()}'s noise_rng='{self.noise_rng}' draws the feedback noise on host " \
+                   f"generators here (noise_rng='counter' draws it on the device)"
         return None
+
+    def run_facts(self) -> dict:
+        """What a run's history rows record about how this rule ran, beyond its options ({}: nothing)."""
+        return {}
 
     @staticmethod
     def space(net: Net, us, acts) -> list:
@@ -224,8 +239,8 @@ class TP(TargetRule):
                "or inverse", choices=FEEDBACK),
         Option("fb_loss", "str", "rec", "feedback loss: rec, drl or ldrl", choices=FB_LOSSES),
         Option("sigma", "floats", 0.1, "feedback-training noise, one or one per hidden layer"),
-        Option("noise_rng", "str", "host", "feedback-noise generator: host (per-replica CPU generators, the "
-               "numbers of every stored result) or counter (all replicas at once on the net's device: for GPUs)",
+        Option("noise_rng", "str", "auto", "feedback-noise generator: host (per-replica CPU generators), counter "
+               "(all replicas at once on the net's device) or auto (counter on a GPU, host on a CPU)",
                choices=NOISE_RNGS, implicit=True),
         Option("fb_iters", "int", 1, "feedback iterations per batch"),
         Option("fb_lr", "float", 0.01, "feedback learning rate"),
@@ -235,7 +250,7 @@ class TP(TargetRule):
     )
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
-                 sigma: float | Sequence[float] = 0.1, noise_rng: str = "host", fb_iters: int = 1,
+                 sigma: float | Sequence[float] = 0.1, noise_rng: str = "auto", fb_iters: int = 1,
                  fb_lr: float = 0.01, fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0,
                  record: bool = False):
         super().__init__(loss, beta, record)
@@ -252,6 +267,7 @@ class TP(TargetRule):
         self.feedback, self.fb_loss, self.sigma, self.fb_iters = feedback, fb_loss, sigma, fb_iters
         self.fb_lr, self.fb_optimizer, self.ridge = fb_lr, fb_optimizer, float(ridge)
         self.pretrain_epochs, self.noise_rng = int(pretrain_epochs), noise_rng
+        self._source: str | None = None  # the generator noise_rng resolves to on the net (setup)
         self._counter = torch.zeros((), dtype=torch.int64)  # counter_normal draws so far (a device tensor)
         self.fb: dict[int, Dense] | None = None
         self.fb_opt: LayerwiseOptimizer | None = None
@@ -323,6 +339,7 @@ class TP(TargetRule):
         self.noise_gens = generators("feedback_noise", seeds)  # noise_rng="host"
         self.noise_keys = counter_keys("feedback_noise_counter", seeds, device=net.device)  # noise_rng="counter"
         self._counter = torch.zeros((), dtype=torch.int64, device=net.device)  # noise_counter, on the device
+        self._source = resolve_noise_rng(self.noise_rng, net.device)
         params, scales = [], []
         for l in range(2, L + 1):
             params += [self.fb[l].weight, self.fb[l].bias]
@@ -348,9 +365,24 @@ class TP(TargetRule):
             return self.fb[l].grads(_flat(r) if l == net.depth else r, z)
         return self.fb[l].grads(r if self.feedback == "linear" else r * net._dphi(z, g), a)
 
+    def _source_on(self, net: Net) -> str:
+        """The generator this rule draws with on ``net`` (resolved by ``setup``; a checkpoint may have set it)."""
+        if self._source is not None and self._net_ref is not None and self._net_ref() is net:
+            return self._source
+        return resolve_noise_rng(self.noise_rng, net.device)
+
+    @property
+    def noise_source(self) -> str:
+        """The generator the noise is drawn with ("host" or "counter"): ``noise_rng`` resolved on the net."""
+        return self._source or resolve_noise_rng(self.noise_rng, "cpu")
+
+    def run_facts(self) -> dict:
+        """The generator the feedback noise was drawn with, where there is noise ({"noise_rng": ...})."""
+        return {"noise_rng": self.noise_source} if self.trainable and (self.fb_iters or self.pretrain_epochs) else {}
+
     def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
         """sigma times standard normals shaped like ``like`` (K, ...): replica k's from its own stream."""
-        if self.noise_rng == "host":
+        if self.noise_source == "host":
             n = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in self.noise_gens])
             return n.to(like.device).mul_(sigma)
         n = counter_normal(self.noise_keys, self._counter, like.shape[1:], like.dtype, like.device)
@@ -379,14 +411,16 @@ class TP(TargetRule):
         if not self.trainable or self.fb is None:
             return {}
         return {"fb": [t.detach().cpu().clone() for t in self._fb_tensors()], "fb_opt": self.fb_opt.state_dict(),
-                "noise_rng": self.noise_rng, "noise_keys": self.noise_keys.cpu(), "noise_counter": self.noise_counter,
+                "noise_rng": self.noise_source, "noise_keys": self.noise_keys.cpu(), "noise_counter": self.noise_counter,
                 "noise_gens": [g.get_state() for g in self.noise_gens]}
 
     def _fb_tensors(self) -> list[torch.Tensor]:
         return [t for l in sorted(self.fb) for t in (self.fb[l].weight, self.fb[l].bias)]
 
     def load_state_dict(self, state: dict, net: Net) -> None:
-        """Restore :meth:`state_dict` (of a rule with the same feedback and noise_rng) for ``net``."""
+        """Restore :meth:`state_dict` (of a rule with the same feedback and noise_rng) for ``net``. With
+        noise_rng="auto" the run goes on with the generator the checkpoint drew with (a GPU run resumed on a
+        CPU keeps its counter stream)."""
         self.setup(net)
         if not state:
             if self.trainable:
@@ -394,7 +428,9 @@ class TP(TargetRule):
             return
         if not self.trainable:
             raise CheckpointError(f"the checkpoint has trained feedback, this rule's feedback is '{self.feedback}'")
-        if state["noise_rng"] != self.noise_rng:
+        if self.noise_rng == "auto":
+            self._source = state["noise_rng"]
+        elif state["noise_rng"] != self.noise_rng:
             raise CheckpointError(f"the checkpoint drew its feedback noise with noise_rng='{state['noise_rng']}', "
                                   f"this rule with '{self.noise_rng}'")
         mine = self._fb_tensors()
