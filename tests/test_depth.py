@@ -1,7 +1,7 @@
 """Depth: residual MLPs with depth-muP (``nets.ResMLP``, the depth exponents of ``param.Parameterization``).
 
-Oracles only. The residual net of depth H, written out here from its raw weights (m_l: the width
-multiplier, a = d^-alpha the branch multiplier, d = (H - 2) / (H_0 - 2)):
+Oracles only. The residual net of depth H, written out from its raw weights in tests/oracles.py (m_l: the
+width multiplier, a = d^-alpha the branch multiplier, d = (H - 2) / (H_0 - 2)):
 
     h_1 = m_1 W_1 x + b_1,   h_l = h_{l-1} + a (m_l W_l phi(h_{l-1}) + b_l),   f = m_H W_H phi(h_{H-1}) + b_H
 
@@ -26,73 +26,8 @@ from mulocal.algos import make_algo
 from mulocal.nets import MLP, ResMLP, build
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import OPTIMIZERS, PRESETS, Parameterization, preset
-from oracles import PHI, RTOL, close
-
-
-# ----------------------------------------------------------------------------- the written-out net
-class Written:
-    """The residual net and its PC energy, written from the raw weights (nothing from ``nets`` but them)."""
-
-    def __init__(self, net, alpha: float, base_depth: int, loss: str = "ce", gammas=None):
-        self.H = net.depth
-        self.W = [l.weight.detach().clone() for l in net.layers]
-        self.b = [l.bias.detach().clone() if l.bias is not None else None for l in net.layers]
-        self.m = [l.rule.multiplier for l in net.layers]  # the width multiplier (tested in test_param)
-        self.a = ((self.H - 2) / (base_depth - 2)) ** (-alpha)  # the branch multiplier, from the formula
-        self.phi = PHI[net.activation]
-        self.loss, self.gam = loss, gammas
-
-    def mu(self, l, v_prev, W=None, b=None):
-        """Prediction of layer l (1-based) from the value below (the input for l = 1)."""
-        W = self.W[l - 1] if W is None else W
-        b = self.b[l - 1] if b is None else b
-        inp = v_prev if l == 1 else self.phi(v_prev)
-        lin = self.m[l - 1] * torch.einsum("kbi,koi->kbo", inp, W)
-        if b is not None:
-            lin = lin + b[:, None, :]
-        return v_prev + self.a * lin if 1 < l < self.H else lin
-
-    def forward(self, x, W=None, b=None):
-        W, b = W or self.W, b or self.b
-        h = [x]
-        for l in range(1, self.H + 1):
-            h.append(self.mu(l, h[-1], W[l - 1], b[l - 1]))
-        return h
-
-    def loss_sum(self, f, y):
-        onehot = torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype).expand_as(f)
-        if self.loss == "ce":
-            return -(torch.log_softmax(f, -1) * onehot).sum()
-        return 0.5 * (f - onehot).pow(2).sum()
-
-    def E(self, v, y, W=None, b=None):
-        W, b = W or self.W, b or self.b
-        tot = 0.0
-        for l in range(1, self.H):
-            tot = tot + 0.5 * self.gam[l - 1] * (v[l] - self.mu(l, v[l - 1], W[l - 1], b[l - 1])).pow(2).sum()
-        return tot + self.gam[-1] * self.loss_sum(self.mu(self.H, v[self.H - 1], W[-1], b[-1]), y)
-
-    def dEdv(self, v, y):
-        vv = [v[0]] + [t.detach().clone().requires_grad_() for t in v[1:]]
-        return [None] + [g.detach() for g in torch.autograd.grad(self.E(vv, y), vv[1:])]
-
-    def infer(self, v, y, T, mode, kappas):
-        v = list(v)
-        kappas = [k.view(-1, 1, 1) if torch.is_tensor(k) else k for k in kappas]
-        for _ in range(T):
-            if mode == "sequential":
-                for l in range(self.H - 1, 0, -1):
-                    v[l] = v[l] - kappas[l - 1] * self.dEdv(v, y)[l]
-            else:
-                g = self.dEdv(v, y)
-                for l in range(1, self.H):
-                    v[l] = v[l] - kappas[l - 1] * g[l]
-        return v
-
-    def leaves(self):
-        W = [w.clone().requires_grad_() for w in self.W]
-        b = [t.clone().requires_grad_() if t is not None else None for t in self.b]
-        return W, b, [t for pair in zip(W, b) for t in pair if t is not None]
+from oracles import RTOL, close
+from oracles import WrittenResNet as Written
 
 
 def _net(depth=6, act="tanh", gbar=0.0, alpha=0.5, base_depth=3, K=2, optimizer="sgd"):

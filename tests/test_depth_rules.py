@@ -1,7 +1,7 @@
 """Depth, part 2: every learning rule on residual nets (``ResMLP`` and ``ResCNN``), against oracles written here.
 
-The residual net of depth H is written out from its raw weights (nothing from ``nets`` but the weights; m_l the
-width multiplier, a = ((H - 2) / (H_0 - 2))^-alpha the branch multiplier from the formula):
+The residual net of depth H is written out from its raw weights in tests/oracles.py (nothing from ``nets`` but
+the weights; m_l the width multiplier, a = ((H - 2) / (H_0 - 2))^-alpha the branch multiplier from the formula):
 
     MLP:  h_1 = m_1 W_1 x + b_1,                 h_l = h_{l-1} + a (m_l W_l phi(h_{l-1}) + b_l),
           f = m_H W_H phi(h_{H-1}) + b_H
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from mulocal.algos import make_algo
 from mulocal.nets import build
 from mulocal.param import preset
-from oracles import PHI, close
+from oracles import _lin, close
+from oracles import WrittenResNet as Written
 
 
 def _net(arch="resmlp", depth=5, act="tanh", algo="dtp", K=2, width=6, alpha=0.5, seeds=None, in_dim=7, out=4,
@@ -52,63 +53,6 @@ def _net(arch="resmlp", depth=5, act="tanh", algo="dtp", K=2, width=6, alpha=0.5
     x = torch.randn(K, 5, *shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, out, (5,), generator=gen)
     return net, x, y
-
-
-def _lin(inp, W, b, m):
-    """m W inp + b: a dense layer (K, B, n) or a same-padded convolution per replica (K, B, C, h, w)."""
-    if inp.dim() == 5:
-        out = torch.stack([F.conv2d(inp[k], W[k], None, padding=W.shape[-1] // 2) for k in range(inp.shape[0])]) * m
-        return out if b is None else out + b[:, None, :, None, None]
-    out = m * torch.einsum("kbi,koi->kbo", inp, W)
-    return out if b is None else out + b[:, None, :]
-
-
-class Written:
-    """The residual net (MLP or CNN) written from its raw weights."""
-
-    def __init__(self, net, alpha=0.5, base_depth=3, loss="ce"):
-        self.cnn, self.H = net.kind == "rescnn", net.depth
-        self.W = [l.weight.detach().clone() for l in net.layers]
-        self.b = [l.bias.detach().clone() for l in net.layers]
-        self.m = [l.rule.multiplier for l in net.layers]
-        self.a = ((self.H - 2) / (base_depth - 2)) ** (-alpha)
-        self.phi, self.loss = PHI[net.activation], loss
-
-    def _pool(self, t, fn):
-        K, B = t.shape[:2]
-        y = fn(t.reshape(K * B, *t.shape[2:]), 2)
-        return y.reshape(K, B, *y.shape[1:])
-
-    def layer(self, l, v_prev, W=None, b=None):
-        """h_l from h_{l-1} (the raw input for l = 1)."""
-        W = self.W[l - 1] if W is None else W
-        b = self.b[l - 1] if b is None else b
-        m = self.m[l - 1]
-        if l == 1:
-            return _lin(self._pool(v_prev, F.avg_pool2d) if self.cnn else v_prev, W, b, m)
-        if l == self.H:
-            a = self.phi(v_prev)
-            a = self._pool(a, F.max_pool2d).flatten(2) if self.cnn else a
-            return _lin(a, W, b, m)
-        return v_prev + self.a * _lin(self.phi(v_prev), W, b, m)
-
-    def forward(self, x, W=None, b=None):
-        W, b = W or self.W, b or self.b
-        h = [x]
-        for l in range(1, self.H + 1):
-            h.append(self.layer(l, h[-1], W[l - 1], b[l - 1]))
-        return h
-
-    def loss_sum(self, f, y):
-        onehot = F.one_hot(y, f.shape[-1]).to(f.dtype).expand_as(f)
-        if self.loss == "ce":
-            return -(torch.log_softmax(f, -1) * onehot).sum()
-        return 0.5 * (f - onehot).pow(2).sum()
-
-    def leaves(self):
-        W = [w.clone().requires_grad_() for w in self.W]
-        b = [t.clone().requires_grad_() for t in self.b]
-        return W, b, [t for pair in zip(W, b) for t in pair]
 
 
 def dldf(f, y, loss):
@@ -145,27 +89,12 @@ def test_pc_on_rescnn_equals_written_residual_energy(T, mode):
     pc = make_algo("pc", T=T, inference=mode, kappa=0.3, no_status=True)
     grads, _ = pc.step(net, x, y)
     ref = Written(net)
-
-    def energy(v, W=None, b=None):
-        W, b = W or ref.W, b or ref.b
-        tot = sum(0.5 * (v[l] - ref.layer(l, v[l - 1], W[l - 1], b[l - 1])).pow(2).sum() for l in range(1, ref.H))
-        return tot + ref.loss_sum(ref.layer(ref.H, v[ref.H - 1], W[-1], b[-1]), y)
-
-    v = ref.forward(x)[:-1]
-    for _ in range(T):
-        if mode == "parallel":
-            vv = [t.detach().clone().requires_grad_() for t in v]
-            g = torch.autograd.grad(energy(vv), vv[1:])
-            v = [v[0]] + [v[l] - 0.3 * g[l - 1] for l in range(1, ref.H)]
-            continue
-        for l in range(ref.H - 1, 0, -1):
-            vv = [t.detach().clone().requires_grad_() for t in v]
-            v[l] = v[l] - 0.3 * torch.autograd.grad(energy(vv), vv[l])[0]
+    v = ref.infer(ref.forward(x)[:-1], y, T, mode, [0.3] * (ref.H - 1))
     for l in range(1, ref.H):
         ok, err = close(pc._last[0][l], v[l])
         assert ok, (l, err)
     W, b, leaves = ref.leaves()
-    expect = [g / x.shape[1] for g in torch.autograd.grad(energy([t.detach() for t in v], W, b), leaves)]
+    expect = [g / x.shape[1] for g in torch.autograd.grad(ref.E([t.detach() for t in v], y, W, b), leaves)]
     for i, (g, e) in enumerate(zip(grads, expect)):
         ok, err = close(g, e)
         assert ok, (i, err)

@@ -105,9 +105,10 @@ def test_depth_transfer_tiny(tmp_path, capsys):
     rep = json.loads(rep.stdout)  # the report pairs each family with its depth-free control too
     assert rep["axis"] == "depth" and sorted(v["label"] for v in rep["verdicts"]) == sorted(
         v["label"] for v in res["verdicts"])
-    # the paper budget has three widths; the activity-LR sweep stays at one (one family to analyse)
+    # whatever widths a budget sweeps, the activity-LR sweep stays at its first (one family to analyse)
     from mulocal.experiments.depth import BUDGETS, activity_spec
-    assert len(BUDGETS["paper"]["widths"]) == 3 and activity_spec("paper")["widths"] == [128]
+    for name, b in BUDGETS.items():
+        assert activity_spec(name)["widths"] == b["widths"][:1] and activity_spec(name)["depth"] == b["depths"]
 
 
 def test_reproduce_all_runs_each_and_keeps_going(tmp_path, capsys):

@@ -13,3 +13,9 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def rule_label(algo: str, param: str, options: dict | None = None) -> str:
+    """'pc mup-sgd T=5 inference=parallel': a learning rule, its resolved preset's name and its options (sorted),
+    the key a diagnostic or an experiment files one configuration's results under."""
+    return " ".join([algo, param] + [f"{k}={v}" for k, v in sorted((options or {}).items())])

@@ -12,6 +12,7 @@ from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
 from ..train import COMPILE_MODES
+from ..util import rule_label
 from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, given_algo_options,
                     ints, out_file, per_algo)
 
@@ -253,7 +254,7 @@ def _layers(args, data) -> dict:
                     seeds=range(args.replicas))
         opts = algo_options_from_args(args, algo, algos)
         res = layer_changes(net, make_algo(algo, **opts), batches, probe, lr)
-        key = f"{algo} {p.name}" + "".join(f" {k}={v}" for k, v in opts.items())
+        key = rule_label(algo, p.name, opts)
         out["configs"][key], out["lrs"][key] = res.to_dict(), lr
         if not args.json:
             print(f"== {key} (lr {lr:g}, {args.arch} depth {args.depth}, width {width}, {args.steps} steps)")
@@ -282,7 +283,7 @@ def _features(args, data) -> dict:
             res = feature_learning(lambda w: build("mlp", data.input_shape, data.n_classes, w, p, K=args.replicas,
                                                    seeds=range(args.replicas)),
                                    make_algo(algo, **opts), args.widths, batches, probe, args.lr)
-            key = f"{algo} {p.name}" + "".join(f" {k}={v}" for k, v in opts.items())
+            key = rule_label(algo, p.name, opts)
             out["configs"][key] = res.to_dict()
             if not args.json:
                 print(f"== {key}")

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..losses import onehot
 from ..nets import build
 from ..param import preset
+from ..util import rule_label
 from .coord import coord_check
 from .linear import pc_fixed_point, preconditioner
 
@@ -95,7 +96,7 @@ def alignment_vs_step(configs: Sequence[tuple], widths: Sequence[int], batches, 
         res = coord_check(lambda w: build("mlp", shape, n_classes, w, p, K=K, seeds=range(K)),
                           make_algo(algo, **opts), widths, batches, probe, lr, "sgd")
         L = sum(1 for k in res.slopes if k.startswith("dWh_"))
-        key = " ".join([algo, p.name] + [f"{k}={v}" for k, v in sorted(opts.items())])
+        key = rule_label(algo, p.name, opts)
         out["configs"][key] = {
             kind: [res.alignment(L, kind, step=t) for t in range(len(batches))] for kind in ("omega", "alpha", "u")}
     return out

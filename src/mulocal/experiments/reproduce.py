@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, MulocalError
-from ..util import json_safe
+from ..util import json_safe, rule_label
 from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
 LR_GRID_SMALL = [2.0 ** k for k in range(-6, 3)]
@@ -228,7 +228,7 @@ def _fig7_features(budget, out, data_dir, say, report) -> dict:
         lr = base_lr.get((algo, pname), 0.2)
         res = feature_learning(lambda w: build("mlp", data.input_shape, 10, w, p, K=3, seeds=range(3)),
                                make_algo(algo, **opts), widths, batches, probe, lr)
-        key = " ".join([algo, p.name] + [f"{k}={v}" for k, v in sorted(opts.items())])
+        key = rule_label(algo, p.name, opts)
         results[key] = {"lr": lr, **res.to_dict()}
         say(f"fig7 features: {key} (lr {lr:.3g}): width slope of rms(W_L dh) after step 1 "
             f"{res.slopes_per_step['feat'][0]:+.2f}, after step {steps} {res.slopes['feat']:+.2f} ± "
