@@ -3,12 +3,14 @@
 What it measures (3-layer tanh MLP 784 -> M -> M -> 10, muP for SGD, batch 128, FashionMNIST training set):
 for every width M in ``--widths`` (default 512,2048), replica count K in ``--Ks`` (default 1,16), learning rule
 (``--rules``, default bp, pc (T = 5 parallel inference), dtp (noise_rng="counter", drawn on the device) and
-dtp-host (noise_rng="host", what DTP's default "auto" draws with on a CPU: one CPU generator per replica)) and compile mode
-(``off`` and ``--compile``, default reduce-overhead on a GPU (``TrainConfig.compile``: CUDA graphs), default on
-the CPU (inductor's fused kernels); widths 128,512 and K = 1,8 by default on the CPU), the
+dtp-host (noise_rng="host", what DTP's default "auto" draws with on a CPU: one CPU generator per replica)) and
+compile mode (``off`` and the ``--compile`` modes: on a GPU reduce-overhead (torch.compile's CUDA graphs) and
+cuda-graph (the eager step recorded as a CUDA graph, no compiler), on the CPU default (inductor's fused kernels);
+widths 128,512 and K = 1,8 by default on the CPU), the
 wall time of ``--steps`` training steps of the ``Trainer`` (the rule's step, the optimizer step and the
 device-side bookkeeping; the end-of-epoch evaluation is not counted: ``epoch_time``). Each configuration keeps
-one Trainer: its first epoch (``--warmup`` steps) warms up, and compiles when asked; every repeat then trains
+one Trainer: its first epoch (``--warmup`` steps, at least 3 for cuda-graph: the first step, its warm-up steps and
+the capture) warms up, and compiles or captures when asked; every repeat then trains
 one more epoch of ``--steps`` steps, and the fastest repeat is reported. Repeats are interleaved (every
 configuration once, then again).
 
@@ -16,7 +18,7 @@ The table, per width and rule: ms/step at each K, the replica gain (K_max replic
 the cost against BP at the same K and mode, and compiled / eager. Issue 13's targets, on one H100/H200: at
 K = 16, replica gain >= 12x at width 512 and DTP/BP <= 3x at widths 512 and 2048; compiled K = 1 width 512 BP
 <= 0.25 ms, PC T = 5 <= 0.8 ms, DTP <= 0.8 ms. A rule that cannot be compiled (dtp-host) runs eagerly and
-says so. The compile of a configuration happens in its warm-up and is printed as ``compile_s``.
+says so. The compile of a configuration happens in its warm-up, whose seconds are printed (``warm-up``).
 
 Run:
 
@@ -67,9 +69,10 @@ def main(argv=None) -> int:
                                                   "the CPU)")
     p.add_argument("--Ks", default=None, help="comma-separated replica counts (default 1,16 on a GPU, 1,8 on the CPU)")
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated rules (default {','.join(RULES)})")
-    p.add_argument("--compile", default=None, choices=[m for m in COMPILE_MODES if m != "off"] + ["none"],
-                   help="the compiled mode timed next to eager (default reduce-overhead on a GPU, default on the "
-                        "CPU; none: eager only)")
+    p.add_argument("--compile", default=None,
+                   help="comma-separated compiled modes timed next to eager, of "
+                        f"{', '.join(m for m in COMPILE_MODES if m != 'off')} (default reduce-overhead,cuda-graph on a "
+                        "GPU, default on the CPU; none: eager only)")
     p.add_argument("--compile-widths", default=None, help="time the compiled mode at these widths only (default all)")
     p.add_argument("--compile-Ks", default=None, help="time the compiled mode at these K only (default all)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -81,14 +84,18 @@ def main(argv=None) -> int:
     gpu = args.device.startswith("cuda")
     widths = parse_ints(args.widths or ("512,2048" if gpu else "128,512"), "--widths")
     Ks = parse_ints(args.Ks or ("1,16" if gpu else "1,8"), "--Ks")
-    args.compile = args.compile or ("reduce-overhead" if gpu else "default")
+    args.compile = args.compile or ("reduce-overhead,cuda-graph" if gpu else "default")
+    compiled = [] if args.compile == "none" else [m for m in args.compile.split(",") if m]
+    if any(m not in COMPILE_MODES or m == "off" for m in compiled):
+        p.error(f"--compile: choose from {', '.join(m for m in COMPILE_MODES if m != 'off')} or none, got "
+                f"{args.compile!r}")
     rules = [r for r in args.rules.split(",") if r]
     bad = [r for r in rules if r not in RULES]
     if bad or not rules:
         p.error(f"unknown rule(s) {bad}; choose from {', '.join(RULES)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
-    modes = ["off"] + ([] if args.compile == "none" else [args.compile])
+    modes = ["off"] + compiled
     t_start, load_start = time.perf_counter(), load_average()
     data, data_desc, note = load_data(args, n_eval=16)
     steps = min(args.steps, len(data.x_train) // BATCH)

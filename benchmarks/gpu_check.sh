@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 13 in one call, for a machine lent with a CUDA GPU (about 8 minutes on an H200):
-#   1. the CUDA-only tests (compile="reduce-overhead" replays CUDA graphs and trains the eager numbers; the
-#      counter noise is the same on the GPU as on the CPU; DTP batches by default there);
+#   1. the CUDA-only tests (compile="reduce-overhead" and compile="cuda-graph" replay CUDA graphs and train the
+#      eager numbers; the counter noise is the same on the GPU as on the CPU; DTP batches by default there);
 #   2. benchmarks/bench_step.py: ms per Trainer step of BP, PC (T = 5 parallel), DTP (counter and host noise) at
-#      widths 512 and 2048, K = 1 and 16, eager, and compiled (reduce-overhead) at width 512, K = 1;
+#      widths 512 and 2048, K = 1 and 16, eager, and at width 512, K = 1, compiled (reduce-overhead) and captured
+#      without a compiler (cuda-graph);
 #   3. if time is left (GPU_CHECK_FIG1=1): the paper-budget fig1-right sweep, timed.
 # Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt.
 # Needs FashionMNIST where MULOCAL_DATA_DIR points (the benchmarks fall back to random data and say so).
@@ -15,14 +16,14 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-SIZES=(--widths 512,2048 --Ks 1,16 --compile reduce-overhead --compile-widths 512 --compile-Ks 1 --steps 100
+SIZES=(--widths 512,2048 --Ks 1,16 --compile reduce-overhead,cuda-graph --compile-widths 512 --compile-Ks 1 --steps 100
        --warmup 10 --repeats 3)
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] && SIZES=(--widths 32 --Ks 1,2 --compile reduce-overhead --steps 5 --warmup 2
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && SIZES=(--widths 32 --Ks 1,2 --compile reduce-overhead,cuda-graph --steps 5 --warmup 3
                                          --repeats 1 --rules bp,dtp)
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/gpu.txt" 2>&1
 echo "[gpu_check] tests" >&2
-"$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_noise.py tests/test_batching.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
+"$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_capture.py tests/test_noise.py tests/test_batching.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
 echo "[gpu_check] tests done after $(( $(date +%s) - t0 )) s" >&2
 "$PY" benchmarks/bench_step.py --device "$DEVICE" "${SIZES[@]}" --out "$OUT/step.json" > "$OUT/step.txt" 2>&1
 echo "[gpu_check] bench_step done after $(( $(date +%s) - t0 )) s" >&2

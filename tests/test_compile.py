@@ -136,12 +136,12 @@ def test_compiled_divergence_is_recorded_at_the_same_step(aot_eager):
 
 
 def test_compile_falls_back_to_eager_with_the_reason(aot_eager, capsys):
-    """DTP drawing its noise on host generators cannot be one graph: the run says why, once, and trains the same
-    numbers as eager (bitwise: no compiled step ran)."""
+    """DTP drawing its noise on host generators (its default on a CPU) cannot be one graph: the run says why, once,
+    and trains the same numbers as eager (bitwise: no compiled step ran)."""
     _, eager = _train("dtp", {})
     _, comp = _train("dtp", {}, compile="default")
     assert comp["compile"]["used"] is False
-    assert "noise_rng='host'" in comp["compile"]["fallback"]
+    assert "noise_rng='auto' draws the feedback noise on host generators" in comp["compile"]["fallback"]
     assert capsys.readouterr().err.count("runs eagerly") == 1
     assert _numbers(comp) == _numbers(eager)
     _, pc = _train("pc", {"tol": 1e-6}, compile="default")

@@ -24,7 +24,8 @@ from .nets import Net
 from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
 from .streams import generators
 
-COMPILE_MODES = ("off", "default", "reduce-overhead")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")
+CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-safe, on a side stream) before its capture
 
 
 def check_compile(mode: str) -> str:
@@ -62,7 +63,11 @@ class TrainConfig:
                            rounding (fused kernels). A step that cannot be compiled (a rule that draws from
                            host generators, e.g. DTP's noise on a CPU; a PC tolerance that stops
                            inference early) runs eagerly instead: the result's ``compile`` entry says which
-                           and why
+                           and why. "cuda-graph": no compiler; each batch shape's eager step, after
+                           ``CAPTURE_WARMUP`` steps, is recorded once as a CUDA graph (``torch.cuda.CUDAGraph``,
+                           milliseconds where torch.compile takes tens of seconds: for short runs such as sweep
+                           cells) and replayed; the same kernels as eager, so the same numbers. A GPU only (on a
+                           CPU it runs eagerly and says so)
     tf32                   on a GPU, float32 matrix products and convolutions in TensorFloat-32 during
                            ``run`` (10-bit mantissa: several times faster on A100/H100, ~1e-3 relative
                            rounding); False: strict IEEE float32 for both (PyTorch's own default lets cuDNN
@@ -151,6 +156,8 @@ class Trainer:
         self._limit: torch.Tensor | None = None  # the divergence bound, diverge_factor * |loss0|, on the device
         self._acc: dict | None = None
         self._compiled = None  # the compiled training step (compile != "off", after the first eager step)
+        self._captured: dict = {}  # compile="cuda-graph": batch shape -> replay of its captured step
+        self._seen: dict = {}  # compile="cuda-graph": batch shape -> its eager steps so far
         self._idx_bufs: dict = {}
         self._train_set: tuple | None = None
         self._graphs0 = (0, 0)
@@ -314,26 +321,43 @@ class Trainer:
             if self.cfg.compile == "reduce-overhead":  # a new training step: the last replay's outputs are dead
                 torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(x_all, y_all, idx)
-        except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing or compiling: nothing ran
+        except (torch._dynamo.exc.TorchDynamoException, CaptureError) as err:  # tracing or capturing: nothing ran
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
             self._stop_compiling(reason[:300])
             return self._train_step(x_all, y_all, idx)
+
+    def _graph_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """compile="cuda-graph": replay the batch shape's captured step; before it is captured, ``CAPTURE_WARMUP``
+        eager steps of the shape (on a side stream on a GPU, so that lazily made handles and workspaces exist
+        before the capture), then capture it (nothing runs while capturing) and replay it once."""
+        shape = tuple(idx.shape)
+        replay = self._captured.get(shape)
+        if replay is None:
+            seen = self._seen[shape] = self._seen.get(shape, 0) + 1
+            if seen <= CAPTURE_WARMUP:
+                with _side_stream(x_all.device):
+                    return self._train_step(x_all, y_all, idx)
+            replay = self._captured[shape] = capture_step(self._train_step, (x_all, y_all, idx))
+        return replay()
 
     def _start_compiling(self, x_all, y_all) -> None:
         import torch._dynamo  # noqa: F401 (loads torch._dynamo.exc, which _step catches)
         self.opt.set_graph_safe(True)
         if hasattr(self.algo, "set_graph_safe"):
             self.algo.set_graph_safe(True)
+        self.compile_info["used"] = True
+        if self.cfg.compile == "cuda-graph":  # recorded as it runs: every tensor keeps its address anyway
+            self._compiled = self._graph_step
+            return
         for t in (x_all, y_all, *_tensors_of((self.net.params(), self.opt, self.algo, self._acc, self._limit))):
             _mark_static(t)
         self._graphs0 = _compile_counts()
         own = _own_code(self._train_step)
         self._compiled_code = own.__func__.__code__
         self._compiled = compile_step(own, self.cfg.compile)
-        self.compile_info["used"] = True
 
     def _stop_compiling(self, reason: str) -> None:
-        self._compiled = None
+        self._compiled, self._captured = None, {}
         self.opt.set_graph_safe(False)
         if hasattr(self.algo, "set_graph_safe"):
             self.algo.set_graph_safe(False)
@@ -359,7 +383,9 @@ class Trainer:
             inference = {key[3:]: v for key, v in last.items() if key.startswith("pc_")}
             if inference:  # the rule's inference status over the last epoch (predictive coding)
                 reps[-1]["inference"] = inference
-        if self.compile_info["used"]:
+        if self.compile_info["used"] and self.cfg.compile == "cuda-graph":
+            self.compile_info["graphs"] = len(self._captured)  # one per batch shape captured
+        elif self.compile_info["used"]:
             now = _compile_counts()
             self.compile_info["graphs"] = _graphs_of(self._compiled_code, now[0] - self._graphs0[0])
             if self.cfg.compile == "reduce-overhead":  # graphs run without a CUDA graph (a GPU; process-wide count)
@@ -417,6 +443,46 @@ def compile_step(fn, mode: str):
     partial compile), static shapes, ``mode`` "default" (inductor's fused kernels) or "reduce-overhead" (and
     CUDA graphs on a GPU)."""
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+
+
+class CaptureError(RuntimeError):
+    """A training step could not be captured as a CUDA graph (nothing of it ran)."""
+
+
+def capture_step(fn, args: tuple):
+    """Record ``fn(*args)`` as a CUDA graph and return ``replay()``, which runs the recorded kernels on the tensors
+    they were recorded with (every argument and every tensor ``fn`` touches keeps its address; Python numbers are
+    frozen at their recorded values) and returns the outputs of the recording (the same tensors at each replay,
+    overwritten by it). Capturing runs nothing. A step that cannot be captured (not on a GPU; a host read or
+    host copy inside it) raises :class:`CaptureError`."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or tensors[0].device.type != "cuda":
+        raise CaptureError("a CUDA graph needs a CUDA device")
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn(*args)
+    except RuntimeError as err:  # e.g. "operation not permitted when stream is capturing"
+        raise CaptureError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+@contextmanager
+def _side_stream(device: torch.device):
+    """On a GPU, the block runs on a side stream that waits for the current one (and is waited for after it): the
+    warm-up steps before a CUDA-graph capture (as torch.cuda.graphs' documentation does). Elsewhere: nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def _own_code(method):
@@ -487,4 +553,5 @@ def load_checkpoint(path: str, net: Net) -> dict:
     return ck
 
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint"]
+__all__ = ["CAPTURE_WARMUP", "COMPILE_MODES", "CaptureError", "TrainConfig", "Trainer", "capture_step", "evaluate",
+           "load_checkpoint"]

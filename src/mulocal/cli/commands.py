@@ -350,7 +350,8 @@ def register(sub) -> None:
     _run_flags(t)
     t.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="run the training step through torch.compile after one eager step: default (fused "
-                        "kernels) or reduce-overhead (CUDA graphs on a GPU); same numbers up to float rounding")
+                        "kernels) or reduce-overhead (CUDA graphs on a GPU), same numbers up to float rounding; "
+                        "or cuda-graph (GPU: the eager step recorded once as a CUDA graph and replayed, no compiler)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(t)
     add_algo_options(t)

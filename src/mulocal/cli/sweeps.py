@@ -98,7 +98,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=None, help="cpu (default) or cuda")
     r.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="run each task's training step through torch.compile (reduce-overhead: CUDA graphs on a "
-                        "GPU); off by default")
+                        "GPU) or, cuda-graph, record it as a CUDA graph without compiling (GPU); off by default")
     r.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     r.add_argument("--no-download", action="store_true", help="never try to download data")
     r.add_argument("--reset-running", action="store_true",
@@ -258,8 +258,8 @@ def register(subparsers) -> None:
     m.add_argument("--data-dir", default=None)
     m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
     m.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="the sweeps' training steps through torch.compile (reduce-overhead: CUDA graphs on a GPU); "
-                        "each task compiles once")
+                   help="the sweeps' training steps through torch.compile (reduce-overhead: CUDA graphs on a GPU; "
+                        "each task compiles once) or recorded as CUDA graphs without compiling (cuda-graph, GPU)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_reproduce)
     d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
