@@ -5,8 +5,10 @@ value, and recording runs nothing. On the CPU, ``FakeGraph`` below keeps that co
 records the aten operations of one step (on clones of every tensor from outside the step, so that recording changes
 nothing), then replays them on the original tensors with their recorded arguments. A step whose numbers depend on
 Python state that changes between steps (a step count kept as an int, a scale computed on the host) therefore
-trains other numbers when replayed, here as on a GPU; a host read inside the step cannot be recorded (a GPU
-refuses it as well).
+trains other numbers when replayed, here as on a GPU; a host read or an operation whose output size depends on
+the data (a device sync) inside the step cannot be recorded (a GPU refuses them as well); and the graph does not
+keep the outside tensors alive (a GPU graph holds their addresses only): replaying after one was freed (memory
+the allocator may have handed to another tensor) is an error.
 
 Oracle: the eager step (checked by the other test files). Replayed steps run the same operations in the same order
 as the eager ones: the same numbers bitwise for SGD (Adam in graph-safe mode takes its bias corrections from a
@@ -18,9 +20,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+import weakref
 
 import mulocal.train as T
 from test_compile import CONFIGS, THREE, _assert_close, _numbers, _train
+
+
+SYNCS = {torch.ops.aten._local_scalar_dense.default: "a host read", torch.ops.aten.nonzero.default: "nonzero",
+         torch.ops.aten.masked_select.default: "masked_select", torch.ops.aten.lift_fresh.default: "host data",
+         torch.ops.aten.lift_fresh_copy.default: "host data"}
 
 
 class FakeGraph(TorchDispatchMode):
@@ -29,6 +37,7 @@ class FakeGraph(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.made, self.original, self.clones, self.keep = [], set(), {}, {}, []
+        self.outside = []  # strong references while recording only (ids stay unique); weak ones afterwards
         self.result = None
 
     def _recording(self, t):
@@ -38,16 +47,18 @@ class FakeGraph(TorchDispatchMode):
         c = self.clones.get(id(t))
         if c is None:
             c = self.clones[id(t)] = t.clone()
-            self.original[id(c)] = t
+            self.original[id(c)] = weakref.ref(t)
             self.made.add(id(c))
-            self.keep += [t, c]  # alive: ids stay unique
+            self.keep.append(c)
+            self.outside.append(t)
         return c
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("operation not permitted when stream is capturing (a host read)")
-        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
-            raise RuntimeError("operation not permitted when stream is capturing (a tensor from host data)")
+        if func in SYNCS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({SYNCS[func]})")
+        if func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_) and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            raise RuntimeError("operation not permitted when stream is capturing (nonzero of a boolean mask)")
         args, kwargs = tree_map(self._recording, (args, kwargs or {}))
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
@@ -64,7 +75,9 @@ class FakeGraph(TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 return t
             if id(t) in self.original:  # a clone stands for the outside tensor's memory
-                return self.original[id(t)]
+                orig = self.original[id(t)]()
+                assert orig is not None, "a captured step reads a tensor that was freed after its capture"
+                return orig
             return env[id(t)]
         for func, args, kwargs, out in self.ops:
             a, k = tree_map(now, (args, kwargs))
@@ -72,7 +85,9 @@ class FakeGraph(TorchDispatchMode):
             for old, fresh in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
                 if isinstance(old, torch.Tensor) and id(old) not in self.original:
                     env[id(old)] = fresh
-        return tree_map(now, self.result)
+        # the result: what the step returned (an in-place method returns its outside tensor itself, not a clone)
+        return tree_map(lambda t: now(t) if isinstance(t, torch.Tensor) and id(t) in env.keys() | self.original.keys()
+                        else t, self.result)
 
 
 def fake_capture(fn, args):
@@ -82,6 +97,7 @@ def fake_capture(fn, args):
             graph.result = fn(*args)
     except RuntimeError as err:
         raise T.CaptureError(str(err)) from None
+    graph.outside = []
     return graph.replay
 
 
@@ -116,6 +132,13 @@ def test_the_fake_graph_freezes_python_numbers_and_records_without_running():
     assert float(replay()) == 15.0
     with pytest.raises(T.CaptureError, match="host read"):
         fake_capture(lambda v: v * float(v.sum()), (x,))
+    with pytest.raises(T.CaptureError, match="nonzero"):
+        fake_capture(lambda v: v[v > 1], (x,))  # an output size that depends on the data: a device sync
+    buf = {"b": torch.ones(3, dtype=torch.float64)}
+    replay = fake_capture(lambda v: buf["b"].mul_(v).sum(), (x,))
+    buf["b"] = torch.ones(3, dtype=torch.float64)  # the recorded buffer is dropped (freed on a GPU) ...
+    with pytest.raises(AssertionError, match="freed"):  # ... and the graph would write into recycled memory
+        replay()
 
 
 # ------------------------------------------------------------------------------------ captured training
