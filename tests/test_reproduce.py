@@ -142,3 +142,20 @@ def test_reproduce_passes_compile_to_every_sweep(tmp_path, capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert len(asked) >= 2 and set(asked) == {"default"}  # the transfer sweeps and the activity sweep
     assert out["command"].endswith("--compile default")
+
+
+def test_reproduce_takes_the_cells_dtype(tmp_path, capsys):
+    """--dtype sets every training cell's dtype (cells of their own in the store: float32 ones are not reused); the
+    float64 analyses refuse it with one line."""
+    import sqlite3
+    assert main(["reproduce", "fig1-right", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0", "--dtype",
+                 "float64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"].endswith("--dtype float64")
+    db = sqlite3.connect(str(tmp_path / "fig1-right" / "results.sqlite"))
+    dtypes = [json.loads(c)["dtype"] for (c,) in db.execute("SELECT config FROM cells")]
+    db.close()
+    assert dtypes and set(dtypes) == {"float64"}
+    bad = subprocess.run([sys.executable, "-m", "mulocal.cli", "reproduce", "fig8", "--dtype", "tf32", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "drop --dtype tf32" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import FIELDS, config_hash
+from ..config import DTYPES, FIELDS, config_hash
 from ..errors import ConfigError
 from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
 from ..sweep.spec import ALIASES
@@ -260,6 +260,9 @@ def register(subparsers) -> None:
     m.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="the sweeps' training steps through torch.compile (reduce-overhead: CUDA graphs on a GPU; "
                         "each task compiles once) or recorded as CUDA graphs without compiling (cuda-graph, GPU)")
+    m.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="the training runs' dtype instead of float32 (tf32: TensorFloat-32 products on a GPU); "
+                        "cells of their own in the store (the float64 analyses ignore it in 'all')")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_reproduce)
     d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
@@ -274,9 +277,9 @@ def cmd_reproduce(args) -> dict:
     from ..experiments.reproduce import run, run_all
     if args.name == "all":
         return run_all(args.budget, args.out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json,
-                       compile=args.compile)
+                       compile=args.compile, dtype=args.dtype)
     return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json,
-               compile=args.compile)
+               compile=args.compile, dtype=args.dtype)
 
 
 def cmd_demo(args) -> dict:

@@ -73,15 +73,19 @@ def _specs(name: str, budget: str) -> list[dict]:
 
 
 def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", device: str = "cpu", data_dir=None,
-        workers: int | None = None, json_mode: bool = False, compile: str = "off") -> dict:
-    """One experiment into ``out_dir/name`` (``compile``: TrainConfig.compile for the sweeps' tasks)."""
+        workers: int | None = None, json_mode: bool = False, compile: str = "off", dtype: str | None = None) -> dict:
+    """One experiment into ``out_dir/name`` (``compile``: TrainConfig.compile for the sweeps' tasks; ``dtype``: the
+    cells' dtype instead of the experiment's float32, e.g. tf32 on a GPU: cells of their own in the store)."""
     if name not in NAMES:
         raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}")
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
-    from ..config import check_device
-    if name in ANALYSES and (device or "cpu") != "cpu":
-        raise ConfigError(f"{name} runs on the CPU only (float64 analyses): drop --device {device}")
+    from ..config import DTYPES, check_device
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if name in ANALYSES and ((device or "cpu") != "cpu" or dtype is not None):
+        what = f"--device {device}" if (device or "cpu") != "cpu" else f"--dtype {dtype}"
+        raise ConfigError(f"{name} runs on the CPU only (float64 analyses): drop {what}")
     device = check_device(device or "cpu")
     tiny = budget == "tiny"
     out = Path(out_dir) / name
@@ -89,11 +93,12 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
     t0 = time.perf_counter()
     how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile)
+    fields = {} if dtype is None else {"dtype": dtype}
     if name in TRANSFER:
-        res = _transfer(name, budget, out, how, say)
+        res = _transfer(name, budget, out, how, say, fields)
     elif name == "depth":
         from .depth import run_depth
-        res = run_depth(budget, out, how, say)
+        res = run_depth(budget, out, how, say, fields)
     elif name == "fig3":
         res = _fig3(budget, out, data_dir, say)
     elif name == "fig8":
@@ -105,7 +110,8 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     res.update(name=name, budget=budget, seconds=time.perf_counter() - t0,
                command=f"mulocal reproduce {name} --budget {budget}"
                        + (f" --device {device}" if device != "cpu" else "")
-                       + (f" --compile {compile}" if compile != "off" and name not in ANALYSES else ""))
+                       + (f" --compile {compile}" if compile != "off" and name not in ANALYSES else "")
+                       + (f" --dtype {dtype}" if dtype is not None else ""))
     (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
     if name in ANALYSES:  # the numbers live in a store too, so `mulocal report --store` shows every experiment
         from ..sweep.store import Store
@@ -118,7 +124,8 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
 
 
 def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str = "cpu", data_dir=None,
-            workers: int | None = None, json_mode: bool = False, names=NAMES, compile: str = "off") -> dict:
+            workers: int | None = None, json_mode: bool = False, names=NAMES, compile: str = "off",
+            dtype: str | None = None) -> dict:
     """``mulocal reproduce all``: every experiment in turn (the analyses on the CPU whatever ``device``), each
     into its own folder as ``run`` writes it; one that fails is recorded with its error line and the others
     still run. Writes ``OUT/summary.json`` and prints a table: experiment, seconds, verdicts or status."""
@@ -131,7 +138,7 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
         say(f"== reproduce {name} --budget {budget} --device {dev}")
         try:
             res = run(name, budget, out_dir, dev, data_dir, workers, json_mode=json_mode,
-                      compile="off" if name in ANALYSES else compile)
+                      compile="off" if name in ANALYSES else compile, dtype=None if name in ANALYSES else dtype)
         except MulocalError as e:
             rows.append({"name": name, "status": "failed", "error": str(e)})
             say(f"{name}: failed: {e}")
@@ -142,7 +149,8 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
                      "verdicts": verdicts, "json": str(Path(out_dir) / name / f"{name}.json")})
     out = {"budget": budget, "device": device, "seconds": time.perf_counter() - t0, "experiments": rows,
            "command": f"mulocal reproduce all --budget {budget} --device {device}"
-                      + (f" --compile {compile}" if compile != "off" else "")}
+                      + (f" --compile {compile}" if compile != "off" else "")
+                      + (f" --dtype {dtype}" if dtype is not None else "")}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "summary.json").write_text(json.dumps(json_safe(out), indent=1))
     say(f"{'experiment':<12}{'seconds':>9}  result")
@@ -158,12 +166,13 @@ def _is_baseline(fam: dict) -> bool:
     return bool((fam.get("algo_options") or {}).get("readout_only"))
 
 
-def _transfer(name, budget, out, how: dict, say) -> dict:
+def _transfer(name, budget, out, how: dict, say, fields: dict | None = None) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table, verdicts
 
     store = out / "results.sqlite"
-    rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, how, say)
+    rows, specs, notes = sweep_until_bracketed([dict(s, **(fields or {})) for s in _specs(name, budget)], store, how,
+                                               say)
     reports = {m: analyze(rows, metric=m) for m in ("train_loss", "test_accuracy")}
     base = [f for f in reports["test_accuracy"]["families"] if _is_baseline(f["family"])]
     baseline = best_accuracy(base[0]) if base else {}
