@@ -1,4 +1,5 @@
 """Exact identities: the explicit BP equals autograd; K replicas equal K separate runs."""
+import math
 import pytest
 import torch
 
@@ -345,3 +346,15 @@ def test_feedback_pretraining_leaves_forward_weights_and_lowers_reconstruction(s
     assert all(torch.equal(a, b) for a, b in zip(before, net.params()))
     err1 = (algo._g(2, acts[2], net)[0] - acts[1]).pow(2).mean()
     assert err1 < 0.7 * err0, (err0, err1)
+
+
+def test_gnt_without_damping_marks_a_zeroed_replica_diverged(synth):
+    """GNT with damping 0: a replica that diverges is zeroed and frozen, so its Gram matrix J J^T is exactly 0 at
+    the next step; it stays recorded as diverged and the other replica trains on (no exception from the solve,
+    and no device sync to check for one: the step can be captured as a CUDA graph)."""
+    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=32), K=2, seeds=[0, 1])
+    res = Trainer(net, make_algo("gnt", damping=0.0), synth,
+                  TrainConfig(epochs=2, lr=[0.1, 1e6], batch_size=64, progress=False, sync_every=1),
+                  seeds=[0, 1]).run()
+    assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
+    assert math.isfinite(res["replicas"][0]["train_loss"])

@@ -64,7 +64,9 @@ class GNT(TargetRule):
         for l in range(1, L):
             Jf = J[l].flatten(3)  # (K, B, C, n)
             gram = Jf @ Jf.transpose(-1, -2) + self.damping * eye
-            z = torch.linalg.solve(gram, dldf.unsqueeze(-1))  # (K, B, C, 1)
+            # (K, B, C, 1); solve_ex: no error check, so no device sync, and a singular system (a zeroed, frozen
+            # replica's J = 0 at damping 0) gives non-finite targets for that replica alone (it stays diverged)
+            z = torch.linalg.solve_ex(gram, dldf.unsqueeze(-1))[0]
             step = (Jf.transpose(-1, -2) @ z).squeeze(-1)  # (K, B, n)
             t[l] = h[l] - self.beta * step.reshape(h[l].shape)
         return t
