@@ -121,6 +121,23 @@ def interleaved(jobs: dict, repeats: int) -> dict:
     return out
 
 
+def shuffled_steps(step, n_samples: int, seed: int, device: str, batch: int = BATCH):
+    """A timing job for a plain training loop: ``train(n)`` draws one seeded shuffle of the ``n_samples`` training
+    samples (inside the timing, as the Trainer's epoch does), calls ``step(idx)`` on its first ``n`` batches of
+    ``batch`` indices and returns the seconds. ``step`` reads its loss back (``.item()``), as a plain loop that
+    logs it does; that read also waits for a GPU's work."""
+    import time
+    gen = torch.Generator().manual_seed(seed)
+
+    def train(n: int) -> float:
+        t0 = time.perf_counter()
+        perm = torch.randperm(n_samples, generator=gen).to(device)
+        for i in range(n):
+            step(perm[i * batch:(i + 1) * batch])
+        return time.perf_counter() - t0
+    return train
+
+
 class KeptTrainer:
     """A timing job on one Trainer kept across repeats: built with ``cfg`` (``cfg.max_steps`` = the warm-up steps;
     a compiled step compiles there) and warmed up at once (``warmup_s``); each call then trains one more epoch of

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, best, emit,
-                     environment, load_data, make_parser, parse_ints, per_epoch, print_header, resolve_device, spread)
+                     environment, load_data, make_parser, parse_ints, per_epoch, print_header, resolve_device,
+                     shuffled_steps, spread)
 from mulocal.algos import make_algo
 from mulocal.data import Dataset
 from mulocal.nets import build
@@ -88,21 +89,14 @@ def run_naive(data: Dataset, width: int, lr: float, seed: int, steps: int, warmu
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     x, y = data.x_train.to(device), data.y_train.to(device)
-    gen = torch.Generator().manual_seed(seed)
 
-    def train(n: int) -> float:
-        t0 = time.perf_counter()
-        # as the Trainer: one shuffle per epoch, inside the timing
-        perm = torch.randperm(len(x), generator=gen).to(device)
-        for i in range(n):
-            idx = perm[i * BATCH:(i + 1) * BATCH]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            loss.item()  # the Trainer also reads every step's loss back
-        return time.perf_counter() - t0
-
+    def step(idx):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        loss.item()
+    train = shuffled_steps(step, len(x), seed, device)
     if warmup:
         train(warmup)
     return train(steps)

@@ -75,7 +75,7 @@ from torch import nn
 
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
-                     resolve_device, KeptTrainer)
+                     resolve_device, shuffled_steps, KeptTrainer)
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
 from mulocal.data import Dataset
@@ -190,17 +190,7 @@ def time_naive(data: Dataset, width: int, T: int, lr: float, steps: int, warmup:
     """Seconds for ``steps`` steps of :class:`NaivePC` (after ``warmup`` untimed ones)."""
     model = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr, seed, device)
     x, y = data.x_train.to(device), data.y_train.to(device)
-    gen = torch.Generator().manual_seed(seed)
-
-    def train(n: int) -> float:
-        t0 = time.perf_counter()
-        # as the Trainer: one shuffle per epoch, inside the timing
-        perm = torch.randperm(len(x), generator=gen).to(device)
-        for i in range(n):
-            idx = perm[i * BATCH:(i + 1) * BATCH]
-            model.step(x[idx], y[idx]).item()  # the Trainer also reads every step's loss back
-        return time.perf_counter() - t0
-
+    train = shuffled_steps(lambda idx: model.step(x[idx], y[idx]).item(), len(x), seed, device)
     if warmup:
         train(warmup)
     return train(steps)

@@ -12,7 +12,8 @@ the allocator may have handed to another tensor) is an error.
 
 Oracle: the eager step (checked by the other test files). Replayed steps run the same operations in the same order
 as the eager ones: the same numbers bitwise for SGD (Adam in graph-safe mode takes its bias corrections from a
-device step count: equal up to the rounding of beta^t). The real capture is tested on a GPU (skipped elsewhere).
+device step count: equal up to the rounding of beta^t). The real capture is tested on a GPU (test_compile.py's
+CUDA-only test, skipped elsewhere).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import weakref
 
 import mulocal.train as T
-from test_compile import CONFIGS, THREE, _assert_close, _numbers, _train
+from test_compile import CONFIGS, _assert_close, _numbers, _train
 
 
 SYNCS = {torch.ops.aten._local_scalar_dense.default: "a host read", torch.ops.aten.nonzero.default: "nonzero",
@@ -222,19 +223,3 @@ def test_cuda_graph_on_the_cpu_runs_eagerly_and_says_so(capsys):
     assert not cap["compile"]["used"] and "CUDA device" in cap["compile"]["fallback"]
     assert capsys.readouterr().err.count("runs eagerly") == 1
     assert _numbers(cap) == _numbers(eager)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("algo,opts", THREE)
-def test_real_cuda_graphs_train_like_eager(algo, opts):
-    """On a GPU: every batch shape captured once, and the eager numbers up to float32 rounding."""
-    from mulocal.config import assemble
-    runs = {}
-    for mode in ("off", "cuda-graph"):
-        run = assemble(dict(algo=algo, dataset="synthetic", width=64, depth=3, epochs=3, batch_size=32,
-                            train_subset=600, test_subset=100, algo_options=opts, dtype="float32"), [0.1, 0.05],
-                       [0, 1], compile=mode, device="cuda")
-        runs[mode] = run.trainer().run()
-    info = runs["cuda-graph"]["compile"]
-    assert info["used"] and info["graphs"] == 2 and info["fallback"] is None, info
-    _assert_close(_numbers(runs["cuda-graph"]), _numbers(runs["off"]), rtol=1e-4)
