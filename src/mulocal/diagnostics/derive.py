@@ -252,23 +252,24 @@ def derive_depth(make_net: Callable[[Parameterization, int], object], algo, star
     alpha, c_H = float(start.depth_alpha), float(start.depth_lr_exponent())
     res = DepthDeriveResult(alpha, c_H, start=start, reference=reference, tolerance=tolerance)
 
-    def check(a, c):
-        param = start.with_(depth_alpha=a, depth_c=c)
-        return coord_check(lambda H: make_net(param, H), algo, depths, batches, probe, lr, optimizer, axis="depth")
-
     blocks = [H - 2 for H in sorted(depths)]  # the laws are in d ~ H - 2 (exact at small depth, not H)
 
-    def init_slope(a):  # slope of rms(h_{H-1}) at initialisation (the step's own growth left out)
-        param = start.with_(depth_alpha=a)
-        vals = []
-        for H in sorted(depths):
+    def check(a, c):
+        """The depth coordinate check at (alpha, c_H), and the slope of rms(h_{H-1}) at initialisation (the step's
+        own growth left out), read from the nets the check builds (in order of depth) before they train."""
+        param = start.with_(depth_alpha=a, depth_c=c)
+        init = []
+
+        def build(H):
             net = make_net(param, H)
             with torch.no_grad():
-                vals.append(float(rms(net.forward(probe)[0][H - 1]).mean()))
-        return fit_slope(blocks, vals)
+                init.append(float(rms(net.forward(probe)[0][H - 1]).mean()))
+            return net
+        coord = coord_check(build, algo, depths, batches, probe, lr, optimizer, axis="depth")
+        return coord, fit_slope(blocks, init)
     for _ in range(rounds):
-        coord = check(alpha, c_H)
-        s_h, s_u = init_slope(alpha), fit_slope(blocks, [row[0] for row in coord.rms["dWh_blocks"]])
+        coord, s_h = check(alpha, c_H)
+        s_u = fit_slope(blocks, [row[0] for row in coord.rms["dWh_blocks"]])
         if not (math.isfinite(s_h) and math.isfinite(s_u)):
             raise ConfigError("the depth fitter met a non-finite slope (a diverged or zero update); "
                               "try a smaller learning rate")
@@ -280,5 +281,5 @@ def derive_depth(make_net: Callable[[Parameterization, int], object], algo, star
         res.alpha, res.c_H = alpha, c_H
         if change < tol:
             break
-    res.final = check(alpha, c_H)
+    res.final = check(alpha, c_H)[0]
     return res
