@@ -90,23 +90,19 @@ def _rule_key(fam: dict) -> str:
 
 def _activity(budget, store, how: dict, say, fields: dict | None = None) -> dict:
     """The activity-LR sweep and its analysis along depth (best kappa per depth, slope, by both metrics)."""
-    from ..config import config_hash
-    from ..sweep import expand, run_sweep
-    from ..sweep.store import Store
     from ..sweep.transfer import analyze
+    from .grids import best_per_value, run_and_read
     spec = dict(activity_spec(budget), **(fields or {}))
-    run_sweep(spec, store, progress=True, **how)
-    with Store(store, create=False) as st:
-        rows = activity_rows(st.rows(hashes=[config_hash(c) for c in expand(spec)]))
+    rows = activity_rows(run_and_read(spec, store, how))
     out = {"weight_lr": spec["lrs"][0], "kappas": spec["algo_options"]["kappa"], "store": str(store)}
     for m in ("train_loss", "test_accuracy"):
         fams = analyze(rows, metric=m, axis="depth")["families"]
         if len(fams) != 1:
             raise ConfigError(f"the activity-LR sweep should form one family, got {len(fams)}")
         f = fams[0]
-        out[m] = {"best_kappa": {str(e["width"]): e["best_lr"] for e in f["best"]},
-                  "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
-                  "slope": f["transfer"]["slope"], "slope_err": f["transfer"]["slope_err"]}
+        best_kappa, at_edge = best_per_value(f)
+        out[m] = {"best_kappa": best_kappa, "at_edge": at_edge, "slope": f["transfer"]["slope"],
+                  "slope_err": f["transfer"]["slope_err"]}
         t = out[m]
         say(f"PC activity LR (kappa) by {m}: best per depth "
             + ", ".join(f"H={H}: {k:.3g}" if k else f"H={H}: -" for H, k in t["best_kappa"].items())

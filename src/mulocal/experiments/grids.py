@@ -20,24 +20,33 @@ def edges(reports: list[dict]) -> tuple[set, set]:
     return low, high
 
 
+def run_and_read(spec: dict, store, how: dict) -> list[dict]:
+    """Run one sweep spec into ``store`` (``how``: the sweep's run options; finished cells are not run again) and
+    return the store's rows of its cells."""
+    from ..config import config_hash
+    from ..sweep import expand, run_sweep
+    from ..sweep.store import Store
+    run_sweep(spec, store, progress=True, **how)
+    with Store(store, create=False) as st:
+        return st.rows(hashes=[config_hash(c) for c in expand(spec)])
+
+
+def best_per_value(f: dict) -> tuple[dict, dict]:
+    """A family's best learning rate, and whether it sits on an end of its grid, per value of the transfer axis
+    (width or depth, as a string: the experiments' JSON keys)."""
+    return ({str(e["width"]): e["best_lr"] for e in f["best"]}, {str(e["width"]): e["at_edge"] for e in f["best"]})
+
+
 def sweep_until_bracketed(specs, store, how: dict, say) -> tuple[list, list[dict], list[str]]:
     """Run every spec (``how``: the sweep's run options, e.g. device, data_dir, workers, compile); while a spec's
     family has its best LR (by training loss or test accuracy) on an end of its grid, extend that spec's grid by
     two points at that end and run again (``MAX_EXTEND`` rounds).
     Returns (the store's rows of the final grids, the final specs, what was extended)."""
-    from ..config import config_hash
-    from ..sweep import expand, run_sweep
-    from ..sweep.store import Store
     from ..sweep.transfer import analyze
     specs = [dict(s) for s in specs]
     notes = []
     for round_ in range(MAX_EXTEND + 1):
-        hashes = []
-        for spec in specs:
-            run_sweep(spec, store, progress=True, **how)
-            hashes.append([config_hash(c) for c in expand(spec)])
-        with Store(store, create=False) as st:
-            per_spec = [st.rows(hashes=h) for h in hashes]
+        per_spec = [run_and_read(spec, store, how) for spec in specs]
         if round_ == MAX_EXTEND:
             break
         grew, before = False, len(notes)
@@ -71,9 +80,8 @@ def family_entry(f: dict, acc_transfer: dict) -> dict:
     axis, the transfer by both metrics (``acc_transfer``: label -> the test-accuracy report's transfer) and the
     best seed-mean test accuracy."""
     from ..sweep.transfer import best_accuracy
-    return {"label": f["label"], "family": f["family"],
-            "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
-            "at_edge": {str(e["width"]): e["at_edge"] for e in f["best"]},
+    best_lr, at_edge = best_per_value(f)
+    return {"label": f["label"], "family": f["family"], "best_lr": best_lr, "at_edge": at_edge,
             "train_loss": transfer_summary(f["transfer"]), "test_accuracy": transfer_summary(acc_transfer.get(f["label"])),
             "best_test_accuracy": {str(w): a for w, a in best_accuracy(f).items()}}
 
