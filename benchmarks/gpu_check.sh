@@ -5,7 +5,8 @@
 #   2. benchmarks/bench_step.py: ms per Trainer step of BP, PC (T = 5 parallel), DTP (counter and host noise) at
 #      widths 512 and 2048, K = 1 and 16, eager, and at width 512, K = 1, compiled (reduce-overhead) and captured
 #      without a compiler (cuda-graph);
-#   3. if time is left (GPU_CHECK_FIG1=1): the paper-budget fig1-right sweep, timed, with the options meant to
+#   3. if time is left (GPU_CHECK_FIG1=1; better a second call, as one command may run 10 minutes): the
+#      paper-budget fig1-right sweep, timed, with the options meant to
 #      bring it under 90 s (FIG1_ARGS, default "--compile cuda-graph --dtype tf32"; the eager float32 run took
 #      291 s on an H200, docs/PERFORMANCE.md).
 # Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt.

@@ -25,7 +25,7 @@ from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
 from .streams import generators
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")
-CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-safe, on a side stream) before its capture
+CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-safe, side stream) before its capture
 
 
 def check_compile(mode: str) -> str:

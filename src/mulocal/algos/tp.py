@@ -411,8 +411,8 @@ class TP(TargetRule):
         if not self.trainable or self.fb is None:
             return {}
         return {"fb": [t.detach().cpu().clone() for t in self._fb_tensors()], "fb_opt": self.fb_opt.state_dict(),
-                "noise_rng": self.noise_source, "noise_keys": self.noise_keys.cpu(), "noise_counter": self.noise_counter,
-                "noise_gens": [g.get_state() for g in self.noise_gens]}
+                "noise_rng": self.noise_source, "noise_keys": self.noise_keys.cpu(),
+                "noise_counter": self.noise_counter, "noise_gens": [g.get_state() for g in self.noise_gens]}
 
     def _fb_tensors(self) -> list[torch.Tensor]:
         return [t for l in sorted(self.fb) for t in (self.fb[l].weight, self.fb[l].bias)]
