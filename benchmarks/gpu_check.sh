@@ -5,10 +5,11 @@
 #   2. benchmarks/bench_step.py: ms per Trainer step of BP, PC (T = 5 parallel), DTP (counter and host noise) at
 #      widths 512 and 2048, K = 1 and 16, eager, and at width 512, K = 1, compiled (reduce-overhead) and captured
 #      without a compiler (cuda-graph);
-#   3. if time is left (GPU_CHECK_FIG1=1; better a second call, as one command may run 10 minutes): the
-#      paper-budget fig1-right sweep, timed, with the options meant to
-#      bring it under 90 s (FIG1_ARGS, default "--compile cuda-graph --dtype tf32"; the eager float32 run took
-#      291 s on an H200, docs/PERFORMANCE.md).
+#   3. fig1: the paper-budget fig1-right sweep, timed, with the options meant to bring it under 90 s (FIG1_ARGS,
+#      default "--compile cuda-graph --dtype tf32"; the eager float32 run took 291 s on an H200,
+#      docs/PERFORMANCE.md).
+# PARTS chooses (default "tests,step"; one command may run 10 minutes, so fig1 is best a second call:
+# PARTS=fig1). GPU_CHECK_FIG1=1 adds fig1 to the default parts.
 # Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt.
 # Needs FashionMNIST where MULOCAL_DATA_DIR points (the benchmarks fall back to random data and say so).
 # Rehearse it on a CPU: DEVICE=cpu GPU_CHECK_QUICK=1 benchmarks/gpu_check.sh (tiny sizes, the same steps).
@@ -23,14 +24,21 @@ SIZES=(--widths 512,2048 --Ks 1,16 --compile reduce-overhead,cuda-graph --compil
        --warmup 10 --repeats 3)
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && SIZES=(--widths 32 --Ks 1,2 --compile reduce-overhead,cuda-graph --steps 5 --warmup 3
                                          --repeats 1 --rules bp,dtp)
+PARTS=${PARTS:-tests,step}
+[ "${GPU_CHECK_FIG1:-0}" = 1 ] && PARTS="$PARTS,fig1"
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/gpu.txt" 2>&1
-echo "[gpu_check] tests" >&2
-"$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_capture.py tests/test_noise.py tests/test_batching.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
-echo "[gpu_check] tests done after $(( $(date +%s) - t0 )) s" >&2
-"$PY" benchmarks/bench_step.py --device "$DEVICE" "${SIZES[@]}" --out "$OUT/step.json" > "$OUT/step.txt" 2>&1
-echo "[gpu_check] bench_step done after $(( $(date +%s) - t0 )) s" >&2
-if [ "${GPU_CHECK_FIG1:-0}" = 1 ]; then
+if part tests; then
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_capture.py tests/test_noise.py \
+    tests/test_batching.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
+  echo "[gpu_check] tests done after $(( $(date +%s) - t0 )) s" >&2
+fi
+if part step; then
+  "$PY" benchmarks/bench_step.py --device "$DEVICE" "${SIZES[@]}" --out "$OUT/step.json" > "$OUT/step.txt" 2>&1
+  echo "[gpu_check] bench_step done after $(( $(date +%s) - t0 )) s" >&2
+fi
+if part fig1; then
   s=$(date +%s)
   read -r -a FIG1 <<< "${FIG1_ARGS:---compile cuda-graph --dtype tf32}"
   BUDGET=paper; [ "${GPU_CHECK_QUICK:-0}" = 1 ] && BUDGET=tiny
@@ -38,5 +46,5 @@ if [ "${GPU_CHECK_FIG1:-0}" = 1 ]; then
     > "$OUT/fig1.txt" 2>&1
   echo "fig1-right $BUDGET budget (${FIG1[*]}): $(( $(date +%s) - s )) s" >> "$OUT/fig1.txt"
 fi
-tail -n 40 "$OUT/step.txt"
-tail -n 3 "$OUT/tests.txt"
+for f in step.txt tests.txt fig1.txt; do [ -f "$OUT/$f" ] && tail -n 40 "$OUT/$f"; done
+exit 0
