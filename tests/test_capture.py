@@ -143,7 +143,16 @@ def test_the_fake_graph_freezes_python_numbers_and_records_without_running():
 
 
 # ------------------------------------------------------------------------------------ captured training
-@pytest.mark.parametrize("algo,opts,optimizer,arch", CONFIGS)
+MORE = [  # replays are cheap to check: more of each rule's paths than the compile tests take
+    ("dtp", {"noise_rng": "counter", "fb_loss": "ldrl", "fb_iters": 2}, "sgd", "mlp"),  # two draws a layer
+    ("dtp", {"noise_rng": "counter", "feedback": "linear"}, "sgd", "resmlp"),
+    ("tp", {"noise_rng": "counter"}, "sgd", "mlp"),
+    ("pc", {"inference": "parallel", "parallel_step": "bound"}, "sgd", "mlp"),  # warm power iteration
+    ("pc", {"T": 3}, "adam", "resmlp"),
+]
+
+
+@pytest.mark.parametrize("algo,opts,optimizer,arch", CONFIGS + MORE)
 def test_captured_training_equals_eager(fake_graphs, algo, opts, optimizer, arch):
     """Three epochs (300 samples in batches of 32: 9 full batches and one of 12 each), eager and captured: each batch
     shape captured once after its warm-up steps, and the recorded numbers the eager ones (bitwise with SGD)."""
