@@ -82,7 +82,7 @@ from mulocal.data import Dataset
 from mulocal.nets import build
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import preset
-from mulocal.train import Trainer, TrainConfig
+from mulocal.train import COMPILE_MODES, Trainer, TrainConfig
 
 DEPTH = 3
 N_EVAL = 256  # test samples kept for the Trainer's end-of-epoch evaluation (not timed)
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
                    help="a Python with PCX 0.6.3 + JAX 0.4.38: run PCX's PC MLP side by side (section 2)")
     p.add_argument("--pcx-h-lr", type=float, default=0.1, help="inference step (SGD on the values) of section 2 "
                                                                "(default 0.1)")
-    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+    p.add_argument("--compile", default="none", choices=["none"] + [m for m in COMPILE_MODES if m != "off"],
                    help="also time section 2's mulocal PC with TrainConfig.compile = this mode (torch.compile of "
                         "the training step; default none)")
     p.add_argument("--check-steps", type=int, default=5,

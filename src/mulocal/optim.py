@@ -79,12 +79,17 @@ class LayerwiseOptimizer:
             # shape (1,), not 0-dim: torch.compile (2.13) drops an in-place add to a 0-dim float64 CPU tensor
             self.t_dev = torch.tensor([float(self.t)], dtype=torch.float64, device=self.params[0].device)
         elif not on and self.graph_safe:
-            self.t, self.t_dev = int(self.t_dev.item()), None
+            self.t, self.t_dev = self.steps, None
 
     @property
     def graph_safe(self) -> bool:
         """Whether the step count lives on the device (``set_graph_safe``)."""
         return self.t_dev is not None
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (in graph-safe mode read back from the device)."""
+        return int(self.t_dev.item()) if self.graph_safe else self.t
 
     def freeze(self, replicas: torch.Tensor) -> None:
         """Stop updating the replicas where ``replicas`` is True (e.g. diverged ones)."""
@@ -96,9 +101,10 @@ class LayerwiseOptimizer:
         """p <- p - lr g (SGD; g <- momentum buf + g with momentum), or Adam:
         m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
         p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
-        t = self.t_dev.add_(1) if self.graph_safe else self.t + 1  # graph-safe: a float64 device tensor
-        if not self.graph_safe:
-            self.t = t
+        if self.graph_safe:
+            t = self.t_dev.add_(1)  # a float64 device tensor
+        else:
+            t = self.t = self.t + 1
         c1, c2 = (1 - self.betas[0] ** t, 1 - self.betas[1] ** t) if self.kind == "adam" else (None, None)
         if self.graph_safe and c1 is not None:  # the device corrections cast once per dtype, not per tensor
             by_dtype = {dt: (c2.to(dt), (-1.0 / c1).to(dt)) for dt in self._dtypes}
@@ -125,8 +131,7 @@ class LayerwiseOptimizer:
                     p.addcmul_(lr, m / denom, value=-1.0 / c1)
 
     def state_dict(self) -> dict:
-        t = int(self.t_dev.item()) if self.graph_safe else self.t
-        return dict(kind=self.kind, t=t, base_lr=self.base_lr.clone(), active=self.active.clone(),
+        return dict(kind=self.kind, t=self.steps, base_lr=self.base_lr.clone(), active=self.active.clone(),
                     bufs=[b.cpu().clone() for b in self.bufs] if self.bufs else None,
                     sq=[b.cpu().clone() for b in self.sq] if self.sq else None)
 

@@ -284,6 +284,12 @@ class Trainer:
             _mark_static(buf)
         return buf.copy_(idx)
 
+    def _set_loss0(self, loss0: torch.Tensor) -> None:
+        """Each replica's loss at its first step, and the divergence bound diverge_factor * |loss0| (None: only
+        non-finite losses diverge), both on the device."""
+        self.loss0 = loss0
+        self._limit = self.cfg.diverge_factor * loss0.abs() if self.cfg.diverge_factor else None
+
     def _train_step(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One step of every replica: the rule's step and the optimizer's, then the interval's bookkeeping on
         the device (the loss sum; a replica's first step whose loss is not finite or exceeds
@@ -292,8 +298,7 @@ class Trainer:
         self.opt.step(grads)
         loss = loss.detach().double()
         if self.loss0 is None:  # the first step of a run (always eager: compiling starts after it)
-            self.loss0 = loss.clone()
-            self._limit = self.cfg.diverge_factor * self.loss0.abs() if self.cfg.diverge_factor else None
+            self._set_loss0(loss.clone())
         acc = self._acc
         acc["loss_sum"] += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
         bad = ~torch.isfinite(loss)
@@ -414,9 +419,8 @@ class Trainer:
                                   f"'{mine}'")
         self.opt.load_state_dict(ck["opt"])
         self.epoch, self.status, self.history = ck["epoch"], ck["status"], ck["history"]
-        self.loss0 = None if ck.get("loss0") is None else ck["loss0"].to(self.net.device)  # no copy per step
-        if self.loss0 is not None and self.cfg.diverge_factor:
-            self._limit = self.cfg.diverge_factor * self.loss0.abs()
+        if ck.get("loss0") is not None:
+            self._set_loss0(ck["loss0"].to(self.net.device))  # on the device: no copy per step
         if ck.get("algo") is not None and hasattr(self.algo, "load_state_dict"):
             self.algo.load_state_dict(ck["algo"], self.net)
         for g, s in zip(self.gens, ck["gens"]):

@@ -11,10 +11,9 @@ from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..param import BASE_WIDTH
-from ..train import COMPILE_MODES
 from ..util import rule_label
-from .flags import (add_algo_options, add_fields, algo_options_from_args, cell_from_args, floats, given_algo_options,
-                    ints, out_file, per_algo)
+from .flags import (add_algo_options, add_compile_flag, add_fields, algo_options_from_args, cell_from_args, floats,
+                    given_algo_options, ints, out_file, per_algo)
 
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
 
@@ -348,10 +347,7 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _run_flags(t)
-    t.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="run the training step through torch.compile after one eager step: default (fused "
-                        "kernels) or reduce-overhead (CUDA graphs on a GPU), same numbers up to float rounding; "
-                        "or cuda-graph (GPU: the eager step recorded once as a CUDA graph and replayed, no compiler)")
+    add_compile_flag(t)
     t.add_argument("--json", action="store_true", help="print one JSON object")
     add_fields(t)
     add_algo_options(t)

@@ -17,6 +17,16 @@ from ..algos import ALGOS
 from ..algos.options import float_list as floats, parse_floats
 from ..config import FIELDS, GROUPS, coerce, default_cell
 from ..errors import ConfigError, MulocalError
+from ..train import COMPILE_MODES
+
+
+def add_compile_flag(p: argparse.ArgumentParser, default: str | None = "off", where: str = "the training step") -> None:
+    """--compile (TrainConfig.compile), one help text for train, sweep and reproduce."""
+    p.add_argument("--compile", default=default, choices=COMPILE_MODES,
+                   help=f"{where} after one eager step: through torch.compile, default (fused kernels) or "
+                        "reduce-overhead (also CUDA graphs on a GPU; each run compiles once, tens of seconds), same "
+                        "numbers up to float rounding; or cuda-graph (GPU: the eager step recorded once as a CUDA "
+                        "graph and replayed, no compiler); default off")
 
 
 def _typed(key: str, kind: str):
@@ -252,5 +262,5 @@ def scoped_algo_options(args, algos) -> dict:
     return out
 
 
-__all__ = ["add_algo_options", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
+__all__ = ["add_algo_options", "add_compile_flag", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
            "checked_dir", "ints", "list_of", "out_dir", "out_file", "per_algo", "scoped_algo_options"]

@@ -14,8 +14,8 @@ from ..config import DTYPES, FIELDS, config_hash
 from ..errors import ConfigError
 from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
 from ..sweep.spec import ALIASES
-from ..train import COMPILE_MODES
-from .flags import add_algo_options, add_fields, checked_dir, list_of, out_dir, out_file, scoped_algo_options
+from .flags import (add_algo_options, add_compile_flag, add_fields, checked_dir, list_of, out_dir, out_file,
+                    scoped_algo_options)
 
 
 def _log2_range(text: str) -> list[float]:
@@ -96,9 +96,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--memory-budget-mb", type=float, default=None,
                    help="memory per task used to size the replica chunks (default: RAM / (2 workers), <= 4 GiB)")
     r.add_argument("--device", default=None, help="cpu (default) or cuda")
-    r.add_argument("--compile", default=None, choices=COMPILE_MODES,
-                   help="run each task's training step through torch.compile (reduce-overhead: CUDA graphs on a "
-                        "GPU) or, cuda-graph, record it as a CUDA graph without compiling (GPU); off by default")
+    add_compile_flag(r, default=None, where="each task's training step")
     r.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     r.add_argument("--no-download", action="store_true", help="never try to download data")
     r.add_argument("--reset-running", action="store_true",
@@ -257,9 +255,7 @@ def register(subparsers) -> None:
     m.add_argument("--device", default=None, help="cpu (default) or cuda, for the transfer experiments")
     m.add_argument("--data-dir", default=None)
     m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
-    m.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="the sweeps' training steps through torch.compile (reduce-overhead: CUDA graphs on a GPU; "
-                        "each task compiles once) or recorded as CUDA graphs without compiling (cuda-graph, GPU)")
+    add_compile_flag(m, where="the sweeps' training steps")
     m.add_argument("--dtype", default=None, choices=DTYPES,
                    help="the training runs' dtype instead of float32 (tf32: TensorFloat-32 products on a GPU); "
                         "cells of their own in the store (the float64 analyses ignore it in 'all')")

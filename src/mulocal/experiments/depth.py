@@ -88,11 +88,11 @@ def _rule_key(fam: dict) -> str:
             + (f" {fam['activation']}" if fam.get("activation", "tanh") != "tanh" else ""))
 
 
-def _activity(budget, store, how: dict, say, fields: dict | None = None) -> dict:
+def _activity(budget, store, how: dict, say) -> dict:
     """The activity-LR sweep and its analysis along depth (best kappa per depth, slope, by both metrics)."""
     from ..sweep.transfer import analyze
     from .grids import best_per_value, run_and_read
-    spec = dict(activity_spec(budget), **(fields or {}))
+    spec = activity_spec(budget)
     rows = activity_rows(run_and_read(spec, store, how))
     out = {"weight_lr": spec["lrs"][0], "kappas": spec["algo_options"]["kappa"], "store": str(store)}
     for m in ("train_loss", "test_accuracy"):
@@ -111,15 +111,15 @@ def _activity(budget, store, how: dict, say, fields: dict | None = None) -> dict
     return out
 
 
-def run_depth(budget: str, out, how: dict, say, fields: dict | None = None) -> dict:
-    """``mulocal reproduce depth`` (``how``: the sweeps' run options: device, data_dir, workers, compile; ``fields``:
-    cell fields set in every sweep, e.g. the dtype)."""
+def run_depth(budget: str, out, how: dict, say) -> dict:
+    """``mulocal reproduce depth`` (``how``: the sweeps' run options: device, data_dir, workers, compile, and cell
+    fields set in every sweep under "cells", ``grids.run_and_read``)."""
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, format_table, is_depth_free, verdicts
     from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
     store = out / "results.sqlite"
-    rows, final, notes = sweep_until_bracketed([dict(s, **(fields or {})) for s in specs(budget)], store, how, say)
+    rows, final, notes = sweep_until_bracketed(specs(budget), store, how, say)
     reports = {m: analyze(rows, metric=m, axis="depth") for m in ("train_loss", "test_accuracy")}
     b = BUDGETS[budget]
     title = ("Depth transfer: residual MLPs, BP / PC / DTP under Depth-muP (a = d^-1/2) vs the depth-free control "
@@ -136,7 +136,7 @@ def run_depth(budget: str, out, how: dict, say, fields: dict | None = None) -> d
         for W, g in per_width.items():
             say(f"{key} (width {W}) best test accuracy minus BP's (Depth-muP), per depth: "
                 + ", ".join(f"H={H}: {v:+.3f}" if v is not None else f"H={H}: -" for H, v in g.items()))
-    activity = _activity(budget, out / "activity.sqlite", how, say, fields)
+    activity = _activity(budget, out / "activity.sqlite", how, say)
     return {"activity_lr": activity, "title": title, "store": str(store), "figure": fig, "families": fams,
             "verdicts": pairs, "accuracy_minus_bp": gaps, "grid_notes": notes, "lrs": [s["lrs"] for s in final],
             "report_command": f"mulocal report --store {store} --axis depth"}

@@ -21,11 +21,14 @@ def edges(reports: list[dict]) -> tuple[set, set]:
 
 
 def run_and_read(spec: dict, store, how: dict) -> list[dict]:
-    """Run one sweep spec into ``store`` (``how``: the sweep's run options; finished cells are not run again) and
-    return the store's rows of its cells."""
+    """Run one sweep spec into ``store`` and return the store's rows of its cells (finished cells are not run
+    again). ``how``: the sweep's run options, and under ``"cells"`` cell fields set in every spec (e.g. the
+    dtype of ``reproduce --dtype``)."""
     from ..config import config_hash
     from ..sweep import expand, run_sweep
     from ..sweep.store import Store
+    how = dict(how)
+    spec = dict(spec, **(how.pop("cells", None) or {}))
     run_sweep(spec, store, progress=True, **how)
     with Store(store, create=False) as st:
         return st.rows(hashes=[config_hash(c) for c in expand(spec)])

@@ -92,13 +92,13 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
     t0 = time.perf_counter()
-    how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile)
-    fields = {} if dtype is None else {"dtype": dtype}
+    how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile,
+               cells={} if dtype is None else {"dtype": dtype})
     if name in TRANSFER:
-        res = _transfer(name, budget, out, how, say, fields)
+        res = _transfer(name, budget, out, how, say)
     elif name == "depth":
         from .depth import run_depth
-        res = run_depth(budget, out, how, say, fields)
+        res = run_depth(budget, out, how, say)
     elif name == "fig3":
         res = _fig3(budget, out, data_dir, say)
     elif name == "fig8":
@@ -108,10 +108,8 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     if tiny:
         res["note"] = "tiny budget: a smoke run of the code path, not a result"
     res.update(name=name, budget=budget, seconds=time.perf_counter() - t0,
-               command=f"mulocal reproduce {name} --budget {budget}"
-                       + (f" --device {device}" if device != "cpu" else "")
-                       + (f" --compile {compile}" if compile != "off" and name not in ANALYSES else "")
-                       + (f" --dtype {dtype}" if dtype is not None else ""))
+               command=f"mulocal reproduce {name} --budget {budget}" + (f" --device {device}" if device != "cpu" else "")
+                       + _run_flags("off" if name in ANALYSES else compile, dtype))
     (out / f"{name}.json").write_text(json.dumps(json_safe(res), indent=1))
     if name in ANALYSES:  # the numbers live in a store too, so `mulocal report --store` shows every experiment
         from ..sweep.store import Store
@@ -148,9 +146,7 @@ def run_all(budget: str = "small", out_dir: str = "runs/reproduce", device: str 
         rows.append({"name": name, "status": "done", "seconds": res["seconds"], "figure": res.get("figure"),
                      "verdicts": verdicts, "json": str(Path(out_dir) / name / f"{name}.json")})
     out = {"budget": budget, "device": device, "seconds": time.perf_counter() - t0, "experiments": rows,
-           "command": f"mulocal reproduce all --budget {budget} --device {device}"
-                      + (f" --compile {compile}" if compile != "off" else "")
-                      + (f" --dtype {dtype}" if dtype is not None else "")}
+           "command": f"mulocal reproduce all --budget {budget} --device {device}" + _run_flags(compile, dtype)}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "summary.json").write_text(json.dumps(json_safe(out), indent=1))
     say(f"{'experiment':<12}{'seconds':>9}  result")
@@ -166,13 +162,17 @@ def _is_baseline(fam: dict) -> bool:
     return bool((fam.get("algo_options") or {}).get("readout_only"))
 
 
-def _transfer(name, budget, out, how: dict, say, fields: dict | None = None) -> dict:
+def _run_flags(compile: str, dtype: str | None) -> str:
+    """The --compile and --dtype flags of a reproduce command (none at their defaults)."""
+    return (f" --compile {compile}" if compile != "off" else "") + (f" --dtype {dtype}" if dtype is not None else "")
+
+
+def _transfer(name, budget, out, how: dict, say) -> dict:
     from ..plots import transfer_figure
     from ..sweep.transfer import analyze, best_accuracy, format_table, verdicts
 
     store = out / "results.sqlite"
-    rows, specs, notes = sweep_until_bracketed([dict(s, **(fields or {})) for s in _specs(name, budget)], store, how,
-                                               say)
+    rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, how, say)
     reports = {m: analyze(rows, metric=m) for m in ("train_loss", "test_accuracy")}
     base = [f for f in reports["test_accuracy"]["families"] if _is_baseline(f["family"])]
     baseline = best_accuracy(base[0]) if base else {}
