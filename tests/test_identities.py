@@ -350,11 +350,15 @@ def test_feedback_pretraining_leaves_forward_weights_and_lowers_reconstruction(s
 
 def test_gnt_without_damping_marks_a_zeroed_replica_diverged(synth):
     """GNT with damping 0: a replica that diverges is zeroed and frozen, so its Gram matrix J J^T is exactly 0 at
-    the next step; it stays recorded as diverged and the other replica trains on (no exception from the solve,
-    and no device sync to check for one: the step can be captured as a CUDA graph)."""
-    net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=32), K=2, seeds=[0, 1])
-    res = Trainer(net, make_algo("gnt", damping=0.0), synth,
-                  TrainConfig(epochs=2, lr=[0.1, 1e6], batch_size=64, progress=False, sync_every=1),
-                  seeds=[0, 1]).run()
+    the next step; it stays recorded as diverged and the other replica trains on, exactly as it trains alone (no
+    exception from the solve, and no device sync to check for one: the step can be captured as a CUDA graph)."""
+    def run(lrs, seeds):
+        net = build("mlp", synth.input_shape, 10, 32, preset("mup", "sgd", base_width=32), K=len(seeds), seeds=seeds)
+        return Trainer(net, make_algo("gnt", damping=0.0), synth,
+                       TrainConfig(epochs=2, lr=lrs, batch_size=64, progress=False, sync_every=1), seeds=seeds).run()
+    res = run([0.1, 1e6], [0, 1])
     assert [r["status"] for r in res["replicas"]] == ["done", "diverged"]
     assert math.isfinite(res["replicas"][0]["train_loss"])
+    alone = run([0.1], [0])["replicas"][0]["history"]
+    assert [{k: v for k, v in h.items() if k not in ("epoch_time", "replica")} for h in res["replicas"][0]["history"]] \
+        == [{k: v for k, v in h.items() if k not in ("epoch_time", "replica")} for h in alone]
