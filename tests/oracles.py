@@ -41,16 +41,18 @@ class WrittenResNet:
 
         E(v; W) = sum_{l<H} gamma_l / 2 ||v_l - mu_l(v_{l-1})||^2 + gamma_H loss_sum(mu_H(v_{H-1}))
 
-    (mu_l = ``layer(l, .)``; gamma = 1 unless ``gammas``)."""
+    (mu_l = ``layer(l, .)``; unless ``gammas``: the documented depth rule for the hidden weights, gamma_l = d^g,
+    g = ``depth_gamma`` (1 by default; docs/depth.md), and gamma_H = 1, the net's base width)."""
 
-    def __init__(self, net, alpha=0.5, base_depth=3, loss="ce", gammas=None):
+    def __init__(self, net, alpha=0.5, base_depth=3, loss="ce", gammas=None, depth_gamma=1.0):
         self.cnn, self.H = net.kind == "rescnn", net.depth
         self.W = [l.weight.detach().clone() for l in net.layers]
         self.b = [l.bias.detach().clone() if l.bias is not None else None for l in net.layers]
         self.m = [l.rule.multiplier for l in net.layers]  # the width multiplier (tested in test_param)
         self.a = ((self.H - 2) / (base_depth - 2)) ** (-alpha)
         self.phi, self.loss = PHI[net.activation], loss
-        self.gam = gammas if gammas is not None else [1.0] * self.H
+        d = (self.H - 2) / (base_depth - 2)
+        self.gam = gammas if gammas is not None else [d ** depth_gamma] * (self.H - 1) + [1.0]
 
     def _pool(self, t, fn):
         K, B = t.shape[:2]

@@ -148,7 +148,9 @@ MORE = [  # replays are cheap to check: more of each rule's paths than the compi
     ("dtp", {"noise_rng": "counter", "feedback": "linear"}, "sgd", "resmlp"),
     ("tp", {"noise_rng": "counter"}, "sgd", "mlp"),
     ("pc", {"inference": "parallel", "parallel_step": "bound"}, "sgd", "mlp"),  # warm power iteration
-    ("pc", {"T": 3}, "adam", "resmlp"),
+    ("pc", {"T": 3}, "adam", "resmlp"),  # the error solver (auto on a residual net) with its guard
+    ("pc", {"inference": "error", "guard": False}, "sgd", "resmlp"),
+    ("pc", {"inference": "mupc"}, "sgd", "resmlp"),
 ]
 
 

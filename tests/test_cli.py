@@ -200,7 +200,7 @@ def test_pc_inference_status_is_shown_and_unstable_inference_warned(capsys):
             "parallel", "--no-progress"]
     assert main(base + ["--parallel-step", "gamma"]) == 0
     out, err = capsys.readouterr()
-    assert "[inference: energy rose" in err and "warning: replica 0: energy rose during inference" in err
+    assert "[inference: parallel T=5, energy rose" in err and "warning: replica 0: energy rose during inference" in err
     assert "warning: energy rose" in out
     assert main(base + ["--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -261,5 +261,5 @@ def test_inference_summary_reads_the_last_epoch_of_finished_cells():
             {"status": "done", "history": [{"epoch": 1, "train_loss": 0.1}]}]
     assert inference_summary(rows) == {"cells": 2, "energy_rose_cells": 1, "energy_rose_max": 0.25,
                                        "residual_median": 0.4, "residual_max": 0.5, "warned_cells": 1,
-                                       "warned_min_lr": 2.0}
+                                       "warned_min_lr": 2.0, "unconverged_cells": 2, "converged_below": 0.1}
     assert inference_summary(rows[3:]) is None

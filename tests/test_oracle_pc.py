@@ -201,13 +201,13 @@ def _initial_values(algo, init, oracle, x, z_ff):
 def _spy_random_init(algo):
     """Record the random initial values the rule draws (the oracle starts from the same point)."""
     algo._drawn = []
-    orig = algo._init_value
+    orig = algo.init_value
 
     def spy(u, net):
         out = orig(u, net)
         algo._drawn.append(out.clone())
         return out
-    algo._init_value = spy
+    algo.init_value = spy
 
 
 CASES = [

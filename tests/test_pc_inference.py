@@ -264,7 +264,7 @@ def test_default_steps_of_the_other_modes_are_one_over_gamma():
         algo = PC(T=2, gammas=(1.0, 2.0, 4.0), record=True, **kw)
         algo.step(net, x, y)
         assert "kappa" not in algo.stats, kw
-        assert algo._kappas(algo.energy_weights(net)) == ([0.3] * 3 if "kappa" in kw else [1.0, 0.5, 0.25])
+        assert algo.step_sizes(net) == ([0.3] * 3 if "kappa" in kw else [1.0, 0.5, 0.25])
 
 
 def test_cnn_default_step_uses_the_conv_operator_norm():

@@ -23,10 +23,10 @@ def test_floor_bp_mup_fashion_mnist(fmnist):
 def test_floor_pc_mup_fashion_mnist(fmnist):
     """PC under its muP (single-shot SI, no FPA, gbar_L = 0), width 512, 3 epochs: >= 0.85."""
     from mulocal.algos.pc import PC
-    algo = PC()  # documented defaults: T = 1, sequential, F-ini, no FPA, kappa = 1/gamma
-    assert (algo.T, algo.inference, algo.init, algo.fpa) == (1, "sequential", "forward", False)
+    algo = PC()  # documented defaults on a plain MLP: T = 1, sequential, F-ini, no FPA, kappa = 1/gamma
     net = build("mlp", fmnist.input_shape, 10, 512, preset("mup", "sgd", gamma_bar_L=0.0), seeds=[0])
     res = Trainer(net, algo, fmnist, TrainConfig(epochs=3, lr=DEFAULT_LR["sgd"], progress=False)).run()
+    assert (algo.steps, algo.mode, algo.init, algo.fpa, algo.guard) == (1, "sequential", "forward", False, False)
     acc = res["replicas"][0]["test_accuracy"]
     assert acc >= 0.85, acc
 

@@ -204,6 +204,10 @@ def resolved_algo(cell: dict) -> dict:
     given = cell.get("algo_options") or {}
     out = defaults_of(cell["algo"])
     out.update(given, loss=cell["loss"])
+    resolve = getattr(check_algo(cell["algo"]), "resolve_options", None)  # what "auto" options become on this net
+    if resolve is not None:
+        from .nets import RESIDUAL_ARCHS
+        out = resolve(out, cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], param_of(cell))
     keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
         if o.implicit and name not in given and name not in keep:
@@ -282,6 +286,7 @@ class Run:
     train: Any  # TrainConfig
     seeds: list[int] = field(default_factory=list)
     device: str = "cpu"
+    loggers: list = field(default_factory=list)  # loggers.Logger sinks the trainer reports to
 
     def build_net(self, width: int, param=None, bias: bool | None = None, K: int | None = None,
                   seeds: Sequence[int] | None = None, depth: int | None = None):
@@ -297,7 +302,8 @@ class Run:
 
     def trainer(self):
         from .train import Trainer
-        return Trainer(self.net, self.algo, self.data, self.train, seeds=self.seeds)
+        return Trainer(self.net, self.algo, self.data, self.train, seeds=self.seeds, loggers=self.loggers,
+                       cell=self.cell)
 
 
 def torch_dtype(name: str):
@@ -309,11 +315,12 @@ def torch_dtype(name: str):
 def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: str = "cpu", data=None,
              data_dir=None, download: bool = True, val_fraction: float = 0.0, eval_batch_size: int = 2000,
              progress: bool = False, metrics_path: str | None = None, checkpoint_path: str | None = None,
-             resume: bool = False, compile: str = "off") -> Run:
+             resume: bool = False, compile: str = "off", loggers=()) -> Run:
     """Build a run from a cell: data -> parameterization -> learning rule -> net (at ``cell["width"]``, K =
     len(seeds) replicas, replica k with learning rate ``lrs[k]`` and seed ``seeds[k]``) -> training config.
 
-    ``data`` skips loading (the sweep worker caches datasets); the other keywords are how to run, not what.
+    ``data`` skips loading (the sweep worker caches datasets); the other keywords are how to run, not what
+    (``loggers``: ``loggers.Logger`` sinks of the trainer: TensorBoard, MLflow, W&B).
     """
     from .train import TrainConfig
     cell = default_cell(**{k: v for k, v in cell.items() if k not in ("param_resolved", "algo_resolved")})
@@ -329,7 +336,7 @@ def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: 
                         diverge_factor=cell["diverge_factor"] or None,
                         eval_batch_size=eval_batch_size, progress=progress, metrics_path=metrics_path,
                         checkpoint_path=checkpoint_path, resume=resume, compile=compile, tf32=cell["dtype"] == "tf32")
-    run = Run(cell, data, param, algo, None, train, seeds, device)
+    run = Run(cell, data, param, algo, None, train, seeds, device, list(loggers))
     if cell.get("width") is not None:
         run.net = run.build_net(cell["width"])
     return run

@@ -467,6 +467,7 @@ class ResCNN(_Residual, Net):
 
 
 ARCHS = ("mlp", "cnn", "resmlp", "rescnn")
+RESIDUAL_ARCHS = ("resmlp", "rescnn")  # nets with residual blocks (``Net.residual_net`` from depth 3)
 
 
 def cnn_plan(in_shape: Sequence[int], width: int, depth: int):

@@ -28,6 +28,7 @@ bias learning rate         eta * m^-c_bias                              ``Parame
 PC output energy weight    gamma'_L * m^-gbar_L                         ``Parameterization.gamma_L``
 residual branch mult.      d^-alpha, d = (H - 2) / (H_0 - 2)            ``Parameterization.rule``
 residual branch LR (W, b)  (width LR) * d^-c_H                          ``Parameterization.rule``
+PC hidden energy weight    d^depth_gamma (residual nets; else 1)        ``Parameterization.gamma_hidden``
 =========================  ===========================================  ==========================
 
 Depth (residual nets only, ``nets.ResMLP``). A residual MLP of depth H has H - 2 blocks
@@ -70,6 +71,7 @@ ROLES = ("input", "hidden", "output")
 BASE_WIDTH = 64  # the default base width M_0: every preset equals SP at this width
 BASE_DEPTH = 3  # the default base depth H_0 (the default run depth; one residual block): presets are depth-free there
 DEPTH_ALPHA = 0.5  # the default residual branch exponent: Depth-muP / muPC
+DEPTH_GAMMA = 1.0  # the default depth exponent of PC's hidden energy weights on residual nets (gamma_l = d^1)
 B_SP = (0.0, 0.5, 0.5)
 A_SP = (0.0, 0.0, 0.0)
 
@@ -113,6 +115,7 @@ class Parameterization:
     base_depth: int = BASE_DEPTH  # H_0: residual nets only
     depth_alpha: float = DEPTH_ALPHA  # branch multiplier a_l = d^-alpha, d = (H - 2) / (H_0 - 2)
     depth_c: float | None = None  # branch LR exponent in depth (None: derived, see depth_lr_exponent)
+    depth_gamma: float = DEPTH_GAMMA  # PC on residual nets: hidden energy weights gamma_l = d^depth_gamma
 
     def __post_init__(self) -> None:
         for key, n in (("b", 3), ("c", 3), ("a", 3), ("c_bias", 2)):
@@ -139,7 +142,7 @@ class Parameterization:
         if not isinstance(self.base_depth, int) or isinstance(self.base_depth, bool) or self.base_depth < 3:
             raise ConfigError(f"base depth must be an integer >= 3 (at least one residual block), got "
                               f"{self.base_depth!r}")
-        for key in ("depth_alpha", "depth_c"):
+        for key in ("depth_alpha", "depth_c", "depth_gamma"):
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, finite_number(value, f"parameterization '{self.name}': {key}"))
@@ -169,7 +172,7 @@ class Parameterization:
 
     def depth_free(self) -> "Parameterization":
         """The same parameterization without depth scaling (a_l = 1, depth-independent LRs)."""
-        return self.with_(depth_alpha=0.0, depth_c=0.0)
+        return self.with_(depth_alpha=0.0, depth_c=0.0, depth_gamma=0.0)
 
     def rule(self, role: str, fan_in: int, width: int, depth: int | None = None,
              residual: bool = False) -> LayerRule:
@@ -205,6 +208,14 @@ class Parameterization:
         """PC output energy weight gamma_L = gamma'_L * m^{-gbar_L}."""
         return self.gamma_L_prime * self.width_mult(width) ** (-self.gamma_bar_L)
 
+    def gamma_hidden(self, depth: int) -> float:
+        """PC's hidden energy weight on a residual net of ``depth`` weight layers: gamma_l = d^depth_gamma, d = (H -
+        2) / (H_0 - 2). It keeps the inference's output preconditioner C = sum_l (gamma_L / gamma_l) J_l J_l^T
+        (J_l = df/dv_l, Theorem 4.2's C) Theta(1) in depth: each of the ~d blocks adds a Theta(1) term to C, so with
+        gamma_l = 1 PC's equilibrium update shrinks like (I + C)^-1 ~ 1/d and turns Gauss-Newton-like. The weight
+        gradients gamma_l e_l ~ gamma_L delta_l^BP keep their size (docs/depth.md). 1 at H = H_0."""
+        return self.depth_mult(depth) ** self.depth_gamma
+
     def with_(self, **changes) -> "Parameterization":
         """A copy with some fields changed (validated again)."""
         try:
@@ -216,7 +227,8 @@ class Parameterization:
         """The fields; the depth fields only where they differ from their defaults (so the records and
         hashes of cells written before they existed are unchanged)."""
         d = asdict(self)
-        for key, default in (("base_depth", BASE_DEPTH), ("depth_alpha", DEPTH_ALPHA), ("depth_c", None)):
+        for key, default in (("base_depth", BASE_DEPTH), ("depth_alpha", DEPTH_ALPHA), ("depth_c", None),
+                             ("depth_gamma", DEPTH_GAMMA)):
             if d[key] == default:
                 del d[key]
         return d
@@ -230,7 +242,7 @@ class Parameterization:
             f"  b = {_fmt(self.b)}  c = {_fmt(self.c)}  a = {_fmt(self.a)}  c_bias = {_fmt(self.c_bias)}",
         ]
         if self.gamma_bar_L or self.gamma_L_prime != 1.0:
-            lines.append(f"  PC: gamma_L = {self.gamma_L_prime:g} * m^-{self.gamma_bar_L:g} = {self.gamma_L(width):.4g}")
+            lines.append(f"  PC: gamma_L = {self.gamma_L_prime:g} * m^{-self.gamma_bar_L:g} = {self.gamma_L(width):.4g}")
         lines.append(f"  {'layer':<6}{'role':<8}{'shape':>14}{'init std':>12}{'mult':>9}{'lr':>12}{'bias lr':>12}")
         for i, (role, fi, fo) in enumerate(layer_shapes(depth, in_dim, width, out_dim), start=1):
             r = self.rule(role, fi, width)

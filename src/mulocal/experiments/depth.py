@@ -9,21 +9,20 @@ bootstrap over seeds and fit windows) and judged by the verdict rule of docs/REP
 place of width: "reproduced" iff the slope of log2(best LR) per doubling of depth is within 0.25 under
 Depth-muP and separated from the control's by 2 sigma, by test accuracy and by training loss.
 
-PC runs the paper's main setting (sequential single-shot inference, T = 1, no FPA) twice: with the default,
-energy-decreasing step kappa_l = 1/(gamma_l + gamma_{l+1}) below a block, and with the propagating step
-kappa = 1/gamma_l = 1 (the error reaches every block in one sweep; the energy rises a little at each sweep). DTP
+PC runs at its defaults on a residual net: the error solver (``inference=auto``, T = 3) on the energy with
+hidden weights gamma_l = d (``Parameterization.gamma_hidden``); its control also drops that depth factor. DTP
 runs its muP preset with trained feedback (residual feedback g(t) = t + a (V phi(t) + c)). The report also gives,
 per depth, each rule's best test accuracy (PC and DTP against BP at the deepest depths).
 
-PC's activity learning rate: at a fixed weight LR, a sweep of the inference step kappa (``ACTIVITY``) per depth,
-analysed like a learning-rate sweep (``activity_rows`` relabels kappa as the swept rate): the best kappa per
-depth and its slope per doubling of depth.
+PC's activity learning rate: at a fixed weight LR, a sweep of the state solver's step kappa (``ACTIVITY``; sequential
+single shot on the depth-free energy) per depth, analysed like a learning-rate sweep (``activity_rows`` relabels
+kappa as the swept rate): the best kappa per depth and its slope per doubling of depth.
 """
 from __future__ import annotations
 
 from ..errors import ConfigError
 
-DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0}  # the control (sweep.transfer.is_depth_free)
+DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0, "depth_gamma": 0.0}  # the control (sweep.transfer.is_depth_free)
 ALGOS = ("bp", "pc", "dtp")
 BUDGETS = {
     "small": dict(depths=[8, 16, 32, 64], widths=[128], lrs=[2.0 ** k for k in range(-5, 3)], seeds=[0, 1], epochs=1,
@@ -35,8 +34,9 @@ BUDGETS = {
 }
 
 
-PROPAGATING = {"kappa": 1.0}  # PC's step 1/gamma_l (gamma_l = 1 for the hidden layers at gbar_L = 0)
-# the activity-LR sweep: kappa on a log2 grid around 1, at this weight LR
+# the activity-LR sweep: the state solver's step kappa (sequential single shot, the depth-free energy gamma_l = 1,
+# where kappa = 1 = 1/gamma_l propagates the error through every block) on a log2 grid around 1, at this weight LR
+STATE_SOLVER = {"inference": "sequential", "T": 1}
 ACTIVITY = {"small": dict(kappas=[2.0 ** (k / 4) for k in range(-10, 3)], lr=0.125),
             "paper": dict(kappas=[2.0 ** (k / 4) for k in range(-12, 3)], lr=0.125),
             "tiny": dict(kappas=[0.5, 0.71, 1.0], lr=0.25)}
@@ -51,21 +51,19 @@ def _common(budget: str) -> dict:
 
 
 def specs(budget: str) -> list[dict]:
-    """The sweep specs, each under Depth-muP and under the depth-free control: every rule (tanh); PC with the
-    propagating step; BP, DTP and PC (propagating step) with relu."""
+    """The sweep specs, each under Depth-muP and under the depth-free control (a = 1, no depth factors, PC's
+    depth-free energy): every rule at its defaults (PC: the error solver, ``inference=auto`` on a residual net),
+    tanh and relu."""
     common = _common(budget)
-    pc = dict(common, algo="pc", algo_options=dict(PROPAGATING))
-    relu = dict(common, algo=["bp", "dtp"], activation="relu")  # no tanh saturation to hide the control's growth
-    pc_relu = dict(pc, activation="relu")
-    out = [dict(common), pc, relu, pc_relu]
-    return [s for spec in out for s in (spec, dict(spec, param_options=dict(DEPTH_FREE)))]
+    relu = dict(common, activation="relu")  # no tanh saturation to hide the control's growth
+    return [s for spec in (common, relu) for s in (spec, dict(spec, param_options=dict(DEPTH_FREE)))]
 
 
 def activity_spec(budget: str) -> dict:
     """PC under Depth-muP at one weight LR and the budget's first width, swept over the inference step kappa."""
     a = ACTIVITY[budget]
     return dict(_common(budget), algo="pc", widths=BUDGETS[budget]["widths"][:1], lrs=[a["lr"]],
-                algo_options={"kappa": a["kappas"]})
+                algo_options=dict(STATE_SOLVER, kappa=a["kappas"]), param_options={"depth_gamma": 0.0})
 
 
 def activity_rows(rows: list[dict]) -> list[dict]:
@@ -84,7 +82,7 @@ def activity_rows(rows: list[dict]) -> list[dict]:
 
 def _rule_key(fam: dict) -> str:
     opts = fam.get("algo_options") or {}
-    return (fam["algo"] + (" kappa=1" if opts.get("kappa") == PROPAGATING["kappa"] else "")
+    return (fam["algo"] + (f" kappa={opts['kappa']:g}" if "kappa" in opts else "")
             + (f" {fam['activation']}" if fam.get("activation", "tanh") != "tanh" else ""))
 
 

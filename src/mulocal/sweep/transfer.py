@@ -296,8 +296,9 @@ def inference_summary(rows: Sequence[dict]) -> dict | None:
     """The PC inference status of finished cells (their last epoch's ``pc_*`` columns): how many cells,
     in how many the energy rose at some inference step (and the largest fraction of steps), the median and
     largest final relative residual, how many cells ``algos.pc.status_warning`` warns about and the smallest
-    learning rate among them. None when no cell kept a status (other rules; ``no_status``)."""
-    from ..algos.pc import status_warning
+    learning rate among them, and how many did not converge (final relative residual above
+    ``algos.pc.RESIDUAL_CONVERGED``). None when no cell kept a status (other rules; ``no_status``)."""
+    from ..algos.pc import RESIDUAL_CONVERGED, status_warning
     lasts = []
     for r in rows:
         if r.get("status") != "done":
@@ -315,7 +316,8 @@ def inference_summary(rows: Sequence[dict]) -> dict | None:
     return {"cells": len(lasts), "energy_rose_cells": sum(v > 0 for v in rose),
             "energy_rose_max": max(rose) if rose else None,
             "residual_median": float(np.median(res)) if res else None, "residual_max": max(res) if res else None,
-            "warned_cells": len(warned), "warned_min_lr": min(warned) if warned else None}
+            "warned_cells": len(warned), "warned_min_lr": min(warned) if warned else None,
+            "unconverged_cells": sum(v > RESIDUAL_CONVERGED for v in res), "converged_below": RESIDUAL_CONVERGED}
 
 
 def _inference_line(label: str, inf: dict) -> str:
@@ -325,6 +327,9 @@ def _inference_line(label: str, inf: dict) -> str:
                  if inf["energy_rose_cells"] else ", energy never rose")
     if inf["residual_median"] is not None:
         text += f", final relative residual median {inf['residual_median']:.3g} (max {inf['residual_max']:.3g})"
+    if inf.get("unconverged_cells"):
+        text += (f"  NOT CONVERGED in {inf['unconverged_cells']} cells (final relative residual > "
+                 f"{inf['converged_below']:g}: more steps T, or the error solver)")
     if inf["warned_cells"]:
         text += f"  WARNING: unstable inference in {inf['warned_cells']} cells"
         if inf.get("warned_min_lr") is not None:
@@ -407,7 +412,7 @@ def is_depth_free(fam: dict) -> bool:
 
 
 # per transfer axis: which family is the control, and the keys in which a family and its control may differ
-CONTROLS = {"width": (is_sp, PAIRING_FREE), "depth": (is_depth_free, ("param_options", "param_resolved"))}
+CONTROLS = {"width": (is_sp, PAIRING_FREE), "depth": (is_depth_free, ("param_options", "param_resolved", "algo_resolved"))}
 
 
 def _pair_key(fam: dict, free=PAIRING_FREE) -> str:
@@ -475,6 +480,9 @@ def _pen_text(t: dict) -> str:
     return "diverges" if not math.isfinite(t["penalty"]) else f"{t['penalty']:.4f}"
 
 
+OTHER_NAMES = {"test_accuracy": "acc", "train_loss": "loss", "test_loss": "test loss"}  # the other metric's columns
+
+
 def format_table(report: dict, other: dict | None = None, floor: float = LEARN_FLOOR) -> str:
     """The best learning rate per width and the transfer metrics of every family, as a text table.
 
@@ -490,10 +498,11 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
     lw = max(14, max(len(f["label"]) for f in fams) + 2)
     what = "1 - test accuracy" if report["metric"] == "test_accuracy" else report["metric"].replace("_", " ")
     others = {canonical_json(f["family"]): f for f in (other or {}).get("families", [])}
-    o_what = "" if other is None else ("acc" if other["metric"] == "test_accuracy" else other["metric"].split("_")[0])
+    o_what = "" if other is None else OTHER_NAMES[other["metric"]]
+    ow = 3 + max(14, len(f"penalty({o_what})"))  # the other metric's penalty column: its header never touches slope's
     head = f"{'config':<{lw}}" + "".join(f"{w:>10}" for w in widths) + f"{'penalty':>11}{'slope':>17}"
     if other is not None:
-        head += f"{'penalty(' + o_what + ')':>14}{'slope(' + o_what + ')':>17}"
+        head += f"{'penalty(' + o_what + ')':>{ow}}{'slope(' + o_what + ')':>17}"
     head += f"{'best acc':>10}"
     ax = report.get("axis", "width")
     lines = [f"best learning rate per {ax} ({what}, mean over seeds; quadratic vertex in log2 LR)", head]
@@ -505,7 +514,8 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
         row += f"{_pen_text(t):>11}{_slope_text(t):>17}"
         if other is not None:
             o = others.get(canonical_json(f["family"]))
-            row += (f"{_pen_text(o['transfer']):>14}{_slope_text(o['transfer']):>17}" if o else f"{'-':>14}{'-':>17}")
+            pen, slope = (_pen_text(o["transfer"]), _slope_text(o["transfer"])) if o else ("-", "-")
+            row += f"{pen:>{ow}}{slope:>17}"
         acc = best_accuracy(f).get(max(f["widths"])) if f["widths"] else None
         row += f"{'-' if acc is None else f'{acc:.3f}':>10}"
         if not learns(f, floor):
@@ -513,6 +523,8 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
             quiet.append(f["label"])
         if f.get("inference", {}).get("warned_cells"):
             row += "  inference!"
+        if f.get("inference", {}).get("unconverged_cells"):
+            row += "  unconverged"
         lines.append(row)
     lines.append("penalty: extra "
                  f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest {ax} with the "
