@@ -24,9 +24,9 @@ setup() {
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" || "$VENV/bin/python" -m pip install -q torch
   fi
   if [ ! -f "$VENV/.mulocal-installed" ] || [ pyproject.toml -nt "$VENV/.mulocal-installed" ] \
-     || ! "$VENV/bin/python" -c "import mulocal, pytest, ray" 2>/dev/null; then
-    log "installing mulocal, its test dependencies and the Ray extra (the distributed sweeps are tested too)"
-    "$VENV/bin/python" -m pip install -q -e ".[test,ray]"
+     || ! "$VENV/bin/python" -c "import mulocal, pytest, ray, tensorboard, mlflow, sqlalchemy" 2>/dev/null; then
+    log "installing mulocal, its test dependencies and the Ray, TensorBoard and MLflow extras (tested too)"
+    "$VENV/bin/python" -m pip install -q -e ".[test,ray,tensorboard,mlflow]"
     touch "$VENV/.mulocal-installed"
   fi
   if ! "$VENV/bin/mulocal" data check fashion-mnist --json >/dev/null 2>&1; then
@@ -50,5 +50,5 @@ case "$cmd" in
   test-slow) setup; exec "$VENV/bin/python" -m pytest -q -m slow "$@" ;;
   mutants) setup; exec "$VENV/bin/python" tests/mutants/run.py "$@" ;;
   bench) setup; for b in benchmarks/bench_*.py; do "$VENV/bin/python" "$b" "$@"; done ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2 ;;  # the comment block above, without its '#'s
 esac

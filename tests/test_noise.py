@@ -71,13 +71,25 @@ def test_counter_normal_equals_numpy_oracle(counter):
 
 
 def test_counter_normal_rows_depend_on_their_key_only():
+    """Row k of a batched draw is the draw of key k alone, and a longer draw extends a shorter one: the bits
+    exactly; the normals to float64 rounding, since another shape may put an element in a vector kernel's body
+    or in its scalar tail, whose log, sqrt, cos / sin and product may round apart (a chain of 4)."""
+    from tolerances import chain_rtol
     keys = counter_keys("feedback_noise_counter", [4, 7, 9])
     both = counter_normal(keys, 5, (6, 4), torch.float64)
+    bits = counter_bits(keys, 5, 12)
+    rtol = chain_rtol(torch.float64, 4)
+
+    def same(a, b):  # element by element: each rounding is relative to its own result
+        return bool(((a - b).abs() <= rtol * b.abs()).all())
     for k in range(3):
-        assert torch.equal(both[k], counter_normal(keys[k:k + 1], 5, (6, 4), torch.float64)[0])
+        assert torch.equal(bits[k], counter_bits(keys[k:k + 1], 5, 12)[0])
+        assert same(both[k], counter_normal(keys[k:k + 1], 5, (6, 4), torch.float64)[0])
     # a longer draw extends a shorter one (element index, not shape, addresses a number)
-    assert torch.equal(counter_normal(keys, 5, (24,), torch.float64)[:, :10], both.flatten(1)[:, :10])
-    assert torch.equal(counter_normal(keys, 5, (25,), torch.float64)[:, :24], both.flatten(1))
+    assert torch.equal(counter_bits(keys, 5, 13)[:, :12], bits)
+    assert same(counter_normal(keys, 5, (24,), torch.float64)[:, :10], both.flatten(1)[:, :10])
+    assert same(counter_normal(keys, 5, (25,), torch.float64)[:, :24], both.flatten(1))
+    assert not same(both[1], both[0]) and not same(both.flatten(1)[:, 1:], both.flatten(1)[:, :-1])
     with pytest.raises(ValueError, match="counter"):
         counter_normal(keys, -1, (3,))
 
@@ -161,7 +173,12 @@ def test_counter_noise_is_counter_normal_one_counter_per_draw():
 @pytest.mark.parametrize("fb_loss", ["rec", "ldrl"])
 def test_dtp_counter_noise_replicas_equal_separate_runs_bitwise(synth, fb_loss):
     """DTP with trainable feedback and counter noise: K = 3 replicas (seeds 4, 7, 9, own learning rates), two
-    epochs, equal three single-seed runs to the bit (forward and feedback weights, losses)."""
+    epochs, equal three single-seed runs (forward and feedback weights, losses) to float64 rounding, not to the
+    bit as the name (kept for the mutant catalogue) says: other shapes may take other kernels. 2 x 16 steps, each
+    a forward pass, 2 feedback-training passes and the target pass through 3 layers whose longest sums have 64
+    terms (the batch); a noise stream keyed by the replica's position instead of its seed moves them by O(1)."""
+    from tolerances import chain_rtol, rel_diff, train_ops
+    rtol = chain_rtol(torch.float64, train_ops(2 * 16 * (2 + 2), 3, 64))
     p = preset("mup", "sgd", algo="dtp", base_width=8)
     cfg = dict(epochs=2, batch_size=64, optimizer="sgd", progress=False)
     seeds, lrs = [4, 7, 9], [0.05, 0.1, 0.2]
@@ -176,8 +193,9 @@ def test_dtp_counter_noise_replicas_equal_separate_runs_bitwise(synth, fb_loss):
     both, res = run(lrs, seeds)
     for k in range(3):
         one, res1 = run([lrs[k]], [seeds[k]])
-        assert all(torch.equal(a[k], b[0]) for a, b in zip(both, one)), k
-        assert res["replicas"][k]["history"][-1]["train_loss"] == res1["replicas"][0]["history"][-1]["train_loss"]
+        assert all(rel_diff(a[k], b[0]) <= rtol for a, b in zip(both, one)), (k, rtol)
+        assert res["replicas"][k]["history"][-1]["train_loss"] == \
+            pytest.approx(res1["replicas"][0]["history"][-1]["train_loss"], rel=rtol, abs=0)
     assert not torch.equal(both[-2][0], both[-2][1])
 
 

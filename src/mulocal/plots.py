@@ -1,16 +1,18 @@
-"""Every figure of mulocal (matplotlib, Agg backend: no display needed). Each function takes plain results
-(a report dict, a CoordResult, ...) and a path, draws, and returns the path.
+"""The figures of sweeps and width checks (matplotlib, Agg backend: no display needed; the analyses' figures:
+``figures.py``). Each function takes plain results (a report dict, a CoordResult, ...) and a path, draws, and
+returns the path.
 
 * sweeps: ``plot_family``, ``plot_transfer``, ``plot_report`` (below);
 * diagnostics: ``plot_coord`` (coordinate check), ``plot_derive`` (exponent fit), ``plot_lines``;
-* the paper's experiments: ``transfer_figure``, ``fig3_figure``, ``fig8_figure``, ``table1_figure``.
+* the transfer experiments of ``reproduce``: ``transfer_figure``.
 
 Sweep plots:
 
 For every family (same configuration except width): the metric (training loss by default) and
 the test accuracy against the learning rate on a log2 axis, one curve per width (mean over
 seeds) with a band from the lowest to the highest seed, diverged learning rates marked with an
-x at the top, and the estimated optimum marked with a star and a dotted line. ``transfer.png``
+x at the top, and the estimated optimum by each panel's own metric marked with a dotted line and a star on
+the curve. ``transfer.png``
 puts log2(best LR) against log2(width) for every family, with the bootstrap error bars and the
 fitted line whose slope the report gives.
 """
@@ -33,7 +35,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_") or "family"
 
 
+def on_curve(xs, ys, x0: float, log_y: bool = False) -> float | None:
+    """The height at ``x0`` of the curve drawn through (xs, ys) on a log2 x axis (straight segments on the plot:
+    linear in log2 x, and in log y on a log y axis); None outside the drawn points."""
+    pts = sorted(zip(xs, ys))
+    if not pts or not pts[0][0] <= x0 <= pts[-1][0]:
+        return None
+    for (xa, ya), (xb, yb) in zip(pts, pts[1:] + pts[-1:]):
+        if xa <= x0 <= xb:
+            t = 0.0 if xb == xa else (math.log2(x0) - math.log2(xa)) / (math.log2(xb) - math.log2(xa))
+            if log_y and ya > 0 and yb > 0:
+                return math.exp((1 - t) * math.log(ya) + t * math.log(yb))
+            return (1 - t) * ya + t * yb
+    return None
+
+
 def _panel(ax, fam, key, lo_key, hi_key, best_by_w, ylabel, mark_best_y: bool, log_y: bool, axis: str = "width"):
+    """One panel: ``key`` against the learning rate, a curve per width with its seed band; ``best_by_w`` (width ->
+    a report's best entry, by this panel's metric) marked by a dotted line and, with ``mark_best_y``, a star on the
+    drawn curve at that learning rate."""
     from matplotlib import transforms
     plt = _plt()
     cmap = plt.get_cmap("viridis")
@@ -55,38 +75,51 @@ def _panel(ax, fam, key, lo_key, hi_key, best_by_w, ylabel, mark_best_y: bool, l
         b = best_by_w.get(c["width"])
         if b and b["best_lr"] is not None:
             ax.axvline(b["best_lr"], color=color, ls=":", lw=1)
-            if mark_best_y and b["best_value"] is not None and math.isfinite(b["best_value"]):
-                ax.plot([b["best_lr"]], [b["best_value"]], "*", color=color, ms=12, mec="k", mew=0.5, zorder=5)
+            y = on_curve(xs, ys, b["best_lr"], log_y) if mark_best_y else None
+            if y is not None:  # on the curve: the fitted parabola's own value may lie well off the measured points
+                ax.plot([b["best_lr"]], [y], "*", color=color, ms=12, mec="k", mew=0.5, zorder=5)
     ax.set_xscale("log", base=2)
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("base learning rate")
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel("base learning rate", fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=10)
+    ax.tick_params(labelsize=9)
     ax.grid(alpha=0.25, which="both")
 
 
-def plot_family(fam: dict, metric: str, path) -> str:
+def family_figure(fam: dict, metric: str, acc_fam: dict | None = None):
+    """The figure of ``plot_family`` (left: the report's metric, right: test accuracy; each panel marks the optima
+    by its own metric: ``acc_fam`` is the family in the test-accuracy report, None: no optimum on the right unless
+    the metric is test accuracy)."""
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
     best_by_w = {e["width"]: e for e in fam["best"]}
+    acc_src = fam if metric == "test_accuracy" else acc_fam
+    best_acc = {e["width"]: e for e in acc_src["best"]} if acc_src else {}
     vals = [p["min"] for c in fam["curves"] for p in c["points"] if p["min"] is not None]
     log_y = metric != "test_accuracy" and bool(vals) and min(vals) > 0
     ylabel = {"train_loss": "training loss (last epoch, mean over seeds)", "test_loss": "test loss",
               "test_accuracy": "test accuracy"}[metric]
     _panel(a1, fam, "mean", "min", "max", best_by_w, ylabel, True, log_y)
-    _panel(a2, fam, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best_by_w, "test accuracy",
-           False, False)
-    a1.legend(fontsize=8)
+    _panel(a2, fam, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best_acc, "test accuracy",
+           True, False)
+    a1.legend(fontsize=9)
     t = fam["transfer"]
     title = fam["label"]
     if t["slope"] is not None:
         err = f" ± {t['slope_err']:.2f}" if t["slope_err"] is not None else ""
         title += f": slope of log2(best LR) vs log2(width) {t['slope']:+.2f}{err}"
-    fig.suptitle(title, fontsize=10)
-    fig.text(0.01, 0.005, "curves: mean over seeds, one per width; bands: min-max over seeds; x at the top: a seed "
-             "diverged at that LR; star and dotted line: the estimated optimum (quadratic vertex in log2 LR).",
-             fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.01, "curves: mean over seeds, one per width; bands: min-max over seeds; x at the top: a seed "
+             "diverged at that LR; dotted line and star: the estimated optimum by that panel's metric (quadratic "
+             "vertex in log2 LR), the star on the curve.", fontsize=8.5, wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_family(fam: dict, metric: str, path, acc_fam: dict | None = None) -> str:
+    plt = _plt()
+    fig = family_figure(fam, metric, acc_fam)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
@@ -121,9 +154,9 @@ def _transfer_panel(ax, report: dict) -> None:
     ax.set_xlabel(report.get("axis", "width"))
     ax.set_ylabel("log2(best learning rate)")
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=8)
     what = {"train_loss": "training loss", "test_loss": "test loss", "test_accuracy": "test accuracy"}[report["metric"]]
-    ax.set_title(f"best learning rate by {what} (flat = transfers)", fontsize=9)
+    ax.set_title(f"best learning rate by {what} (flat = transfers)", fontsize=10)
 
 
 def plot_transfer(report: dict, path, other: dict | None = None) -> str:
@@ -137,8 +170,8 @@ def plot_transfer(report: dict, path, other: dict | None = None) -> str:
     fig.text(0.01, 0.005, "same colour: one configuration; filled circles and solid fit: muP; open squares and dashed "
              "fit: SP. Error bars: bootstrap std of log2(best LR) over seeds and fit windows (including the LR "
              "grid's resolution); lines: least-squares fit. penalty: extra loss (or error) at the largest width "
-             "with the smallest width's best LR.", fontsize=6, wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+             "with the smallest width's best LR.", fontsize=8.5, wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
@@ -149,12 +182,13 @@ def plot_report(report: dict, out_dir, other: dict | None = None) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, used = [], set()
+    by_acc = {f["label"]: f for f in other["families"]} if other and other["metric"] == "test_accuracy" else {}
     for f in report["families"]:
         name = slug(f["label"])
         while name in used:
             name += "_"
         used.add(name)
-        paths.append(plot_family(f, report["metric"], out / f"{name}.png"))
+        paths.append(plot_family(f, report["metric"], out / f"{name}.png", by_acc.get(f["label"])))
     if report["families"]:
         paths.append(plot_transfer(report, out / "transfer.png", other))
     return paths
@@ -262,31 +296,42 @@ def _transfer_text(t: dict | None, what: str) -> str:
     return f"{what}: slope {t['slope']:+.2f} ± {t['slope_err'] or 0:.2f}, penalty {pen}"
 
 
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to the characters that fit ``width_in`` inches at ``fontsize`` points, each line of it."""
+    cols = max(40, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(part, cols) for part in text.split("\n"))
+
+
 def transfer_figure(report: dict, path, title: str, other: dict | None = None, baseline: dict | None = None) -> str:
     """A reproduce figure: per family (column), test accuracy (top) and training loss (bottom) against the
-    learning rate, a curve per width with its min-max band over seeds and the estimated optimum.
+    learning rate, a curve per width with its min-max band over seeds and the estimated optimum by each row's
+    metric (the accuracy row's from ``other`` when it is the test-accuracy report).
 
     Each column's title gives the transfer slope and penalty by both metrics (``report`` by one, ``other``
     by the other, matched by family label). ``baseline``: width -> best test accuracy of the feature-learning
-    baseline (the readout trained on frozen random features), drawn as a dashed line per width."""
+    baseline (the readout trained on frozen random features), drawn as a dashed line per width. The figure's
+    title is ``title``; what the marks mean is a caption under the panels."""
     plt = _plt()
     fams = report["families"]
-    others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
-    fig, axes = plt.subplots(2, len(fams), figsize=(3.9 * len(fams), 6.8), squeeze=False)
+    others = {f["label"]: f for f in (other or {}).get("families", [])}
+    acc_fams = others if other is not None and other["metric"] == "test_accuracy" else {}
+    width_in = max(4.2 * len(fams), 8.5)
+    fig, axes = plt.subplots(2, len(fams), figsize=(width_in, 7.6), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for j, f in enumerate(fams):
         best = {e["width"]: e for e in f["best"]}
-        _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", best,
-               "test accuracy", False, False, axis=report.get("axis", "width"))
+        acc_best = {e["width"]: e for e in acc_fams[f["label"]]["best"]} if f["label"] in acc_fams else {}
+        _panel(axes[0][j], f, "test_accuracy_mean", "test_accuracy_min", "test_accuracy_max", acc_best,
+               "test accuracy", True, False, axis=report.get("axis", "width"))
         positive = any((p["min"] or 0) > 0 for c in f["curves"] for p in c["points"])
         _panel(axes[1][j], f, "mean", "min", "max", best, "training loss", True, positive,
                axis=report.get("axis", "width"))
         by = {report["metric"]: f["transfer"]}
         if other is not None:
-            by[other["metric"]] = others.get(f["label"])
+            by[other["metric"]] = (others.get(f["label"]) or {}).get("transfer")
         lines = [_transfer_text(by.get(m), name) for m, name in (("train_loss", "loss"), ("test_accuracy", "acc"))
                  if m in by]
-        axes[0][j].set_title(f["label"] + "\n" + "\n".join(lines), fontsize=7)
+        axes[0][j].set_title(f["label"] + "\n" + "\n".join(lines), fontsize=8.5)
         widths = [c["width"] for c in f["curves"]]
         for i, w in enumerate(widths):
             if baseline and baseline.get(w) is not None:
@@ -297,150 +342,18 @@ def transfer_figure(report: dict, path, title: str, other: dict | None = None, b
             axes[0][j].set_ylim(max(0.0, min(best_acc) - 0.25), min(1.0, max(best_acc + [v for v in (baseline or {}).values()
                                                                                      if v is not None])
                                                                      + 0.03))
-    axes[0][0].legend(fontsize=6)
-    legend = ("bands: min-max over seeds; dotted lines and stars: estimated best LR (quadratic vertex in log2 LR of "
-              "the seed-mean training loss); x: a seed diverged"
-              + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""))
-    cols = int(30 * len(fams))
-    fig.suptitle("\n".join(textwrap.fill(part, cols) for part in (title + "\n" + legend).split("\n")), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def layers_figure(results: dict, path, title: str) -> str:
-    """Every layer's relative weight update ||Delta W_l|| / ||W_l(0)|| against its index, a line per rule
-    (``diagnostics.layers`` results by configuration), log scale, the top block's tenth marked per rule."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for i, (key, r) in enumerate(results.items()):
-        ls = range(1, r["depth"] + 1)
-        ax.plot(ls, r["dW_rel"], "o-", ms=2.5, lw=1.2, color=f"C{i}",
-                label=f"{key} (smallest block / top: {r['min_ratio']:.2g})")
-        top = r["dW_rel"][r["depth"] - 2]
-        ax.axhline(top / 10, color=f"C{i}", ls=":", lw=0.9)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer l (1: input layer, last: readout)")
-    ax.set_ylabel("||W_l(T) - W_l(0)|| / ||W_l(0)||")
-    ax.grid(alpha=0.25, which="both")
-    ax.legend(fontsize=7)
-    ax.set_title(title + "\ndotted: a tenth of the top block's relative update", fontsize=8)
-    fig.tight_layout()
+    axes[0][0].legend(fontsize=8)
+    caption = ("bands: min-max over seeds; dotted lines and stars (on the curve): the estimated best LR by that row's "
+               "metric (quadratic vertex in log2 LR of the seed mean); x: a seed diverged"
+               + ("; dashed: best accuracy of the readout alone on frozen random features" if baseline else ""))
+    caption = _wrap(caption, width_in, 8.5)
+    fig.suptitle(_wrap(title, width_in, 10), fontsize=10)
+    fig.text(0.01, 0.01, caption, fontsize=8.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.02 + 0.022 * (caption.count("\n") + 1), 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return str(path)
 
 
-def features_figure(results: dict, path, title: str) -> str:
-    """Feature learning vs width (``diagnostics.features`` results by configuration): rms(W_L Delta h_{L-1})
-    after the first and the last recorded step, its first-order part rms(W_L(0) Delta h_{L-1}) / rms(Delta f)
-    and the last hidden layer's relative feature change at the last step; mean over replicas with a min-max
-    band; each legend entry carries the width slope."""
-    import numpy as np
-    plt = _plt()
-    panels = (("feat", 0, "rms(W_L(t) dh_(L-1)) after step 1"),
-              ("feat", -1, "rms(W_L(t) dh_(L-1)) after the last step"),
-              ("share_init", -1, "rms(W_L(0) dh_(L-1)) / rms(df), last step"),
-              ("dh_rel_2", -1, "||dh_(L-1)|| / ||h_(L-1)(0)||, last step"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4))
-    for (q, t, label), ax in zip(panels, axes):
-        for i, (key, r) in enumerate(results.items()):
-            if q not in r["values"]:
-                continue
-            w = r["widths"]
-            mean = [row[t] for row in r["values"][q]]
-            reps = np.asarray([row[t] for row in r["per_replica"][q]], dtype=float)
-            slope = r["slopes_per_step"][q][t]
-            ls = "--" if "bL1" in key else "-"
-            ax.plot(w, mean, "o" + ls, ms=3, color=f"C{i}", label=f"{key}: slope {slope:+.2f}")
-            ax.fill_between(w, reps.min(1), reps.max(1), color=f"C{i}", alpha=0.15, lw=0)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("width")
-        ax.set_title(label, fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
-    fig.suptitle(title + "\nsolid: b_L = 1/2 (TP's muP) or BP's muP; dashed: b_L = 1 (mup-bL1); bands: min-max "
-                 "over seeds", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def fig3_figure(panels: dict, path) -> str:
-    """Fig. 3: per-layer cosine with BP against width, a column per (activation, gbar_L), a row per mode."""
-    plt = _plt()
-    modes = (("pc-equilibrium", "PC at equilibrium"), ("pc-single-shot", "PC single-shot (no FPA)"), ("gnt", "GNT"))
-    fig, grid = plt.subplots(3, 4, figsize=(15, 8.4), sharex=True)
-    for j, (key, res) in enumerate(panels.items()):
-        for i, (mode, label) in enumerate(modes):
-            ax = grid[i][j]
-            rows, seeds = res["modes"][mode]["cos_bp"], res["modes"][mode]["cos_bp_seeds"]
-            for l in range(len(rows[0])):
-                ax.plot(res["widths"], [r[l] for r in rows], marker="o", ms=3, color=f"C{l}", label=f"layer {l + 1}")
-                ax.fill_between(res["widths"], [min(s[l]) for s in seeds], [max(s[l]) for s in seeds],
-                                color=f"C{l}", alpha=0.2, lw=0)  # min-max over seeds
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{label}: {key}", fontsize=8)
-            ax.grid(alpha=0.3)
-            if i == 2:
-                ax.set_xlabel("width")
-            if j == 0:
-                ax.set_ylabel("cosine with BP")
-    axes = grid[0]
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Fig. 3: per-layer cosine of PC (equilibrium, single-shot) and GNT updates with BP, vs width "
-                 "(mean and min-max band over 3 seeds, batch 32)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def fig8_figure(runs: dict, widths, steps: int, path) -> str:
-    """Fig. 8: the alignment exponent omega_L per training step, mean and min-max band over seeds."""
-    import numpy as np
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, key in enumerate(runs[next(iter(runs))]["configs"]):
-        om = np.array([runs[s]["configs"][key]["omega"] for s in runs])
-        xs = range(1, steps + 1)
-        ax.plot(xs, om.mean(0), color=f"C{i}", label=key)
-        ax.fill_between(xs, om.min(0), om.max(0), color=f"C{i}", alpha=0.2)
-    ax.axhline(0.5, color="gray", ls=":", lw=1)
-    ax.axhline(1.0, color="gray", ls=":", lw=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("omega_L (fitted across widths)")
-    ax.set_title(f"Fig. 8: alignment exponent of W_L Delta h_(L-1); widths {widths[0]}..{widths[-1]}, {len(runs)} seeds",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def table1_figure(rows: list, widths, path) -> str:
-    """Table 1: the exponents fitted from SP next to the spec's, as a table figure."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax.axis("off")
-    cells = [[f"{r['algo'].upper()} {r['optimizer']}" + (f" gbar={r['gamma_bar_L']:g}" if r["algo"] == "pc" else ""),
-              f"{r['fitted_b'][2]:.2f}", ", ".join(f"{v:.2f}" for v in r["fitted_c"]), f"{r['spec_b'][2]:g}",
-              ", ".join(f"{v:g}" for v in r["spec_c"]), f"{r['max_deviation']:.2f}"] for r in rows]
-    tab = ax.table(cellText=cells, colLabels=["rule", "fitted b_L", "fitted c", "spec b_L", "spec c", "max dev"],
-                   loc="center")
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(8)
-    ax.set_title(f"Table 1: exponents fitted from SP by the coordinate check (widths {widths[0]}..{widths[-1]})",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
-
-
-__all__ = ["features_figure", "fig3_figure", "fig8_figure", "plot_coord", "plot_derive", "plot_family", "plot_lines",
-           "plot_report", "plot_transfer", "table1_figure", "transfer_figure"]
+__all__ = ["family_figure", "on_curve", "plot_coord", "plot_derive", "plot_family", "plot_lines", "plot_report",
+           "plot_transfer", "transfer_figure"]

@@ -6,7 +6,6 @@ finite is recorded as "diverged", zeroed and frozen; the others go on.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .loggers import JsonlLogger, Logger
 from .losses import check_loss, loss_value
 from .nets import Net
 from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
@@ -53,8 +53,10 @@ class TrainConfig:
                            not depend on it (replicas are independent); 1 acts at every step
     eval_batch_size        samples per evaluation batch
     max_steps              stop each epoch after this many steps (quick runs)
-    progress               a progress bar on stderr
-    metrics_path           append one JSON line per replica and epoch to this file
+    progress               a progress bar on stderr; its loss (the mean over the running replicas of the last
+                           step's) is refreshed when the loop reads the device anyway: every ``sync_every`` steps
+    metrics_path           append one JSON line per replica and epoch to this file (``loggers.JsonlLogger``;
+                           ``Trainer(loggers=...)`` adds TensorBoard, MLflow, W&B)
     checkpoint_path        write a checkpoint here after every epoch; ``resume`` continues from it
     compile                "off" (eager), "default" or "reduce-overhead": after one eager step, the training
                            step (the rule's step, the optimizer step and the device-side bookkeeping) runs
@@ -136,10 +138,18 @@ def evaluate(net: Net, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: 
 
 class Trainer:
     """Runs ``algo`` on ``net`` over a dataset. Small on purpose: state is the net, the optimizer
-    and the per-replica history; everything else is derived from ``TrainConfig``."""
+    and the per-replica history; everything else is derived from ``TrainConfig``.
 
-    def __init__(self, net: Net, algo, data, cfg: TrainConfig, seeds: Sequence[int] | None = None):
+    ``loggers`` (``loggers.Logger``: TensorBoard, MLflow, W&B, ...) get the run's parameters (``cell``, the run's
+    description from ``config.assemble``, else what the Trainer knows), the per-step loss of each running replica
+    when the loop reads the device anyway (every ``sync_every`` steps: no read-back of its own) and every epoch's
+    rows; they are closed at the end of :meth:`run`. ``cell`` is also kept in the checkpoint (``mulocal eval``
+    finds the dataset there)."""
+
+    def __init__(self, net: Net, algo, data, cfg: TrainConfig, seeds: Sequence[int] | None = None,
+                 loggers: Sequence[Logger] = (), cell: dict | None = None):
         self.net, self.algo, self.data, self.cfg = net, algo, data, cfg
+        self.loggers, self.cell, self._params_logged = list(loggers), cell, False
         self.seeds = list(range(net.K)) if seeds is None else [int(s) for s in seeds]
         if len(self.seeds) != net.K:
             raise ConfigError(f"need one seed per replica: got {len(self.seeds)} for K = {net.K}")
@@ -188,7 +198,46 @@ class Trainer:
         with fp32_precision("tf32" if self.cfg.tf32 else "ieee"):
             return self._run(on_epoch)
 
+    def params(self) -> dict:
+        """What the loggers record as the run's parameters: the cell (without its lr and seed: per replica), or
+        what the Trainer knows of the run."""
+        if self.cell is not None:
+            return {k: v for k, v in self.cell.items() if k not in ("lr", "seed")}
+        cfg = self.cfg
+        return {"algo": getattr(self.algo, "name", type(self.algo).__name__), "param": self.net.param.name,
+                "optimizer": self.optimizer, "net": self.net.config(), "epochs": cfg.epochs,
+                "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                "max_steps": cfg.max_steps, "dtype": str(self.net.dtype).replace("torch.", "")}
+
+    def _sinks(self) -> list[Logger]:
+        return ([JsonlLogger(self.cfg.metrics_path)] if self.cfg.metrics_path else []) + self.loggers
+
+    def _log_step(self, bar, sinks, step: int, loss: torch.Tensor, every: int) -> None:
+        """The loss of ``step`` (read with the sync's read-back) to the progress bar and the loggers."""
+        values = {k: float(loss[k]) for k, s in enumerate(self.status) if s == "running" and math.isfinite(loss[k])}
+        if bar is not None:
+            shown = f"{sum(values.values()) / len(values):.4f}" if values else "nan"
+            bar.set_postfix_str(f"loss {shown} (every {every} steps)", refresh=False)
+        for lg in sinks:
+            lg.log_step(step, {k: {"train_loss": v} for k, v in values.items()})
+
     def _run(self, on_epoch) -> dict:
+        sinks, ok = self._sinks(), False
+        try:
+            if not self._params_logged:
+                replicas = [{"replica": k, "seed": s, "lr": float(lr)} for k, (s, lr) in enumerate(zip(self.seeds,
+                                                                                                       self.lrs))]
+                for lg in sinks:
+                    lg.log_params(self.params(), replicas)
+                self._params_logged = True
+            out = self._loop(on_epoch, sinks)
+            ok = True
+            return out
+        finally:
+            for lg in sinks:
+                lg.close(ok=ok)
+
+    def _loop(self, on_epoch, sinks) -> dict:
         cfg, net, data = self.cfg, self.net, self.data
         self.status = ["running" if s == "done" else s for s in self.status]
         n = len(data.x_train)
@@ -215,14 +264,17 @@ class Trainer:
                 idx = self._batch_index(perms[:, i * cfg.batch_size:(i + 1) * cfg.batch_size])
                 loss = self._step(x_all, y_all, idx)
                 if (i + 1) % cfg.sync_every == 0 or i == steps - 1:  # the one host read-back of the interval
-                    fb = acc["first_bad"].cpu()
+                    if bar is not None or sinks:  # the step's loss comes along in the same read
+                        both = torch.stack([acc["first_bad"].to(loss.dtype), loss]).cpu()
+                        fb, step_loss = both[0].long(), both[1]
+                    else:
+                        fb, step_loss = acc["first_bad"].cpu(), None
                     self._mark_diverged(fb >= 0, fb)
                     acc["first_bad"].fill_(-1)
+                    if step_loss is not None:
+                        self._log_step(bar, sinks, self.epoch * steps + i + 1, step_loss, min(cfg.sync_every, steps))
                 if bar is not None:
                     bar.update(1)
-                    if i % 50 == 0:
-                        bar.set_postfix(loss=f"{loss[torch.isfinite(loss)].mean().item():.4f}" if
-                                        torch.isfinite(loss).any() else "nan")
             self._mark_diverged(~_finite_replicas(net), steps)
             loss_sum = acc["loss_sum"].cpu()
             self.epoch += 1
@@ -248,10 +300,8 @@ class Trainer:
                     row.pop("val_loss", None), row.pop("val_accuracy", None)
                 self.history[k].append(row)
                 rows.append(row)
-            if cfg.metrics_path:
-                with open(cfg.metrics_path, "a") as fh:
-                    for row in rows:
-                        fh.write(json.dumps(row, allow_nan=True) + "\n")
+            for lg in sinks:  # the metrics JSON lines first (``metrics_path``), then the loggers
+                lg.log_epoch(self.epoch, rows)
             if cfg.checkpoint_path:
                 self.save(cfg.checkpoint_path)
             if on_epoch:
@@ -402,7 +452,8 @@ class Trainer:
         tmp = Path(str(path) + ".tmp")
         torch.save({"net": self.net.config(), "param": self.net.param.to_dict(), "state": self.net.state(),
                     "opt": self.opt.state_dict(), "epoch": self.epoch, "status": self.status,
-                    "history": self.history, "seeds": self.seeds,
+                    "history": self.history, "seeds": self.seeds, "lrs": [float(v) for v in self.lrs],
+                    "cell": self.cell,  # the run's description (config.assemble), None when not given
                     "gens": [g.get_state() for g in self.gens],
                     "loss0": None if self.loss0 is None else self.loss0.cpu(),
                     # the rule's own state (TP/DTP: feedback weights, their optimizer, the noise streams; PC:
@@ -538,16 +589,22 @@ def _mark_static(t: torch.Tensor) -> None:
     torch._dynamo.mark_static_address(t, guard=False)
 
 
-def load_checkpoint(path: str, net: Net) -> dict:
-    """Load a checkpoint's weights into ``net``; refuse one written for another architecture."""
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents (``Trainer.save``), or one CheckpointError line: missing, unreadable, not ours."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as err:  # corrupt or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
     if not isinstance(ck, dict) or "net" not in ck or "state" not in ck:
         raise CheckpointError(f"{path} is not a mulocal checkpoint")
+    return ck
+
+
+def load_checkpoint(path: str, net: Net) -> dict:
+    """Load a checkpoint's weights into ``net``; refuse one written for another architecture."""
+    ck = read_checkpoint(path)
     mine = net.config()
     diff = {k: (ck["net"].get(k), v) for k, v in mine.items() if ck["net"].get(k) != v}
     if diff:
@@ -558,4 +615,4 @@ def load_checkpoint(path: str, net: Net) -> dict:
 
 
 __all__ = ["CAPTURE_WARMUP", "COMPILE_MODES", "CaptureError", "TrainConfig", "Trainer", "capture_step", "evaluate",
-           "load_checkpoint"]
+           "load_checkpoint", "read_checkpoint"]

@@ -1,37 +1,88 @@
-"""Command line: ``mulocal train | coord | derive | describe | analyze | data | sweep | report | plot |
-reproduce | demo`` (also ``python -m mulocal``).
+"""Command line: ``mulocal train | eval | export | coord | derive | describe | analyze | data | sweep | report |
+plot | reproduce | demo`` (also ``python -m mulocal``).
 
 Every command that produces numbers accepts ``--json`` and then prints exactly one JSON object on stdout
 (progress goes to stderr). Bad input exits with status 2 and one line on stderr; a warning of mulocal's own
 (``errors.MulocalWarning``, e.g. an unstable parameterization) is one line on stderr, once per run. The flags
 that describe a run are generated from ``config.FIELDS`` and the learning rules' declared options (``flags.py``); the
-commands build their runs with ``config.assemble``.
+commands build their runs with ``config.assemble``. A command's flags are added when it is used (``COMMANDS``), so
+that ``mulocal --help``, ``--version`` and a mistyped command answer without loading torch. Output paths are
+checked when parsed and their folders made before the work starts (``paths.py``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 import warnings
 
 from ..errors import MulocalError, MulocalWarning
 from ..util import json_safe
-from . import commands, sweeps
+
+# name -> (module of this package, one line of help), in the order `mulocal --help` lists them. A command's flags
+# are added when it is used (its module loads torch): --version, --help and a mistyped command answer at once.
+COMMANDS = {
+    "train": ("commands", "train one model (or K replicas) and evaluate it"),
+    "eval": ("models", "evaluate a checkpoint on a dataset's test set, per replica"),
+    "export": ("models", "write replica k of a checkpoint as plain PyTorch (muP multipliers folded in)"),
+    "coord": ("commands", "coordinate check: per-layer update sizes vs width, fitted slopes"),
+    "derive": ("commands", "fit the width exponents (b_L, c) that make every update Theta(1)"),
+    "analyze": ("analyze", "cosine to BP vs width, alignment exponents, deep-linear ||C||, per-layer feature "
+                           "learning, every layer's relative update (layers)"),
+    "describe": ("commands", "print what a preset resolves to at a width"),
+    "data": ("commands", "fetch or check a dataset"),
+    "sweep": ("sweeps", "run a grid of widths x learning rates x seeds x ... into a store"),
+    "report": ("sweeps", "best LR per width, transfer slope and penalty from a sweep store"),
+    "plot": ("sweeps", "write loss / accuracy vs learning rate plots of a sweep store"),
+    "reproduce": ("sweeps", "reproduce a figure of the paper (fig1-left, fig1-right, fig3, fig7, fig8, cnn, table1), "
+                            "our depth-transfer experiment (depth), or all of them (all)"),
+    "demo": ("sweeps", "the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
+    """One clear error line; ``fill(parser)``, if given, adds the flags when the parser is first used."""
+
+    def __init__(self, *args, fill=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def _filled(self) -> None:
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._filled()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._filled()
+        return super().format_help()
+
+    def format_usage(self):
+        self._filled()
+        return super().format_usage()
+
     def error(self, message):  # one clear line instead of usage + message
         self.exit(2, f"mulocal: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _filler(name: str, module: str):
+    def fill(p: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(f"{__name__}.{module}"), "add_" + name)(p)
+    return fill
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     p = _Parser(prog="mulocal", description="Width-stable local learning: muP for PC and TP, muTransfer.")
     p.add_argument("--version", action="version", version=f"mulocal {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    commands.register(sub)
-    sweeps.register(sub)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    for name, (module, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, fill=_filler(name, module))
     return p
 
 
@@ -83,9 +134,11 @@ def dispatch(args) -> int:
 
 
 def _dispatch(args) -> int:
+    from .paths import prepare_outputs
     code = 0
     as_json = getattr(args, "json", False)
     try:
+        prepare_outputs(args)  # every output folder created (or refused) before the work starts
         if as_json:  # stdout carries one JSON object: anything else printed meanwhile (Ray's logs) goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 out = args.func(args)

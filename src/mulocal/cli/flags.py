@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
-from pathlib import Path
 
 from ..algos import ALGOS
 from ..algos.options import float_list as floats, parse_floats
 from ..config import FIELDS, GROUPS, coerce, default_cell
 from ..errors import ConfigError, MulocalError
 from ..train import COMPILE_MODES
+from .paths import checked_dir, out_dir, out_file  # noqa: F401 (the commands' output flags)
 
 
 def add_compile_flag(p: argparse.ArgumentParser, default: str | None = "off", where: str = "the training step") -> None:
@@ -40,12 +39,13 @@ def _typed(key: str, kind: str):
     return parse
 
 
+lr_value = _typed("lr", "lr")  # argparse type of one learning rate: positive and finite
+
+
 def list_of(kind: str, key: str = "value"):
     """argparse type for comma-separated values of a field kind."""
     def parse(text: str):
-        parts = [p.strip() for p in str(text).split(",") if p.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError("expected at least one value")
+        parts = split_items(text)
         try:
             return [coerce(key, p, kind, what="each value") for p in parts]
         except ConfigError as e:
@@ -54,52 +54,23 @@ def list_of(kind: str, key: str = "value"):
     return parse
 
 
+def split_items(text: str) -> list[str]:
+    """The comma-separated items of a flag's value; an empty item ('0.1,,0.2', a trailing comma) is an error, not
+    dropped."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError("expected at least one value")
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"an empty item in {text!r}: separate the values by single commas")
+    return parts
+
+
 def ints(text: str) -> list[int]:
+    parts = split_items(text)
     try:
-        return [int(v) for v in str(text).split(",") if v.strip()]
+        return [int(v) for v in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _writable_folder(folder: Path, what: str) -> None:
-    """The folder (or, if missing, its nearest existing ancestor, where it would be created) is writable."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {what}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {what}: the folder {probe} is read-only")
-
-
-def out_file(text: str) -> str:
-    """argparse type of an output file: checked before any compute (its folder writable, not a folder)."""
-    p = Path(text).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {text}: the file is read-only")
-    _writable_folder(p.resolve().parent, text)
-    return text
-
-
-def out_dir(text: str) -> str:
-    """argparse type of an output folder: checked before any compute."""
-    p = Path(text).expanduser()
-    if p.exists() and not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    _writable_folder(p.resolve(), text)
-    return text
-
-
-def checked_dir(text: str) -> str:
-    """``out_dir`` for a default folder (a ConfigError instead of an argparse error)."""
-    try:
-        return out_dir(text)
-    except argparse.ArgumentTypeError as e:
-        raise ConfigError(str(e)) from None
 
 
 def _help(text: str, default) -> str:
@@ -141,6 +112,9 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
                            help="residual branch multiplier a = d^-alpha (default 0.5; 0: the depth-free control)")
             g.add_argument("--depth-c", type=float, default=None,
                            help="residual branch LR exponent c_H (default: derived, 1 - 2 alpha for SGD)")
+            g.add_argument("--depth-gamma", type=float, default=None,
+                           help="PC on residual nets: hidden energy weights gamma_l = d^depth_gamma (default 1; "
+                                "0: the depth-free energy)")
         if f.name == "dataset" and run_flags:
             g.add_argument("--data-dir", default=None, help="folder with the dataset's files")
             g.add_argument("--no-download", action="store_true", help="never try to download the data")
@@ -183,7 +157,7 @@ def cell_from_args(args, **extra) -> dict:
         values["algo"] = values["algo"][0]
     cell = default_cell(**values, **extra)
     cell["algo_options"] = algo_options_from_args(args, cell["algo"], getattr(args, "listed_algos", ()))
-    overrides = {k: getattr(args, k) for k in ("gamma_L_prime", "depth_alpha", "depth_c")
+    overrides = {k: getattr(args, k) for k in ("gamma_L_prime", "depth_alpha", "depth_c", "depth_gamma")
                  if getattr(args, k, None) is not None}
     if overrides:
         cell["param_options"] = overrides
@@ -209,21 +183,23 @@ def _option_type(o, lists: bool):
     return {"int": int, "float": float, "str": str}[o.kind]
 
 
-def add_algo_options(p: argparse.ArgumentParser, lists: bool = False) -> None:
-    """One flag per declared option of every learning rule, grouped by the rules that take it."""
+def add_algo_options(p: argparse.ArgumentParser, lists: bool = False, hidden: bool = False) -> None:
+    """One flag per declared option of every learning rule, grouped by the rules that take it. ``hidden``: parsed
+    but not in the help (a command that refuses them with a clear line of its own)."""
     groups: dict[tuple, argparse._ArgumentGroup] = {}
     for dest, (o, rules) in _declared().items():
         if rules not in groups:
             family = ALGOS[rules[0]].family
-            groups[rules] = p.add_argument_group(f"{family} (--algo {', '.join(rules)})")
+            groups[rules] = p if hidden else p.add_argument_group(f"{family} (--algo {', '.join(rules)})")
         g = groups[rules]
-        text = o.help
+        text = argparse.SUPPRESS if hidden else o.help
         if o.kind == "bool":
             g.add_argument(o.cli, dest=dest, action="store_const", const=[True] if lists else True, default=None,
                            help=text)
         else:
             g.add_argument(o.cli, dest=dest, type=_option_type(o, lists), default=None,
-                           metavar="V[,V...]" if lists else dest.upper(), help=_help(text, o.default))
+                           metavar="V[,V...]" if lists else dest.upper(),
+                           help=text if hidden else _help(text, o.default))
 
 
 def given_algo_options(args) -> list[str]:
@@ -263,4 +239,5 @@ def scoped_algo_options(args, algos) -> dict:
 
 
 __all__ = ["add_algo_options", "add_compile_flag", "add_fields", "algo_options_from_args", "cell_from_args", "floats",
-           "checked_dir", "ints", "list_of", "out_dir", "out_file", "per_algo", "scoped_algo_options"]
+           "checked_dir", "ints", "list_of", "lr_value", "out_dir", "out_file", "per_algo", "scoped_algo_options",
+           "split_items"]

@@ -14,8 +14,8 @@ from ..config import DTYPES, FIELDS, config_hash
 from ..errors import ConfigError
 from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
 from ..sweep.spec import ALIASES
-from .flags import (add_algo_options, add_compile_flag, add_fields, checked_dir, list_of, out_dir, out_file,
-                    scoped_algo_options)
+from .flags import add_algo_options, add_compile_flag, add_fields, list_of, scoped_algo_options, split_items
+from .paths import checked_dir, out_dir, out_file
 
 
 def _log2_range(text: str) -> list[float]:
@@ -58,9 +58,9 @@ def _option(text: str) -> tuple[str | None, str, list]:
     scope, _, key = key.strip().rpartition(".")
     if not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,VALUE...], got {text!r}")
-    values = [_parse_value(v) for v in vals.split(",") if v.strip()]
-    if not values:
+    if not vals.strip():
         raise argparse.ArgumentTypeError(f"option {key} has no value")
+    values = [_parse_value(v) for v in split_items(vals)]
     return (scope or None), key, values
 
 
@@ -158,13 +158,14 @@ def cmd_sweep(args) -> dict:
                         reset_running=args.reset_running, dry_run=args.dry_run, **run)
     if not args.json:
         print(format_summary(summary))
-        if summary.get("complete"):
+        if summary.get("complete"):  # by training loss and by test accuracy (the paper's metric), as report does
             from ..sweep.transfer import analyze, format_table
             with Store(store, create=False) as st:
-                rep = analyze(st.rows(hashes=[config_hash(c) for c in expand(spec)]))
+                rows = st.rows(hashes=[config_hash(c) for c in expand(spec)])
+            rep, by_acc = analyze(rows), analyze(rows, metric="test_accuracy")
             if rep["families"]:
                 print()
-                print(format_table(rep))
+                print(format_table(rep, by_acc))
     return summary, (1 if summary.get("failed") else 0)  # failed (an error in a worker) is not diverged
 
 
@@ -220,14 +221,23 @@ def cmd_plot(args) -> dict:
 
 
 def register(subparsers) -> None:
-    """Add ``sweep``, ``report`` and ``plot`` to an argparse subparsers object."""
-    from ..sweep.transfer import METRICS
-    s = subparsers.add_parser("sweep", help="run a grid of widths x learning rates x seeds x ... into a store",
-                              description="Run every cell of a sweep not yet finished in the store. Learning rates "
-                                          "and seeds of one configuration train as replicas of one batched model.")
+    """Add ``sweep``, ``report``, ``plot``, ``reproduce`` and ``demo`` to an argparse subparsers object, their flags
+    at once (``mulocal``'s own parser adds them on first use)."""
+    from . import COMMANDS
+    for name, (module, text) in COMMANDS.items():
+        if module == "sweeps":
+            globals()["add_" + name](subparsers.add_parser(name, help=text))
+
+
+def add_sweep(s: argparse.ArgumentParser) -> None:
+    s.description = ("Run every cell of a sweep not yet finished in the store. Learning rates and seeds of one "
+                     "configuration train as replicas of one batched model.")
     _add_sweep_args(s)
     s.set_defaults(func=cmd_sweep)
-    r = subparsers.add_parser("report", help="best LR per width, transfer slope and penalty from a sweep store")
+
+
+def add_report(r: argparse.ArgumentParser) -> None:
+    from ..sweep.transfer import METRICS
     r.add_argument("--store", required=True, help="the sweep's SQLite store")
     r.add_argument("--axis", default="width", choices=("width", "depth"),
                    help="the transfer axis: width (default) or depth (families then differ in all but depth)")
@@ -236,45 +246,64 @@ def register(subparsers) -> None:
     r.add_argument("--csv", type=out_file, default=None, help="also export every cell to this CSV file")
     r.add_argument("--learn-floor", type=float, default=0.5,
                    help="flag a family whose best test accuracy stays below this at every width (default 0.5)")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_report)
-    p = subparsers.add_parser("plot", help="write loss / accuracy vs learning rate plots of a sweep store")
+
+
+def add_plot(p: argparse.ArgumentParser) -> None:
+    from ..sweep.transfer import METRICS
     p.add_argument("--store", required=True, help="the sweep's SQLite store")
     p.add_argument("--out", type=out_dir, default=None, help="folder for the PNGs (default: next to the store)")
     p.add_argument("--axis", default="width", choices=("width", "depth"),
                    help="the transfer axis: width (default) or depth (families then differ in all but depth)")
-    p.add_argument("--metric", default="train_loss", choices=METRICS)
+    p.add_argument("--metric", default="train_loss", choices=METRICS,
+                   help="what picks the best LR marked on the left panels (default train_loss)")
     p.add_argument("--learn-floor", type=float, default=0.5, help="see report")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plot)
-    m = subparsers.add_parser("reproduce", help="reproduce a figure of the paper: fig1-left, fig1-right, fig3, fig7, "
-                                                "fig8, cnn, table1; our depth-transfer experiment: depth; or all of them: all")
-    m.add_argument("name")
+
+
+REPRODUCE_OUT = "runs/reproduce"
+
+
+def add_reproduce(m: argparse.ArgumentParser) -> None:
+    from ..experiments.reproduce import NAMES
+
+    def experiment(text: str) -> str:
+        if text not in NAMES + ("all",):
+            raise argparse.ArgumentTypeError(f"unknown experiment '{text}'; choose one of {', '.join(NAMES)}, or all")
+        return text
+    m.add_argument("name", type=experiment, metavar="NAME",
+                   help=f"the experiment: {', '.join(NAMES)}, or all of them: all")
     m.add_argument("--budget", default="small", help="small (2-6 min each on 2 CPU cores, the CNN about 30) or paper (GPU)")
-    m.add_argument("--out", type=out_dir, default="runs/reproduce", help="folder for results, stores and figures")
+    m.add_argument("--out", type=out_dir, default=None,
+                   help=f"folder for results, stores and figures (default {REPRODUCE_OUT})")
     m.add_argument("--device", default=None, help="cpu (default) or cuda, for the transfer experiments")
-    m.add_argument("--data-dir", default=None)
+    m.add_argument("--data-dir", default=None, help="folder with the datasets' files")
     m.add_argument("--workers", type=int, default=None, help="sweep processes (default one per core)")
     add_compile_flag(m, where="the sweeps' training steps")
     m.add_argument("--dtype", default=None, choices=DTYPES,
                    help="the training runs' dtype instead of float32 (tf32: TensorFloat-32 products on a GPU); "
                         "cells of their own in the store (the float64 analyses ignore it in 'all')")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_reproduce)
-    d = subparsers.add_parser("demo", help="the muTransfer demo on FashionMNIST: muP keeps the best LR, SP moves it")
+
+
+def add_demo(d: argparse.ArgumentParser) -> None:
     d.add_argument("--out", type=out_dir, default=None, help="folder for the plot and results")
     d.add_argument("--quick", action="store_true", help="a smaller, faster version")
-    d.add_argument("--data-dir", default=None)
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_reproduce(args) -> dict:
     from ..experiments.reproduce import run, run_all
+    out = args.out or checked_dir(REPRODUCE_OUT, create=False)  # made by the experiment once its checks pass
     if args.name == "all":
-        return run_all(args.budget, args.out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json,
+        return run_all(args.budget, out, args.device or "cpu", args.data_dir, args.workers, json_mode=args.json,
                        compile=args.compile, dtype=args.dtype)
-    return run(args.name, args.budget, args.out, args.device, args.data_dir, args.workers, json_mode=args.json,
+    return run(args.name, args.budget, out, args.device, args.data_dir, args.workers, json_mode=args.json,
                compile=args.compile, dtype=args.dtype)
 
 
@@ -284,4 +313,5 @@ def cmd_demo(args) -> dict:
     return run_demo(out_dir=out, quick=args.quick, data_dir=args.data_dir, json_mode=args.json)
 
 
-__all__ = ["register", "spec_from_args", "cmd_sweep", "cmd_report", "cmd_plot", "cmd_reproduce", "cmd_demo"]
+__all__ = ["add_demo", "add_plot", "add_report", "add_reproduce", "add_sweep", "cmd_demo", "cmd_plot", "cmd_report",
+           "cmd_reproduce", "cmd_sweep", "register", "spec_from_args"]

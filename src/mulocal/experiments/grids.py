@@ -22,16 +22,25 @@ def edges(reports: list[dict]) -> tuple[set, set]:
 
 def run_and_read(spec: dict, store, how: dict) -> list[dict]:
     """Run one sweep spec into ``store`` and return the store's rows of its cells (finished cells are not run
-    again). ``how``: the sweep's run options, and under ``"cells"`` cell fields set in every spec (e.g. the
-    dtype of ``reproduce --dtype``)."""
+    again). ``how``: the sweep's run options (its ``label`` names the progress bar, followed by the spec's rules),
+    and under ``"cells"`` cell fields set in every spec (e.g. the dtype of ``reproduce --dtype``)."""
     from ..config import config_hash
     from ..sweep import expand, run_sweep
     from ..sweep.store import Store
     how = dict(how)
     spec = dict(spec, **(how.pop("cells", None) or {}))
-    run_sweep(spec, store, progress=True, **how)
+    run_sweep(spec, store, progress=True, **dict(how, label=f"{how.get('label', 'sweep')} ({spec_name(spec)})"))
     with Store(store, create=False) as st:
         return st.rows(hashes=[config_hash(c) for c in expand(spec)])
+
+
+def spec_name(spec: dict) -> str:
+    """A sweep spec's rules and presets, for its progress bar (e.g. 'pc mup,sp')."""
+    parts = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+             for v in (spec.get("algo"), spec.get("param")) if v is not None]
+    if (spec.get("algo_options") or {}).get("readout_only"):
+        parts.append("readout only")
+    return " ".join(parts) or "sweep"
 
 
 def best_per_value(f: dict) -> tuple[dict, dict]:

@@ -92,7 +92,7 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, file=sys.stderr)) if json_mode else print
     t0 = time.perf_counter()
-    how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile,
+    how = dict(device=device, data_dir=data_dir, workers=workers, compile=compile, label=f"reproduce {name}",
                cells={} if dtype is None else {"dtype": dtype})
     if name in TRANSFER:
         res = _transfer(name, budget, out, how, say)
@@ -219,7 +219,7 @@ def _fig7_features(budget, out, data_dir, say, report) -> dict:
     from ..diagnostics.features import feature_learning
     from ..nets import build
     from ..param import preset
-    from ..plots import features_figure
+    from ..figures import features_figure
     widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
@@ -256,7 +256,7 @@ def _fig7_features(budget, out, data_dir, say, report) -> dict:
 def _fig3(budget, out, data_dir, say) -> dict:
     from ..data import load_dataset
     from ..diagnostics.align import cosine_vs_width
-    from ..plots import fig3_figure
+    from ..figures import fig3_figure
     widths = {"small": [64, 128, 256, 512, 1024, 2048], "paper": [64, 128, 256, 512, 1024, 2048, 4096],
               "tiny": [16, 32]}[budget]
     data = load_dataset("fashion-mnist", data_dir, train_subset=1000, seed=0)
@@ -286,7 +286,7 @@ def _fig8(budget, out, data_dir, say) -> dict:
     from ..data import load_dataset
     from ..diagnostics.align import alignment_vs_step
     from ..diagnostics.coord import coord_batches
-    from ..plots import fig8_figure
+    from ..figures import fig8_figure
     widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
@@ -317,7 +317,7 @@ def _table1(budget, out, data_dir, say) -> dict:
     from ..diagnostics.derive import derive
     from ..nets import build
     from ..param import preset
-    from ..plots import table1_figure
+    from ..figures import table1_figure
     widths = ANALYSIS_WIDTHS[budget]
     data = load_dataset("fashion-mnist", data_dir)
     batches, probe = coord_batches(data, 1, 64, seed=0)

@@ -12,8 +12,9 @@ One concern a module:
 
 All learning rates and seeds of one configuration train together as the K replicas of one batched model;
 each replica has its own seeded initialisation and data order, so a cell's numbers do not depend on which
-cells it was batched with, nor on the executor (with one torch thread per task they are bitwise identical;
-with several, matmuls may split their sums differently for different K, at float32 rounding level).
+cells it was batched with, nor on the executor, beyond rounding: bitwise for the same batch shapes and thread
+count on the same CPU; batched with other cells (another K), or with other threads or another CPU's kernels,
+sums may be split and rounded differently, at the rounding level of the cell's dtype (tests/tolerances.py).
 The command line is ``mulocal sweep | report | plot`` (``cli/sweeps.py``).
 """
 from .executors import EXECUTORS, make_executor

@@ -20,22 +20,23 @@ class _Ready:
 
 
 class InlineExecutor:
-    """Runs each task in this process when it is submitted (with ``threads`` torch threads, if given)."""
+    """Runs each task in this process when it is submitted (with ``threads`` torch threads, if given).
+    ``on_progress(task id, fraction)``: called while a task trains (from a thread)."""
 
     name = "inline"
     capacity = 1
 
-    def __init__(self, threads: int | None = None):
-        self.threads = threads
+    def __init__(self, threads: int | None = None, on_progress=None):
+        self.threads, self.on_progress = threads, on_progress
 
     def submit(self, task):
         if not self.threads:
-            return _Ready(run_task(task))
+            return _Ready(run_task(task, self.on_progress))
         import torch
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return _Ready(run_task(task))
+            return _Ready(run_task(task, self.on_progress))
         finally:
             torch.set_num_threads(before)
 
@@ -47,17 +48,29 @@ class InlineExecutor:
 
 
 class LocalExecutor:
-    """A pool of spawned worker processes."""
+    """A pool of spawned worker processes. ``on_progress(task id, fraction)``: called (from a thread of this
+    process) with the progress the workers report while their tasks train."""
 
     name = "local"
 
-    def __init__(self, workers: int, threads: int):
+    def __init__(self, workers: int, threads: int, on_progress=None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        ctx = multiprocessing.get_context("spawn")
         self.capacity, self.threads = workers, threads
-        self._new = lambda: ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=init_worker, initargs=(threads, os.getpid()))
+        self.queue = ctx.Queue() if on_progress else None
+        self._new = lambda: ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                                                initargs=(threads, os.getpid(), self.queue))
         self.pool = self._new()
+        self._reader = None
+        if on_progress:
+            import threading
+
+            def read():
+                for item in iter(self.queue.get, None):
+                    on_progress(*item)
+            self._reader = threading.Thread(target=read, daemon=True)
+            self._reader.start()
 
     def submit(self, task):
         from concurrent.futures.process import BrokenProcessPool
@@ -81,6 +94,10 @@ class LocalExecutor:
 
     def close(self, cancel=False):
         self.pool.shutdown(wait=not cancel, cancel_futures=True)
+        if self._reader is not None:
+            self.queue.put(None)
+            self._reader.join(timeout=5)
+            self._reader = None
 
 
 class RayExecutor:
@@ -142,9 +159,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
-def make_executor(executor: str, workers: int | None, ray_address: str | None = None, threads: int | None = None):
+def make_executor(executor: str, workers: int | None, ray_address: str | None = None, threads: int | None = None,
+                  on_progress=None):
     """``workers``: parallel tasks (None: one per core; 0: this process). ``threads``: torch threads per task
-    (None: cores // workers; in this process: unchanged)."""
+    (None: cores // workers; in this process: unchanged). ``on_progress(task id, fraction)``: the progress of the
+    tasks while they train (in this process and the local pool; Ray tasks report only when they end)."""
     cores = os.cpu_count() or 1
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
@@ -155,9 +174,9 @@ def make_executor(executor: str, workers: int | None, ray_address: str | None = 
     if executor == "ray":
         return RayExecutor(ray_address, workers or None, threads or (max(1, cores // workers) if workers else 1))
     if workers == 0:
-        return InlineExecutor(threads)
+        return InlineExecutor(threads, on_progress)
     workers = workers or cores
-    return LocalExecutor(workers, threads or max(1, cores // workers))
+    return LocalExecutor(workers, threads or max(1, cores // workers), on_progress)
 
 
 

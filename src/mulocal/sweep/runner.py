@@ -41,6 +41,7 @@ class SweepOptions:
     progress: bool = True
     reset_running: bool = False  # also take over cells marked running by another (crashed) sweep
     dry_run: bool = False  # only add the cells and show the plan
+    label: str = "sweep"  # the progress bar's name (e.g. the experiment of reproduce)
 
     def check(self) -> "SweepOptions":
         mr = self.max_replicas
@@ -136,21 +137,14 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
     if executor == "local" and workers != 0 and tasks:  # no more processes than tasks
         workers = min(workers or opts.capacity(), len(tasks))
         threads = threads or max(1, cores // workers)
-    ex = make_executor(executor, workers, opts.ray_address, threads) if tasks else None
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": 0}
     errors: list[str] = []
     owner = owner_token()
-    bar = None
-    if opts.progress and todo:
-        from tqdm.auto import tqdm
-        # progress in units of planned work (task cost), so the ETA is the remaining work at the average rate so
-        # far: tasks run costliest first, and a count of cells would predict the whole sweep from the slowest ones
-        total_cost = sum(t["cost"] for t in tasks) or 1.0
-        bar = tqdm(total=total_cost, desc="sweep", file=sys.stderr, dynamic_ncols=True, smoothing=0,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
-        bar.set_postfix_str(f"{finished_before}/{len(cells)} cells", refresh=False)
+    bar = _Bar(opts.label, tasks, finished_before, len(cells)) if opts.progress and todo else None
+    ex = make_executor(executor, workers, opts.ray_address, threads,
+                       on_progress=bar.progress if bar is not None else None) if tasks else None
     t_run = time.perf_counter()
-    queue, inflight, claimed = list(tasks), {}, set()
+    queue, inflight, claimed, next_id = list(tasks), {}, set(), 0
     extra = {"device": opts.device, "compile": opts.compile, "data_dir": None if opts.data_dir is None else str(opts.data_dir),
              "download": opts.download, "eval_batch_size": opts.eval_batch_size}
     try:
@@ -161,8 +155,11 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
                 counts["skipped"] += len(t["cells"]) - len(got)
                 if not got:
                     continue
-                t = {**t, "cells": [c for c in t["cells"] if c["hash"] in got], **extra}
+                t = {**t, "cells": [c for c in t["cells"] if c["hash"] in got], **extra, "id": next_id}
+                next_id += 1
                 claimed |= got
+                if bar is not None:
+                    bar.started(t)
                 inflight[ex.submit(t)] = t
             if not inflight:
                 continue
@@ -180,10 +177,7 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
                         errors.append(res["error"])
                 claimed -= set(mine)
                 if bar is not None:
-                    n_fin = finished_before + counts["done"] + counts["diverged"] + counts["failed"]
-                    bar.set_postfix_str(f"{n_fin}/{len(cells)} cells, {counts['diverged']} diverged, "
-                                        f"{counts['failed']} failed", refresh=False)
-                    bar.update(t.get("cost", 0.0))
+                    bar.finished(t, counts)
     except BaseException:
         if claimed:
             try:
@@ -210,6 +204,52 @@ def _run(st, cells, shapes, opts: SweepOptions, t_start, n_groups) -> dict:
         cells_per_minute=(60.0 * ran / run_s) if ran and run_s > 0 else None,
         store_counts=after, complete=(after["done"] + after["diverged"] == len(cells)))
     return summary
+
+
+class _Bar:
+    """The sweep's progress bar on stderr: its label and the cells finished, the share of the planned work done
+    (task costs: tasks run costliest first, and a count of cells would predict the whole sweep from the slowest
+    ones) with the tasks in flight counted by the fraction of their steps they report, and the ETA: the remaining
+    work at the average rate so far."""
+
+    def __init__(self, label: str, tasks: list, finished_before: int, n_cells: int):
+        import threading
+
+        from tqdm.auto import tqdm
+        self.label, self.n_cells, self.n_fin = label, n_cells, finished_before
+        self.done, self.partial, self.costs, self.lock = 0.0, {}, {}, threading.Lock()
+        self.bar = tqdm(total=sum(t["cost"] for t in tasks) or 1.0, desc=self._desc(""), file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0,
+                        bar_format="{desc} |{bar}| {percentage:3.0f}% of the work [{elapsed}<{remaining}]")
+
+    def _desc(self, extra: str) -> str:
+        return f"{self.label}: {self.n_fin}/{self.n_cells} cells{extra}"
+
+    def _show(self) -> None:  # under the lock
+        self.bar.n = min(self.bar.total, self.done + sum(f * self.costs[i] for i, f in self.partial.items()))
+        self.bar.refresh()
+
+    def started(self, task: dict) -> None:
+        with self.lock:
+            self.costs[task["id"]], self.partial[task["id"]] = task.get("cost", 0.0), 0.0
+
+    def progress(self, task_id, frac: float) -> None:
+        with self.lock:
+            if task_id in self.partial:  # a late report of a finished task changes nothing
+                self.partial[task_id] = max(self.partial[task_id], min(1.0, float(frac)))
+                self._show()
+
+    def finished(self, task: dict, counts: dict) -> None:
+        with self.lock:
+            self.partial.pop(task["id"], None)
+            self.done += self.costs.pop(task["id"], task.get("cost", 0.0))
+            self.n_fin += len(task["cells"])
+            self.bar.set_description_str(self._desc("".join(f", {counts[k]} {k}" for k in ("diverged", "failed")
+                                                            if counts[k])), refresh=False)
+            self._show()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def format_summary(s: dict) -> str:
