@@ -257,14 +257,14 @@ def test_auto_picks_the_error_solver_on_residual_nets_only():
     from mulocal.config import default_cell, resolved_algo
     for arch, depth, kw, mode, T in (("resmlp", 6, {}, "error", 3), ("mlp", 4, {}, "sequential", 1),
                                      ("resmlp", 6, {"fpa": True}, "sequential", 1),
-                                     ("resmlp", 6, {"inference": "mupc"}, "mupc", 6)):
+                                     ("resmlp", 6, {"inference": "mupc"}, "mupc", 6)):  # mupc: unit weights
         net, x, y = _net(arch, depth)
         algo = make_algo("pc", **kw)
         algo.step(net, x, y)
         assert (algo.mode, algo.steps) == (mode, T), (arch, kw)
         rec = resolved_algo(default_cell(algo="pc", arch=arch, depth=depth, algo_options=kw))
         assert (rec["inference"], rec["T"]) == (mode, T)
-        assert rec["gammas"] == ("d^1" if arch == "resmlp" else None)
+        assert rec["gammas"] == ("d^1" if arch == "resmlp" and mode != "mupc" else None)
 
 
 def test_mupc_is_jpcs_activity_sgd_on_the_batch_mean_energy():
@@ -287,6 +287,11 @@ def test_mupc_is_jpcs_activity_sgd_on_the_batch_mean_energy():
     for l in range(1, net.depth):
         ok, err = close(algo._last[0][l], v[l])
         assert ok, (l, err)
+    assert gam[:-1] == [1.0] * (net.depth - 1)  # muPC's energy: unit weights, not the depth rule
+    cnn, xc, yc = _net("rescnn", 4)  # the batch is read behind the image dimensions too
+    algo = make_algo("pc", inference="mupc", activity_lr=beta, no_status=True)
+    algo.step(cnn, xc, yc)
+    assert algo.kappa == 2 * beta / xc.shape[0] and algo.steps == 4
 
 
 def test_error_solver_refuses_state_based_options_in_one_line():

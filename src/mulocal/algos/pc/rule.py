@@ -121,7 +121,7 @@ class PC:
         out["inference"] = resolve_inference(out.get("inference", "auto"), residual, out)
         out["T"] = resolve_T(out.get("T"), out["inference"], depth)
         out["guard"] = resolve_guard(out.get("guard"), out["inference"])
-        if residual and out.get("gammas") is None:
+        if residual and out.get("gammas") is None and out["inference"] != "mupc":
             out["gammas"] = f"d^{param.depth_gamma:g}"
         return out
 
@@ -173,12 +173,14 @@ class PC:
     # ------------------------------------------------------------------ set-up
     def energy_weights(self, net: Net) -> list[float]:
         """gamma_1..gamma_L (index l - 1): the hidden ones from ``gammas``, else 1 (residual nets:
-        ``Parameterization.gamma_hidden``), gamma_L from the Parameterization."""
+        ``Parameterization.gamma_hidden``, but for muPC's recipe, whose energy has unit weights), gamma_L from the
+        Parameterization."""
         L = net.depth
         if self.gammas is not None:
             hidden = [float(g) for g in self.gammas]
-        else:
-            hidden = [net.param.gamma_hidden(L) if net.residual_net else 1.0] * (L - 1)
+        else:  # muPC's recipe runs on its own energy: unit weights (jpc's)
+            depth_rule = net.residual_net and self.inference != "mupc"
+            hidden = [net.param.gamma_hidden(L) if depth_rule else 1.0] * (L - 1)
         if len(hidden) != L - 1 or any(g <= 0 for g in hidden):
             raise ConfigError(f"need {L - 1} positive hidden energy weights, got {self.gammas!r}")
         return hidden + [net.param.gamma_L(net.width)]
@@ -215,7 +217,7 @@ class PC:
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
         """Inference with the configured solver, then the weight gradients at its final state: (grads aligned
         with ``net.params()``, feed-forward loss (K,))."""
-        self._resolve(net, x.shape[-2] if x.dim() > len(net.input_shape) else 1)
+        self._resolve(net, x.shape[-len(net.input_shape) - 1])  # the batch: x is (B, ...) or (K, B, ...)
         if self.mode == "error":
             return error_step(self, net, x, y)
         if fused_applies(self, net):
