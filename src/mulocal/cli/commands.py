@@ -186,7 +186,7 @@ def cmd_derive(args) -> dict:
     batches, probe = coord_batches(run.data, args.steps, args.batch_size, seed=args.seed)
     cost, checks = _cost(run, cell), args.rounds + 1  # at most: a coordinate check per round and a final one
     label = f"derive {cell['algo']} (up to {checks} coordinate checks)"
-    if args.depths:  # the depth exponents (alpha, c_H), from the start preset's depth-free version
+    if args.depths:  # the depth exponents (alpha, c_H), from the start preset's depth-free branches
         from ..diagnostics.derive import derive_depth
         _depth_check_cell(cell)
         w = _widths(args)[0]
@@ -194,7 +194,9 @@ def cmd_derive(args) -> dict:
             def make_deep(p, H):
                 work.start(cost(w, H), f"depth {H}")
                 return run.build_net(w, param=p, bias=False, depth=H)
-            res = derive_depth(make_deep, run.algo, start.depth_free(), args.depths, batches, probe, lr,
+            # the branch exponents from 0; PC's energy weights keep the run's depth rule (a property of its inference)
+            begin = start.depth_free().with_(depth_gamma=run.param.depth_gamma)
+            res = derive_depth(make_deep, run.algo, begin, args.depths, batches, probe, lr,
                                cell["optimizer"], rounds=args.rounds, reference=run.param)
         out = {"algo": cell["algo"], "optimizer": cell["optimizer"], "lr": lr, "width": w, "depths": args.depths,
                **res.to_dict()}
