@@ -115,3 +115,21 @@ class WrittenResNet:
         W = [w.clone().requires_grad_() for w in self.W]
         b = [t.clone().requires_grad_() if t is not None else None for t in self.b]
         return W, b, [t for pair in zip(W, b) for t in pair if t is not None]
+
+
+def host_reads(monkeypatch, fn) -> int:
+    """How many host read-backs (``.item``, ``.tolist``, ``.cpu``, ``bool`` of a tensor) ``fn()`` makes: each is a
+    device synchronisation on a GPU."""
+    calls = [0]
+    for name in ("item", "tolist", "cpu", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **kw):
+            calls[0] += 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return calls[0]
