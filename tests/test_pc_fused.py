@@ -1,4 +1,4 @@
-"""The fused parallel step of PC (``PC._step_fused``, docs/PERFORMANCE.md) equals the general step.
+"""The fused parallel step of PC (``algos/pc/fused.py``, docs/PERFORMANCE.md) equals the general state solver's.
 
 ``PC.step`` takes a fused path for parallel inference without FPA, guard, record, tol, momentum or incremental
 updates on a plain MLP: the one-hot target built once, in-place moves with the step and gamma_{l+1} folded into
@@ -38,8 +38,8 @@ def _run(net, x, y, general: bool, monkeypatch, steps: int = 2, **kw):
     calls), with the fused path on or forced off: (grads, losses, values, perturbation, status)."""
     algo = PC(**kw)
     with monkeypatch.context() as m:
-        if general:
-            m.setattr(PC, "fused", lambda self, net: False)
+        if general:  # the rule's dispatch (rule.py) asks fused.applies; off, it takes state.step
+            m.setattr("mulocal.algos.pc.rule.fused_applies", lambda pc, net: False)
         else:
             assert algo.fused(net), kw
         out = [algo.step(net, x, y) for _ in range(steps)]
