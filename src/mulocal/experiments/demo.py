@@ -10,6 +10,11 @@ The best learning rate per width is the vertex of a quadratic fitted in log2(LR)
 seed-averaged training loss (``mulocal.sweep.transfer``). Under muP it stays put as the width grows
 (slope of log2(best LR) against log2(width) near 0, small penalty for reusing the width-64
 optimum at width 512); under SP it moves.
+
+As in ``reproduce``, wherever a configuration's best LR (by training loss or test accuracy) sits on an end
+of the grid, that rule's grid is extended by two points at that end and the new cells are trained
+(``grids.sweep_until_bracketed``, at most ``grids.MAX_EXTEND`` rounds), so no optimum is reported on a
+grid edge unless the extension limit was hit.
 """
 from __future__ import annotations
 
@@ -44,9 +49,8 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     """
     from ..sweep.transfer import analyze, format_table, verdicts
     from ..plots import plot_report
-    from ..config import config_hash
-    from ..sweep.store import Store
-    from ..sweep import expand, format_summary, run_sweep
+    from ..sweep import format_summary, run_sweep
+    from .grids import sweep_until_bracketed
 
     spec = demo_spec(quick)
     spec["seeds"] = [seed + s for s in spec["seeds"]]
@@ -58,11 +62,14 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
         f"{spec['epochs']} epoch), 3-layer tanh MLP, {'/'.join(a.upper() for a in spec['algo'])} x muP/SP with SGD, "
         f"widths {spec['widths']}, {len(spec['lrs'])} learning rates x {len(spec['seeds'])} seeds as replicas")
     t0 = time.perf_counter()
-    summary = run_sweep(spec, store, workers=workers, data_dir=data_dir, progress=True)
+    label = "demo" + (" --quick" if quick else "")
+    summary = run_sweep(spec, store, workers=workers, data_dir=data_dir, progress=True, label=label)
     say(format_summary(summary))
-    hashes = [config_hash(c) for c in expand(spec)]
-    with Store(store, create=False) as st:
-        rows = st.rows(hashes=hashes)
+    # then per rule (its muP and SP share a grid, as in reproduce): extend the grid where an optimum sits on an
+    # end; the cells above are finished, only the extension's are trained
+    rows, final, notes = sweep_until_bracketed([dict(spec, algo=a) for a in spec["algo"]], store,
+                                               dict(workers=workers, data_dir=data_dir, label=label), say)
+    extended = {s["algo"]: s["lrs"] for s in final if len(s["lrs"]) > len(spec["lrs"])}
     report, by_acc = analyze(rows), analyze(rows, metric="test_accuracy")  # both metrics: the paper's is accuracy
     plots = plot_report(report, out, by_acc)
     table = format_table(report, by_acc)
@@ -75,7 +82,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     say(f"\nplots: {', '.join(plots)}\nstore: {store}  (mulocal report --store {store})")
     acc_t = {f["label"]: f["transfer"] for f in by_acc["families"]}
     result = {"out": str(out), "store": str(store), "plots": plots, "spec": spec, "sweep": summary,
-              "seconds": time.perf_counter() - t0, "verdict": verdict,
+              "seconds": time.perf_counter() - t0, "verdict": verdict, "grid_notes": notes, "extended_lrs": extended,
               "results": [{"label": f["label"], "algo": f["family"]["algo"], "param": f["family"]["param"],
                            "best_lr": {str(e["width"]): e["best_lr"] for e in f["best"]},
                            "log2_std": {str(e["width"]): e["log2_std"] for e in f["best"]},
