@@ -8,9 +8,11 @@
 #   3. fig1: the paper-budget fig1-right sweep, timed, with the options meant to bring it under 90 s (FIG1_ARGS,
 #      default "--compile cuda-graph --dtype tf32"; the eager float32 run took 291 s on an H200,
 #      docs/PERFORMANCE.md).
+#   4. solvers (issue 23): benchmarks/bench_solvers.py, PC's inference solvers on residual MLPs of depth 8, 32 and
+#      128 at width 512 against BP (time per step, final relative residual): the GPU column of docs/pc.md's table.
 # PARTS chooses (default "tests,step"; one command may run 10 minutes, so fig1 is best a second call:
-# PARTS=fig1). GPU_CHECK_FIG1=1 adds fig1 to the default parts.
-# Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt.
+# PARTS=fig1; PARTS=solvers another). GPU_CHECK_FIG1=1 adds fig1 to the default parts.
+# Results go to $OUT (default runs/gpu-check): gpu.txt, tests.txt, step.json + step.txt, fig1.txt, solvers.txt.
 # Needs FashionMNIST where MULOCAL_DATA_DIR points (the benchmarks fall back to random data and say so).
 # Rehearse it on a CPU: DEVICE=cpu GPU_CHECK_QUICK=1 benchmarks/gpu_check.sh (tiny sizes, the same steps).
 set -u
@@ -46,5 +48,11 @@ if part fig1; then
     > "$OUT/fig1.txt" 2>&1
   echo "fig1-right $BUDGET budget (${FIG1[*]}): $(( $(date +%s) - s )) s" >> "$OUT/fig1.txt"
 fi
-for f in step.txt tests.txt fig1.txt; do [ -f "$OUT/$f" ] && tail -n 40 "$OUT/$f"; done
+if part solvers; then
+  SOLV=(--depths 8,32,128 --width 512 --steps 40 --warmup 5 --repeats 3)
+  [ "${GPU_CHECK_QUICK:-0}" = 1 ] && SOLV=(--depths 4 --width 32 --steps 3 --warmup 1 --repeats 1)
+  "$PY" benchmarks/bench_solvers.py --device "$DEVICE" "${SOLV[@]}" > "$OUT/solvers.txt" 2>&1
+  echo "[gpu_check] bench_solvers done after $(( $(date +%s) - t0 )) s" >&2
+fi
+for f in step.txt tests.txt fig1.txt solvers.txt; do [ -f "$OUT/$f" ] && tail -n 40 "$OUT/$f"; done
 exit 0
