@@ -53,6 +53,24 @@ def test_python_dash_m_help_imports_no_torch():
     assert "mulocal.cli" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
 
 
+@pytest.mark.parametrize("argv", [["train", "--widht", "3"], ["train", "--algo", "pc", "--inferense", "error"],
+                                  ["coord", "--widht", "3"], ["derive", "--widht", "3"], ["describe", "--widht", "3"],
+                                  ["analyze", "cosine", "--widht", "3"],
+                                  ["eval", "--checkpoint", "c.pt", "--widht", "3"],
+                                  ["export", "--checkpoint", "c.pt", "--out", "m.pt", "--widht", "3"], ["sweep", "--widht", "3"],
+                                  ["report", "--store", "s.sqlite", "--widht", "3"], ["plot", "--store", "s.sqlite", "--widht", "3"],
+                                  ["reproduce", "depth", "--widht", "3"], ["demo", "--widht", "3"]])
+def test_a_mistyped_flag_of_a_command_answers_without_torch(argv):
+    """A subcommand's flags come from the run fields and the rules' declarations (``algos/declared.py``), both
+    torch-free: a mistyped flag is one error line, status 2, before torch would load."""
+    script = LOADED.replace("except SystemExit:\n    pass", "except SystemExit as e:\n    print(e.code)") + \
+        f"print('mulocal.cli.{COMMANDS[argv[0]][0]}' in sys.modules)\n"
+    p = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
+    code, loaded, parsed = p.stdout.strip().splitlines()[-3:]
+    _one_line(int(code), p.stderr, f"unrecognized arguments: {argv[-2]}")
+    assert loaded == "[]" and parsed == "True", (argv, p.stdout[-500:])
+
+
 # ---------------------------------------------------------------------------- help
 def _parsers():
     """(name, parser) of every command and every analyze mode, filled."""

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from .algos import check_algo, defaults_of, make_algo, options_of
 from .errors import ConfigError
-from .optim import DEFAULT_LR  # noqa: F401 (the command line reads it here)
 from .param import BASE_WIDTH, preset
+from .util import COMPILE_MODES, DEFAULT_LR  # noqa: F401 (the command line reads them here)
 
 DTYPES = ("float32", "float64", "tf32")  # tf32: float32 tensors, TensorFloat-32 products on a GPU (TrainConfig.tf32)
 GROUPS = ("learning rule", "parameterization", "model", "data", "training")

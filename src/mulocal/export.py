@@ -24,8 +24,9 @@ from .errors import CheckpointError, ConfigError
 from .nets import CNN, MLP, Net, ResCNN, ResMLP
 from .param import Parameterization
 from .train import evaluate, read_checkpoint
+from .util import EXPORT_FORMATS
 
-FORMATS = ("state-dict", "program")
+FORMATS = EXPORT_FORMATS
 
 
 class Residual(nn.Module):

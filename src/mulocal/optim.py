@@ -12,9 +12,9 @@ import torch
 
 from .errors import ConfigError
 from .nets import Net
+from .util import DEFAULT_LR  # noqa: F401 (the base learning rate when none is given)
 
 OPTIMIZERS = ("sgd", "adam")
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}  # the base learning rate when none is given
 
 
 def replica_lrs(lr, K: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ from .losses import check_loss, loss_value
 from .nets import Net
 from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
 from .streams import generators
+from .util import COMPILE_MODES  # TrainConfig.compile's choices
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")
 CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-safe, side stream) before its capture
 
 

@@ -1,7 +1,11 @@
-"""Small shared helpers."""
+"""Small shared helpers, and the constants that torch-free modules (the command line) share with torch ones."""
 from __future__ import annotations
 
 import math
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}  # the base learning rate when none is given (optim.py)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")  # TrainConfig.compile (train.py), --compile
+EXPORT_FORMATS = ("state-dict", "program")  # mulocal export (export.py), --format
 
 
 def json_safe(obj):

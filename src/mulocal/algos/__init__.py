@@ -1,31 +1,56 @@
 """Learning rules. Each exposes ``step(net, x, y, opt=None) -> (grads aligned with net.params(), loss (K,))``
-and declares its options in ``OPTIONS`` (``options.Option``: name, type, default, help, flag).
+and declares its options in ``OPTIONS`` (``options.Option``: name, type, default, help, flag; the declarations
+live in ``declared.py``, without torch).
 
-``opt`` is the optimizer, for rules that update weights during their own step (incremental PC)."""
+``opt`` is the optimizer, for rules that update weights during their own step (incremental PC).
+
+A rule's class (and torch) is loaded when first used: ``ALGOS``, ``BP``, ``PC``, ... and ``check_algo``,
+``defaults_of``, ``make_algo`` load it; ``options_of`` and the command line's flags read ``declared.py`` only."""
 from __future__ import annotations
 
+import importlib
 import inspect
 
 from ..errors import ConfigError
-from .bp import BP
-from .gnt import GNT
+from .declared import RULES
 from .options import Option
-from .pc import PC
-from .tp import DTP, TP
 
-ALGOS = {"bp": BP, "pc": PC, "tp": TP, "dtp": DTP, "gnt": GNT}
 INTERNAL = ("loss", "record", "seed")  # constructor arguments that are not user options (loss is a run field)
+_CLASSES = {cls: (module, name) for name, (module, cls, _, _) in RULES.items()}  # BP -> ("bp", "bp"), ...
+
+
+def _load(name: str) -> type:
+    module, cls = RULES[name][:2]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def __getattr__(attr: str):
+    """``ALGOS`` (name -> class, every rule loaded) and the rule classes, loaded on first use."""
+    if attr == "ALGOS":
+        algos = {name: _load(name) for name in RULES}
+        globals()["ALGOS"] = algos
+        return algos
+    if attr in _CLASSES:
+        cls = _load(_CLASSES[attr][1])
+        globals()[attr] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _known(name: str) -> None:
+    if name not in RULES:
+        raise ConfigError(f"unknown algorithm '{name}'; choose one of {', '.join(sorted(RULES))}")
 
 
 def check_algo(name: str) -> type:
-    if name not in ALGOS:
-        raise ConfigError(f"unknown algorithm '{name}'; choose one of {', '.join(sorted(ALGOS))}")
-    return ALGOS[name]
+    _known(name)
+    return _load(name)
 
 
 def options_of(name: str) -> dict[str, Option]:
-    """The declared options of a learning rule, by name."""
-    return {o.name: o for o in check_algo(name).OPTIONS}
+    """The declared options of a learning rule, by name (without loading the rule)."""
+    _known(name)
+    return {o.name: o for o in RULES[name][3]}
 
 
 def defaults_of(name: str) -> dict:

@@ -25,18 +25,15 @@ import torch
 
 from ..losses import check_loss, loss_and_grad
 from ..nets import Net
-from .options import Option
+from .declared import BP_OPTIONS, family
 
 
 class BP:
     """Gradient of the batch-mean loss of every replica."""
 
     name = "bp"
-    family = "backpropagation"
-    OPTIONS = (
-        Option("readout_only", "bool", False, "train only the output layer on frozen random features (the "
-               "feature-learning baseline)", implicit=True),
-    )
+    family = family("bp")
+    OPTIONS = BP_OPTIONS
 
     def __init__(self, loss: str = "ce", readout_only: bool = False):
         self.loss = check_loss(loss)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .options import Option
+from .declared import GNT_OPTIONS, family
 from .tp import TargetRule
 
 
 class GNT(TargetRule):
     name = "gnt"
-    family = "Gauss-Newton targets"
-    OPTIONS = TargetRule.OPTIONS + (Option("damping", "float", 1e-4, "damping lambda of J J^T + lambda I"),)
+    family = family("gnt")
+    OPTIONS = GNT_OPTIONS
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, damping: float = 1e-4, record: bool = False):
         super().__init__(loss, beta, record)

@@ -1,8 +1,9 @@
 """What a learning rule declares about its options: name, type, default, help, command-line flag.
 
-Each rule class lists its options in ``OPTIONS``; the command line generates one flag per option
-(``--T``, ``--feedback``, ...) and the sweep checks ``algo_options`` against them, so adding an
-option to a rule touches that rule's file only. ``loss`` is not an option: it is a field of the run
+Each rule class lists its options in ``OPTIONS``, declared in ``declared.py`` (torch-free, read by the
+command line without loading the rules); the command line generates one flag per option (``--T``,
+``--feedback``, ...) and the sweep checks ``algo_options`` against them, so adding an option to a rule
+touches its declaration and the rule's constructor only. ``loss`` is not an option: it is a field of the run
 (``config.FIELDS``) that every rule takes.
 """
 from __future__ import annotations

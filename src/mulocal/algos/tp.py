@@ -59,12 +59,9 @@ from ..losses import check_loss, loss_and_grad
 from ..nets import Branch, Conv, ConvBranch, Dense, Net
 from ..optim import LayerwiseOptimizer
 from ..streams import counter_keys, counter_normal, generator, generators
-from .options import Option
+from .declared import FB_LOSSES, FEEDBACK, NOISE_RNGS, TARGET_OPTIONS, TP_OPTIONS, family
 from .bp import backprop
 
-FEEDBACK = ("trainable", "linear", "ridge", "inverse")
-FB_LOSSES = ("rec", "drl", "ldrl")
-NOISE_RNGS = ("auto", "host", "counter")
 
 
 def resolve_noise_rng(noise_rng: str, device) -> str:
@@ -136,8 +133,8 @@ class TargetRule:
     """Shared machinery: forward pass, targets (subclass), local losses, diagnostics."""
 
     name = "targets"
-    family = "target propagation"
-    OPTIONS = (Option("beta", "float", 1.0, "output target step: t_L = f - beta dloss/df"),)
+    family = family("tp")
+    OPTIONS = TARGET_OPTIONS
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, record: bool = False):
         self.loss = check_loss(loss)
@@ -234,20 +231,7 @@ class TP(TargetRule):
 
     name = "tp"
     difference = False
-    OPTIONS = TargetRule.OPTIONS + (
-        Option("feedback", "str", "trainable", "trainable (phi(V a + c)), linear (V a + c), ridge (batch optimum) "
-               "or inverse", choices=FEEDBACK),
-        Option("fb_loss", "str", "rec", "feedback loss: rec, drl or ldrl", choices=FB_LOSSES),
-        Option("sigma", "floats", 0.1, "feedback-training noise, one or one per hidden layer"),
-        Option("noise_rng", "str", "auto", "feedback-noise generator: host (per-replica CPU generators), counter "
-               "(all replicas at once on the net's device) or auto (counter on a GPU, host on a CPU)",
-               choices=NOISE_RNGS, implicit=True),
-        Option("fb_iters", "int", 1, "feedback iterations per batch"),
-        Option("fb_lr", "float", 0.01, "feedback learning rate"),
-        Option("fb_optimizer", "str", "sgd", "feedback optimizer: sgd or adam", choices=("sgd", "adam")),
-        Option("ridge", "float", 1e-3, "ridge constant per unit of width (ridge feedback)"),
-        Option("pretrain_epochs", "int", 0, "feedback-only epochs before training", flag="fb-pretrain-epochs"),
-    )
+    OPTIONS = TP_OPTIONS
 
     def __init__(self, loss: str = "ce", beta: float = 1.0, feedback: str = "trainable", fb_loss: str = "rec",
                  sigma: float | Sequence[float] = 0.1, noise_rng: str = "auto", fb_iters: int = 1,

@@ -22,7 +22,8 @@ from ..errors import MulocalError, MulocalWarning
 from ..util import json_safe
 
 # name -> (module of this package, one line of help), in the order `mulocal --help` lists them. A command's flags
-# are added when it is used (its module loads torch): --version, --help and a mistyped command answer at once.
+# are added when it is used: --version, --help and a mistyped command answer at once, and so does a mistyped flag of
+# the commands whose flags come from config.FIELDS and algos/declared.py alone (all but export and the sweeps').
 COMMANDS = {
     "train": ("commands", "train one model (or K replicas) and evaluate it"),
     "eval": ("models", "evaluate a checkpoint on a dataset's test set, per replica"),

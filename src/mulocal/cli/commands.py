@@ -8,7 +8,6 @@ import json
 import math
 import sys
 
-from ..algos.pc import status_warning
 from ..config import DEFAULT_LR, assemble, param_of
 from ..errors import MulocalError
 from ..loggers import run_name
@@ -57,6 +56,7 @@ def _replicas(args, cell) -> tuple[list, list]:
 
 
 def cmd_train(args) -> dict:
+    from ..algos.pc import status_warning
     cell = cell_from_args(args, width=args.width)
     lrs, seeds = _replicas(args, cell)
     K = len(lrs)

@@ -1,5 +1,5 @@
 """Command-line flags generated from one description: the run fields (``config.FIELDS``) and the options
-each learning rule declares (``algos.options_of``). A new field or rule option gets its flag, its help and
+each learning rule declares (``algos/declared.py``). A new field or rule option gets its flag, its help and
 its check here without being written again.
 
 Single-run commands (train, coord, derive) take one value per flag; ``sweep`` takes comma-separated
@@ -11,11 +11,10 @@ import argparse
 import copy
 import functools
 
-from ..algos import ALGOS
+from ..algos.declared import RULES, declared, family
 from ..algos.options import float_list as floats, parse_floats
-from ..config import FIELDS, GROUPS, coerce, default_cell
+from ..config import COMPILE_MODES, FIELDS, GROUPS, coerce, default_cell
 from ..errors import ConfigError, MulocalError
-from ..train import COMPILE_MODES
 from .paths import checked_dir, out_dir, out_file  # noqa: F401 (the commands' output flags)
 
 
@@ -168,8 +167,8 @@ def cell_from_args(args, **extra) -> dict:
 def _declared() -> dict[str, tuple]:
     """flag dest -> (option, rules that declare it), in the order rules declare them."""
     out: dict[str, tuple] = {}
-    for name, cls in ALGOS.items():
-        for o in cls.OPTIONS:
+    for name in RULES:  # the declarations, without loading the rules (torch)
+        for o in declared(name):
             opt, rules = out.get(o.dest, (o, ()))
             out[o.dest] = (opt, rules + (name,))
     return out
@@ -189,8 +188,8 @@ def add_algo_options(p: argparse.ArgumentParser, lists: bool = False, hidden: bo
     groups: dict[tuple, argparse._ArgumentGroup] = {}
     for dest, (o, rules) in _declared().items():
         if rules not in groups:
-            family = ALGOS[rules[0]].family
-            groups[rules] = p if hidden else p.add_argument_group(f"{family} (--algo {', '.join(rules)})")
+            title = f"{family(rules[0])} (--algo {', '.join(rules)})"
+            groups[rules] = p if hidden else p.add_argument_group(title)
         g = groups[rules]
         text = argparse.SUPPRESS if hidden else o.help
         if o.kind == "bool":

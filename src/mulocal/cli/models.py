@@ -8,7 +8,6 @@ import sys
 
 from ..config import check_device, default_cell, load_data
 from ..errors import ConfigError
-from ..export import FORMATS, check_replica, evaluate_checkpoint, export, load_net, module_source
 from ..loggers import SINKS, make_logger, parse_spec
 from .paths import out_dir, out_file
 
@@ -67,6 +66,7 @@ def make_loggers(specs, name: str, subfolder: str | None = None) -> list:
 
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> dict:
+    from ..export import evaluate_checkpoint, load_net
     if args.test_subset is not None and args.test_subset < 1:
         raise ConfigError(f"--test-subset must be positive, got {args.test_subset}")
     net, ck = load_net(args.checkpoint, check_device(args.device))
@@ -93,6 +93,7 @@ def cmd_eval(args) -> dict:
 
 # ---------------------------------------------------------------------------- export
 def cmd_export(args) -> dict:
+    from ..export import check_replica, export, load_net, module_source
     net, ck = load_net(args.checkpoint)
     k = check_replica(ck, args.replica)
     module = export(net, k, args.out, args.format)
@@ -128,6 +129,7 @@ def add_eval(p) -> None:
 
 
 def add_export(p) -> None:
+    from ..util import EXPORT_FORMATS as FORMATS  # (no torch: the parser builds without it)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train --checkpoint")
     p.add_argument("--replica", type=int, default=0, help="which replica (default 0)")
     p.add_argument("--out", type=out_file, required=True, help="the file to write")

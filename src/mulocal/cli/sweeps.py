@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ..config import DTYPES, FIELDS, config_hash
 from ..errors import ConfigError
-from ..sweep import EXECUTORS, LISTS, RUN_KEYS, Store, expand, format_summary, load_spec_file, run_sweep
-from ..sweep.spec import ALIASES
+from ..sweep.spec import ALIASES, EXECUTORS, LISTS, RUN_KEYS  # the parsers' names: no torch (the rest on use)
 from .flags import add_algo_options, add_compile_flag, add_fields, list_of, scoped_algo_options, split_items
 from .paths import checked_dir, out_dir, out_file
 
@@ -110,6 +109,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args) -> tuple[dict, dict]:
     """The sweep spec and run options from parsed ``mulocal sweep`` arguments (file first, flags override)."""
+    from ..sweep import load_spec_file
     spec, run = ({}, {}) if not args.spec else load_spec_file(args.spec)
     spec = {ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in spec.items()}
     for key in list(LISTS) + list(FIELDS):
@@ -149,6 +149,7 @@ def spec_from_args(args) -> tuple[dict, dict]:
 
 
 def cmd_sweep(args) -> dict:
+    from ..sweep import Store, expand, format_summary, run_sweep
     spec, run = spec_from_args(args)
     store = run.get("store")
     if not store:
@@ -171,6 +172,7 @@ def cmd_sweep(args) -> dict:
 
 def _report_from_args(args) -> tuple[dict, dict]:
     """The report of the store by ``--metric``, and the report by the other metric."""
+    from ..sweep import Store
     from ..sweep.transfer import analyze, best_accuracy, learns, verdicts
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()

@@ -17,13 +17,23 @@ count on the same CPU; batched with other cells (another K), or with other threa
 sums may be split and rounded differently, at the rounding level of the cell's dtype (tests/tolerances.py).
 The command line is ``mulocal sweep | report | plot`` (``cli/sweeps.py``).
 """
-from .executors import EXECUTORS, make_executor
-from .plan import plan, replica_bytes
-from .runner import SweepOptions, format_summary, run_sweep
-from .spec import ALIASES, LISTS, RUN_KEYS, expand, load_spec_file, normalize_spec
-from .store import Store, StoreError
-from .worker import run_task
+from importlib import import_module
 
-__all__ = ["ALIASES", "EXECUTORS", "LISTS", "RUN_KEYS", "Store", "StoreError", "SweepOptions", "expand",
-           "format_summary", "load_spec_file", "make_executor", "normalize_spec", "plan", "replica_bytes",
-           "run_sweep", "run_task"]
+from .plan import plan, replica_bytes  # eager (torch-free): a lazy name 'plan' would meet its module's own name
+
+_WHERE = {"EXECUTORS": "spec", "make_executor": "executors",
+          "SweepOptions": "runner", "format_summary": "runner", "run_sweep": "runner", "ALIASES": "spec",
+          "LISTS": "spec", "RUN_KEYS": "spec", "expand": "spec", "load_spec_file": "spec", "normalize_spec": "spec",
+          "Store": "store", "StoreError": "store", "run_task": "worker"}
+
+
+def __getattr__(name: str):
+    """The names below, each loaded from its module on first use (the command line's parsers need no torch)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted([*_WHERE, "plan", "replica_bytes"])

@@ -9,9 +9,8 @@ import os
 import socket
 
 from ..errors import ConfigError
+from .spec import EXECUTORS  # noqa: F401 (the executors' names live with the spec: no torch to read them)
 from .worker import init_worker, ray_task, run_task
-
-EXECUTORS = ("local", "ray")
 
 
 class _Ready:

@@ -14,11 +14,11 @@ from typing import Sequence
 
 from ..config import config_hash, group_of
 from ..errors import ConfigError
-from ..nets import sizes
 
 
 def replica_bytes(g: dict, input_shape: Sequence[int], n_classes: int, eval_batch: int = 2000) -> int:
     """A rough upper estimate of the memory one replica of group ``g`` needs while training."""
+    from ..nets import sizes  # (torch: the command line's parsers read this package without it)
     item = 8 if g["dtype"] == "float64" else 4
     try:
         params, acts = sizes(g["arch"], input_shape, n_classes, g["width"], g["depth"])

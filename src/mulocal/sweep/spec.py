@@ -32,6 +32,8 @@ from typing import Any
 from ..config import FIELDS, OPTION_KEYS, coerce, config_hash, jsonable, resolved_algo, resolved_param
 from ..errors import ConfigError
 
+EXECUTORS = ("local", "ray")  # where a sweep's tasks run (executors.py)
+
 LISTS = {"widths": "int", "lrs": "lr", "seeds": "int0"}
 ALIASES = {"width": "widths", "lr": "lrs", "seed": "seeds", "algorithm": "algo", "parameterization": "param"}
 RUN_KEYS = ("store", "executor", "workers", "threads", "ray_address", "max_replicas", "memory_budget_mb", "device",

@@ -26,18 +26,15 @@ from ...errors import ConfigError
 from ...losses import check_loss
 from ...nets import Net
 from ...streams import generators
-from ..options import Option
+from ..declared import ERROR_T, INFERENCE, INITS, PARALLEL_STEPS, PC_OPTIONS, family
 from .error import check as check_error_options
 from .error import step as error_step
 from .fused import applies as fused_applies
 from .fused import step as fused_step
 from .state import step as state_step
 from .observers import Status
-from .steps import PARALLEL_STEPS, PowerIteration, kappas
+from .steps import PowerIteration, kappas
 
-INFERENCE = ("auto", "sequential", "parallel", "error", "mupc")
-INITS = ("forward", "zero", "random")
-ERROR_T = 3  # the error solver's default steps: relative residual ~1e-2 (width 128) at every depth (docs/pc.md)
 JPC_ENERGY_FACTOR = 2.0  # jpc's energy sum ||e||^2 / B has no 1/2: its activity gradient is 2/B times ours
 
 
@@ -72,35 +69,8 @@ class PC:
     """Predictive coding learning rule. ``step(net, x, y, opt=None) -> (grads, loss)``."""
 
     name = "pc"
-    family = "predictive coding"
-    OPTIONS = (
-        Option("T", "int", None, "inference steps (default: 1 for sequential and parallel, single-shot; "
-               f"{ERROR_T} for error; the depth H for mupc)"),
-        Option("inference", "str", "auto", "inference solver: sequential (top-down), parallel, error (ePC: the "
-               "errors as free variables), mupc (muPC's recipe); auto: error on residual nets, else sequential",
-               choices=INFERENCE),
-        Option("init", "str", "forward", "value initialisation: forward, zero or random", choices=INITS),
-        Option("fpa", "bool", False, "fixed prediction assumption"),
-        Option("kappa", "floats", None, "inference step size, one or one per hidden layer (default: 1/gamma_l; "
-                                        "parallel without FPA: see parallel_step)"),
-        Option("parallel_step", "str", "bound", "step of parallel inference without FPA when kappa is not given: "
-               "bound (1/(gamma_l + gamma_{l+1} c ||W_{l+1}||_2^2), stable) or gamma (1/gamma_l)",
-               choices=PARALLEL_STEPS, implicit=True),
-        Option("power_iters", "int", 1, "power iterations per step for ||W||_2 in the bound step (warm-started)",
-               implicit=True),
-        Option("guard", "bool", None, "energy-decrease guard: undo a replica's step if its energy rose and halve "
-               "its step (default: on for the error solver, off otherwise)", implicit=True),
-        Option("no_status", "bool", False, "skip the per-replica inference status (inference_status(): energy rose, "
-               "residual), saving an energy evaluation per step and a gradient evaluation per inference",
-               flag="no-inference-status", implicit=True),
-        Option("momentum", "float", 0.0, "inference momentum", flag="inference-momentum"),
-        Option("tol", "float", None, "stop inference when the energy changes less than this (relative)"),
-        Option("incremental", "bool", False, "incremental PC: update weights at every inference step"),
-        Option("gammas", "floats", None, "hidden-layer energy weights gamma_1..gamma_{L-1} (default 1; residual "
-               "nets: d^depth_gamma, Parameterization.gamma_hidden)"),
-        Option("activity_lr", "float", 0.5, "mupc only: jpc's activity learning rate beta (kappa = 2 beta / B: jpc "
-               "differentiates the batch-mean energy sum ||e||^2 / B)", implicit=True),
-    )
+    family = family("pc")
+    OPTIONS = PC_OPTIONS
 
     @staticmethod
     def hash_defaults(options: dict) -> tuple[str, ...]:

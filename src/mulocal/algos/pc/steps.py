@@ -16,9 +16,9 @@ import torch
 
 from ...errors import ConfigError
 from ...nets import Net
+from ..declared import PARALLEL_STEPS  # noqa: F401 (the choices of parallel_step)
 from .energy import bcast
 
-PARALLEL_STEPS = ("bound", "gamma")
 LOSS_CURVATURE = {"mse": 1.0, "ce": 0.5}  # largest eigenvalue of d^2 loss / df^2 (per sample)
 POWER_SEED = 0x5BEC  # the fixed start vector of the power iteration (no replica randomness: same for all)
 COLD_ITERS = 100  # power iterations the first time a weight tensor is seen
