@@ -154,13 +154,14 @@ def test_every_solver_reaches_the_written_energys_minimiser(arch, depth, kw):
     residual below 1e-9 there."""
     net, x, y = _net(arch, depth, width=16)  # m = 4: C ~ gamma_L / M small enough for the full error step
     x, y = x[:3], y[:3]
-    gam = make_algo("pc").energy_weights(net)
+    algo = make_algo("pc", **kw)
+    gam = algo.energy_weights(net)  # the energy this solver minimises (mupc: muPC's unit weights)
+    assert gam == pytest.approx(_gammas(net) if kw["inference"] != "mupc" else [1.0] * (net.depth - 1) + [1.0])
     ref = Written(net, "ce", gam)
     x0 = _raw(net, x)
     ff = ref.states(x0, [0.0] * (net.depth - 1))
     v_star = _equilibrium(ref, x0, ff, y)
     expect = ref.weight_grads(v_star, y, x.shape[0])
-    algo = make_algo("pc", **kw)
     grads, _ = algo.step(net, x, y)
     if not kw.get("no_status"):
         res = algo.inference_status()["residual"]
