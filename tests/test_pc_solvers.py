@@ -142,7 +142,7 @@ def _equilibrium(ref, x0, ff, y):
 SOLVERS = [pytest.param(dict(inference="error", T=200, guard=False), id="error"),
            pytest.param(dict(inference="sequential", T=3000, no_status=True), id="sequential", marks=pytest.mark.slow),
            pytest.param(dict(inference="parallel", T=6000, no_status=True), id="parallel", marks=pytest.mark.slow),
-           pytest.param(dict(inference="mupc", T=3000, activity_lr=0.2, no_status=True), id="mupc",
+           pytest.param(dict(inference="mupc", T=20000, activity_lr=0.2, no_status=True), id="mupc",
                         marks=pytest.mark.slow)]
 
 
