@@ -33,7 +33,9 @@ def test_transfer_experiment_tiny(tmp_path, capsys):
 
 def test_fig8_tiny(tmp_path, capsys):
     assert main(["reproduce", "fig8", "--budget", "tiny", "--out", str(tmp_path), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert "reproduce fig8: seed 2" in cap.err  # the analysis shows a labelled bar on stderr (stdout: the JSON)
     assert set(out["omega_L"]) == {"bp mup-sgd", "tp mup-tp-sgd feedback=ridge", "dtp mup-dtp-sgd"}
     # the numbers are kept in a store that `mulocal report` reads
     assert main(["report", "--store", out["store"], "--json"]) == 0

@@ -261,11 +261,14 @@ def _fig3(budget, out, data_dir, say) -> dict:
               "tiny": [16, 32]}[budget]
     data = load_dataset("fashion-mnist", data_dir, train_subset=1000, seed=0)
     x, y = data.x_train[:32].double().flatten(1), data.y_train[:32]
+    from ..cli.progress import Work, net_cost
     panels = {}
-    for act in ("linear", "tanh"):
-        for g in (0.0, -1.0):
+    plan = [(act, g, widths if act == "linear" or budget != "small" else widths[:-1])
+            for act in ("linear", "tanh") for g in (0.0, -1.0)]
+    with Work("reproduce fig3", [sum(net_cost(w) for w in ws) for _, _, ws in plan]) as work:
+        for act, g, ws in plan:
+            work.start(sum(net_cost(w) for w in ws), f"{act}, gbar_L = {g:g}")
             say(f"fig3: {act}, gbar_L = {g:g}")
-            ws = widths if act == "linear" or budget != "small" else widths[:-1]
             panels[f"{act} gbar_L={g:g}"] = cosine_vs_width(ws, x, y, activation=act, gamma_bar_L=g, seeds=(0, 1, 2))
     path = fig3_figure(panels, out / "fig3.png")
     for key, res in panels.items():
@@ -290,11 +293,14 @@ def _fig8(budget, out, data_dir, say) -> dict:
     widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
+    from ..cli.progress import Work
     runs = {}
-    for seed in (0, 1, 2):
-        batches, probe = coord_batches(data, steps, 64, seed=seed)
-        runs[seed] = alignment_vs_step(FIG8_CONFIGS, widths, batches, probe, lr=0.1, K=4)
-        say(f"fig8: seed {seed} done")
+    with Work("reproduce fig8", [1.0] * 3) as work:
+        for seed in (0, 1, 2):
+            work.start(1.0, f"seed {seed}")
+            batches, probe = coord_batches(data, steps, 64, seed=seed)
+            runs[seed] = alignment_vs_step(FIG8_CONFIGS, widths, batches, probe, lr=0.1, K=4)
+            say(f"fig8: seed {seed} done")
     import numpy as np
     summary = {}
     for key in runs[0]["configs"]:
@@ -321,22 +327,26 @@ def _table1(budget, out, data_dir, say) -> dict:
     widths = ANALYSIS_WIDTHS[budget]
     data = load_dataset("fashion-mnist", data_dir)
     batches, probe = coord_batches(data, 1, 64, seed=0)
+    from ..cli.progress import Work
     rows = []
-    for algo, opt, g in (TABLE1[:1] if budget == "tiny" else TABLE1):
-        ref = preset("mup", opt, gamma_bar_L=g, algo=algo)
-        start = preset("sp", opt, gamma_bar_L=g, algo=algo)
+    configs = TABLE1[:1] if budget == "tiny" else TABLE1
+    with Work("reproduce table1", [1.0] * len(configs)) as work:
+        for algo, opt, g in configs:
+            work.start(1.0, f"{algo} {opt} gbar {g:+g}")
+            ref = preset("mup", opt, gamma_bar_L=g, algo=algo)
+            start = preset("sp", opt, gamma_bar_L=g, algo=algo)
 
-        def make(p, w):
-            return build("mlp", data.input_shape, 10, w, p, K=4, seeds=range(4), bias=False)
-        res = derive(make, make_algo(algo), start, widths, batches, probe, 0.1 if opt == "sgd" else 1e-3, opt,
-                     reference=ref)
-        row = {"algo": algo, "optimizer": opt, "gamma_bar_L": g, "fitted_b": res.b, "fitted_c": res.c,
-               "spec_b": list(ref.b), "spec_c": list(ref.c), "max_deviation": res.max_deviation,
-               "agrees": res.agrees, "fit_max_abs_slope": res.final.max_abs_slope, "rounds": len(res.rounds)}
-        rows.append(row)
-        say(f"table1: {algo:<4}{opt:<5} gbar {g:+g}: fitted b_L {res.b[2]:.2f}, c ({', '.join(f'{v:.2f}' for v in res.c)})"
-            f" vs spec c ({', '.join(f'{v:g}' for v in ref.c)}), b_L {ref.b[2]:g}: "
-            + ("agrees" if res.agrees else "DISAGREES"))
+            def make(p, w):
+                return build("mlp", data.input_shape, 10, w, p, K=4, seeds=range(4), bias=False)
+            res = derive(make, make_algo(algo), start, widths, batches, probe, 0.1 if opt == "sgd" else 1e-3, opt,
+                         reference=ref)
+            row = {"algo": algo, "optimizer": opt, "gamma_bar_L": g, "fitted_b": res.b, "fitted_c": res.c,
+                   "spec_b": list(ref.b), "spec_c": list(ref.c), "max_deviation": res.max_deviation,
+                   "agrees": res.agrees, "fit_max_abs_slope": res.final.max_abs_slope, "rounds": len(res.rounds)}
+            rows.append(row)
+            say(f"table1: {algo:<4}{opt:<5} gbar {g:+g}: fitted b_L {res.b[2]:.2f}, c ({', '.join(f'{v:.2f}' for v in res.c)})"
+                f" vs spec c ({', '.join(f'{v:g}' for v in ref.c)}), b_L {ref.b[2]:g}: "
+                + ("agrees" if res.agrees else "DISAGREES"))
     path = table1_figure(rows, widths, out / "table1.png")
     return {"figure": str(path), "rows": rows, "widths": widths,
             "summary": [f"{r['algo']} {r['optimizer']} gbar {r['gamma_bar_L']:g}: b_L {r['fitted_b'][2]:.2f}, c "
