@@ -35,10 +35,18 @@ from .observers import restore
 from .steps import kappas
 
 
-def check(*, fpa: bool, init: str, momentum: float, tol, incremental: bool) -> None:
-    """Refuse the options that belong to state-based inference, in one line."""
-    bad = [name for name, on in (("fpa", fpa), ("init != forward", init != "forward"), ("momentum", momentum),
-                                 ("tol", tol is not None), ("incremental", incremental)) if on]
+def state_only(options: dict) -> list[str]:
+    """The options given in ``options`` (a rule's constructor arguments) that belong to state-based inference:
+    the error solver starts from F-ini (e = 0) and moves no values."""
+    return [name for name, on in (("fpa", options.get("fpa")), ("init != forward", options.get("init", "forward")
+                                  != "forward"), ("momentum", options.get("momentum")),
+                                  ("tol", options.get("tol") is not None), ("incremental", options.get("incremental")))
+            if on]
+
+
+def check(options: dict) -> None:
+    """Refuse the options of state-based inference (``state_only``), in one line."""
+    bad = state_only(options)
     if bad:
         raise ConfigError(f"the error solver starts from F-ini (e = 0) and takes no {', '.join(bad)}: use "
                           f"inference sequential or parallel for those")
@@ -73,7 +81,7 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor):
         u = e[L].mul(gam[L - 1])
         for l in range(L - 1, 0, -1):  # u_l = (d mu_{l+1}/d s_l)^T u_{l+1} at the current states
             u = back(net, l, net.linearize(l, s[l], a[l]), u)
-            if t == 0 and l == L - 1:  # F-ini: dF/dv = 0 below the top, -u_{L-1} there
+            if track and t == 0 and l == L - 1:  # F-ini: dF/dv = 0 below the top, -u_{L-1} there
                 g0 = u.flatten(1).pow(2).sum(1)
             # e_l <- e_l + kappa_l gamma_l (G_l - e_l), G_l = u_l / gamma_l (e_l None: 0, and no guard)
             if e[l] is None:

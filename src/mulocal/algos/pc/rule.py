@@ -28,6 +28,7 @@ from ...nets import Net
 from ...streams import generators
 from ..declared import ERROR_T, INFERENCE, INITS, PARALLEL_STEPS, PC_OPTIONS, family
 from .error import check as check_error_options
+from .error import state_only
 from .error import step as error_step
 from .fused import applies as fused_applies
 from .fused import step as fused_step
@@ -38,16 +39,12 @@ from .steps import PowerIteration, kappas
 JPC_ENERGY_FACTOR = 2.0  # jpc's energy sum ||e||^2 / B has no 1/2: its activity gradient is 2/B times ours
 
 
-STATE_ONLY = ("fpa", "momentum", "tol", "incremental")  # options of state-based inference only (and init != forward)
-
-
 def resolve_inference(inference: str, residual: bool, options: dict) -> str:
     """``auto`` -> ``error`` on a residual net (every block learns), ``sequential`` otherwise (the paper's) or
-    where an option of state-based inference is given (FPA, a value init other than forward, momentum, tol,
-    incremental)."""
+    where an option of state-based inference is given (``error.state_only``: FPA, a value init other than
+    forward, momentum, tol, incremental)."""
     if inference == "auto":
-        state_only = any(options.get(k) for k in STATE_ONLY) or options.get("init", "forward") != "forward"
-        return "error" if residual and not state_only else "sequential"
+        return "error" if residual and not state_only(options) else "sequential"
     return inference
 
 
@@ -123,7 +120,7 @@ class PC:
         if not activity_lr > 0:
             raise ConfigError(f"activity_lr must be positive, got {activity_lr}")
         if inference == "error":
-            check_error_options(fpa=fpa, init=init, momentum=momentum, tol=tol, incremental=incremental)
+            check_error_options(dict(fpa=fpa, init=init, momentum=momentum, tol=tol, incremental=incremental))
         if inference == "mupc" and kappa is not None:
             raise ConfigError("mupc sets kappa from activity_lr (jpc's convention): give activity_lr, not kappa")
         self.T, self.inference, self.init, self.fpa = T, inference, init, bool(fpa)

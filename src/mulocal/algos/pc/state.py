@@ -141,9 +141,10 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
                 if bool(((prev - cur).abs() <= pc.tol * prev.abs().clamp_min(1e-30)).all()):
                     break
     acts = a_ff if pc.fpa else a
-    grads = weight_grads(net, errors(v, mu, e_top, L), acts, gam)
+    errs = errs if errs is not None else errors(v, mu, e_top, L)  # the final state's errors, once
+    grads = weight_grads(net, errs, acts, gam)
     pc._last = (v, u_ff)
-    g_end = grad_sq(net, errs or errors(v, mu, e_top, L), v, a, gam, jac_ff) if residual else None
+    g_end = grad_sq(net, errs, v, a, gam, jac_ff) if residual else None
     if pc.keep_status:
         tr = energy_from_parts(parts, gam, L, v[1].shape[1]) if lazy else torch.stack(trace)
         prev, cur = tr[:-1], tr[1:]
