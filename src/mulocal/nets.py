@@ -46,7 +46,26 @@ def act_fn(name: str):
     raise ConfigError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
 
 
-class Dense:
+class Layer:
+    """What every layer gives the learning rules besides ``forward`` / ``backward_input`` / ``grads``: its trainable
+    tensors in order (``tensors``), their kinds (``kinds``: "weight" reads ``rule.lr_scale``, "bias"
+    ``rule.bias_lr_scale``) and the gradients of sum(delta * u) / B aligned with ``tensors`` (``param_grads``).
+    A layer with several tensors (``adapter.ModuleLayer``) overrides all three."""
+
+    linear_in_input = True  # backward_input(delta, a) does not read a
+
+    def tensors(self) -> list:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def kinds(self) -> list:
+        return ["weight"] if self.bias is None else ["weight", "bias"]
+
+    def param_grads(self, delta, a) -> list:
+        gw, gb = self.grads(delta, a)
+        return [gw] if gb is None else [gw, gb]
+
+
+class Dense(Layer):
     """u = mult * a W^T + b with W of shape (K, out, in)."""
 
     def __init__(self, role, fan_in, fan_out, K, bias, rule, dtype, device):
@@ -64,7 +83,8 @@ class Dense:
             return out.mul_(self.mult) if self.mult != 1 else out
         return torch.baddbmm(b.unsqueeze(1), a, w.transpose(1, 2), alpha=self.mult)
 
-    def backward_input(self, delta):
+    def backward_input(self, delta, a=None):
+        """W^T delta (times the multiplier): the layer is linear in its input, so ``a`` (its input) is not read."""
         out = torch.bmm(delta, self.weight)
         return out.mul_(self.mult) if self.mult != 1 else out
 
@@ -98,7 +118,7 @@ class Branch(_Branch, Dense):
     """A dense residual branch a (mult W x + b)."""
 
 
-class Conv:
+class Conv(Layer):
     """Same-padded 2-D convolution per replica, as one grouped convolution."""
 
     def __init__(self, role, c_in, c_out, k, K, bias, rule, dtype, device):
@@ -125,7 +145,7 @@ class Conv:
             y = y * self.mult
         return y if b is None else y + b[:, None, :, None, None]
 
-    def backward_input(self, delta):
+    def backward_input(self, delta, a=None):
         w = self.weight.reshape(-1, self.c_in, self.k, self.k)
         g = F.conv_transpose2d(self._group(delta), w, padding=self.k // 2, groups=self.K)
         return self._ungroup(g) * self.mult
@@ -165,23 +185,19 @@ class Net:
     def depth(self) -> int:
         return len(self.layers)
 
+    @property
+    def rule_depth(self) -> int:
+        """The depth H the depth rules read (d = (H - 2) / (H_0 - 2) residual blocks relative to the base net's): the
+        number of weight layers of a native net (its hidden layers are its residual blocks)."""
+        return self.depth
+
     def params(self) -> list[torch.Tensor]:
         """All trainable tensors, layer by layer: W_1, b_1, W_2, ..."""
-        out = []
-        for layer in self.layers:
-            out.append(layer.weight)
-            if layer.bias is not None:
-                out.append(layer.bias)
-        return out
+        return [t for layer in self.layers for t in layer.tensors()]
 
     def param_info(self) -> list[tuple[int, str]]:
         """(layer index, "weight" | "bias") of each entry of :meth:`params`."""
-        out = []
-        for i, layer in enumerate(self.layers):
-            out.append((i, "weight"))
-            if layer.bias is not None:
-                out.append((i, "bias"))
-        return out
+        return [(i, kind) for i, layer in enumerate(self.layers) for kind in layer.kinds()]
 
     def init(self, seeds: Sequence[int]) -> "Net":
         """Draw every replica's weights from its own generator (seed k -> replica k).

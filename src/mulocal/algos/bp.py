@@ -45,9 +45,9 @@ class BP:
         us, acts = net.forward(x)
         loss, delta = loss_and_grad(us[-1], y, self.loss)
         if self.readout_only:
-            gw, gb = net.layers[-1].grads(delta, acts[-1])  # acts: a_0..a_{L-1}
-            hidden = [torch.zeros_like(p) for p in net.params()[:-(1 if gb is None else 2)]]
-            return hidden + ([gw] if gb is None else [gw, gb]), loss
+            top = net.layers[-1].param_grads(delta, acts[-1])  # acts: a_0..a_{L-1}
+            hidden = [torch.zeros_like(p) for p in net.params()[:-len(top)]]
+            return hidden + top, loss
         return backprop(net, us, acts, delta), loss
 
 
@@ -56,9 +56,8 @@ def backprop(net: Net, us, acts, delta) -> list[torch.Tensor]:
     grads: list = []
     for l in range(net.depth, 0, -1):
         layer = net.layers[l - 1]
-        gw, gb = layer.grads(delta, acts[l - 1])
-        grads[:0] = [gw] if gb is None else [gw, gb]
+        grads[:0] = layer.param_grads(delta, acts[l - 1])
         if l > 1:
-            back = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta))
+            back = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta, acts[l - 1]))
             delta = back + delta if net.residual(l) else back
     return grads

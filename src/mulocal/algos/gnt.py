@@ -39,13 +39,14 @@ class GNT(TargetRule):
         J = [None] * L
         if net.residual_net:  # rows of df/du_l, through the identity paths
             for l in range(L - 1, 0, -1):
-                back = net.linearize(l, us[l].repeat_interleave(C, dim=1), acts[l].repeat_interleave(C, dim=1))(
-                    net.layers[l].backward_input(g))
+                a = acts[l].repeat_interleave(C, dim=1)
+                back = net.linearize(l, us[l].repeat_interleave(C, dim=1), a)(net.layers[l].backward_input(g, a))
                 g = back + g if net.residual(l + 1) else back
                 J[l] = g.reshape(K, B, C, *g.shape[2:])
             return J
         for l in range(L - 1, 0, -1):
-            g = net.layers[l].backward_input(g)  # d f / d a_l, rows (K, B*C, ...)
+            layer = net.layers[l]  # d f / d a_l, rows (K, B*C, ...) (a layer not linear in a_l reads a_l)
+            g = layer.backward_input(g, None if layer.linear_in_input else acts[l].repeat_interleave(C, dim=1))
             J[l] = g.reshape(K, B, C, *g.shape[2:])
             if l > 1:
                 u = us[l].repeat_interleave(C, dim=1)

@@ -14,9 +14,10 @@ import torch
 from ...nets import Net
 
 
-def back(net: Net, l: int, jac, e_above: torch.Tensor) -> torch.Tensor:
-    """(d mu_{l+1} / d v_l)^T e_{l+1} = J_l^T W_{l+1}^T e_{l+1}, plus e_{l+1} when layer l+1 is residual."""
-    g = jac(net.layers[l].backward_input(e_above))
+def back(net: Net, l: int, jac, e_above: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(d mu_{l+1} / d v_l)^T e_{l+1} = J_l^T W_{l+1}^T e_{l+1}, plus e_{l+1} when layer l+1 is residual (``a`` =
+    a_l, the input of layer l+1: a layer that is not linear in its input, ``adapter.ModuleLayer``, reads it)."""
+    g = jac(net.layers[l].backward_input(e_above, a))
     return g + e_above if net.residual(l + 1) else g
 
 
@@ -38,10 +39,9 @@ def weight_grads(net: Net, errs, acts, gam) -> list:
     for l in range(1, net.depth + 1):
         layer = net.layers[l - 1]
         if errs[l] is None:
-            gw, gb = torch.zeros_like(layer.weight), None if layer.bias is None else torch.zeros_like(layer.bias)
+            grads += [torch.zeros_like(t) for t in layer.tensors()]
         else:
-            gw, gb = layer.grads(errs[l].mul(-gam[l - 1]), acts[l - 1])
-        grads += [gw] if gb is None else [gw, gb]
+            grads += layer.param_grads(errs[l].mul(-gam[l - 1]), acts[l - 1])
     return grads
 
 
@@ -51,7 +51,7 @@ def grad_sq(net: Net, errs, v, a, gam, jacs=None) -> torch.Tensor:
     tot = 0
     for l in range(1, net.depth):
         jac = jacs[l] if jacs is not None else net.linearize(l, v[l], a[l])
-        g = gam[l - 1] * errs[l] - gam[l] * back(net, l, jac, errs[l + 1])
+        g = gam[l - 1] * errs[l] - gam[l] * back(net, l, jac, errs[l + 1], a[l])
         tot = tot + g.flatten(1).pow(2).sum(1)
     return tot
 

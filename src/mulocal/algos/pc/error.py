@@ -80,7 +80,7 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor):
             saved = (list(e), list(s), list(a), loss)
         u = e[L].mul(gam[L - 1])
         for l in range(L - 1, 0, -1):  # u_l = (d mu_{l+1}/d s_l)^T u_{l+1} at the current states
-            u = back(net, l, net.linearize(l, s[l], a[l]), u)
+            u = back(net, l, net.linearize(l, s[l], a[l]), u, a[l])
             if track and t == 0 and l == L - 1:  # F-ini: dF/dv = 0 below the top, -u_{L-1} there
                 g0 = u.flatten(1).pow(2).sum(1)
             # e_l <- e_l + kappa_l gamma_l (G_l - e_l), G_l = u_l / gamma_l (e_l None: 0, and no guard)

@@ -147,7 +147,7 @@ class PC:
             hidden = [float(g) for g in self.gammas]
         else:  # muPC's recipe runs on its own energy: unit weights (jpc's)
             depth_rule = net.residual_net and self.inference != "mupc"
-            hidden = [net.param.gamma_hidden(L) if depth_rule else 1.0] * (L - 1)
+            hidden = [net.param.gamma_hidden(net.rule_depth) if depth_rule else 1.0] * (L - 1)
         if len(hidden) != L - 1 or any(g <= 0 for g in hidden):
             raise ConfigError(f"need {L - 1} positive hidden energy weights, got {self.gammas!r}")
         return hidden + [net.param.gamma_L(net.width)]

@@ -77,7 +77,7 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
             for l in range(L - 1, 0, -1):
                 e_above = e_top if l + 1 == L else v[l + 1] - mu[l + 1]
                 jac = jac_ff[l] if pc.fpa else net.linearize(l, v[l], a[l])
-                grad = (v[l] - mu[l]).mul_(gam[l - 1]).sub_(back(net, l, jac, e_above),
+                grad = (v[l] - mu[l]).mul_(gam[l - 1]).sub_(back(net, l, jac, e_above, a[l]),
                                                               alpha=gam[l])
                 if residual and t == 0 and l == L - 1 and g0 is None:  # F-ini: every other dF/dv_l is 0 here
                     g0 = grad.flatten(1).pow(2).sum(1)
@@ -93,7 +93,7 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
                 errs = errors(v, mu, e_top, L)
             for l in range(1, L):
                 jac = jac_ff[l] if pc.fpa else net.linearize(l, v[l], a[l])
-                grad = errs[l].mul(gam[l - 1]).sub_(back(net, l, jac, errs[l + 1]), alpha=gam[l])
+                grad = errs[l].mul(gam[l - 1]).sub_(back(net, l, jac, errs[l + 1], a[l]), alpha=gam[l])
                 if residual and t == 0:
                     sq = grad.flatten(1).pow(2).sum(1)
                     g0 = sq if l == 1 else g0 + sq

@@ -1,0 +1,155 @@
+"""The layers a user's model runs as: a general convolution (``AffineConv``) and any module with parameters
+(``ModuleLayer``), each with a leading replica dimension K like the native layers (``nets.Dense`` / ``nets.Conv``).
+
+Both give the learning rules the native layer interface (``nets.Layer``): ``forward``, ``backward_input(delta, a)``
+= (d layer / d a)^T delta, ``param_grads(delta, a)`` = d sum(delta * layer(a)) / d theta / B, ``tensors``, ``kinds``.
+``ModuleLayer`` computes the last two by local autograd inside the module (``torch.func.vjp`` at its own input):
+never through another layer.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+from ..errors import ConfigError, MulocalWarning
+from ..nets import Conv, Layer, _Branch
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
+
+
+class AffineConv(Conv):
+    """An ``nn.Conv2d`` (one group, zero padding; any kernel, stride, padding, dilation) per replica, as one grouped
+    convolution: u = mult * conv(W, a) + b, W of shape (K, c_out, c_in, kh, kw)."""
+
+    def __init__(self, role, conv: nn.Conv2d, in_hw, K, rule, dtype, device):
+        kh, kw = conv.kernel_size
+        self.role, self.rule, self.K, self.mult = role, rule, K, rule.multiplier
+        self.c_in, self.c_out, self.ksize = conv.in_channels, conv.out_channels, (kh, kw)
+        self.k = kh
+        self.fan_in, self.fan_out = self.c_in * kh * kw, self.c_out
+        self.stride, self.padding, self.dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
+        self.in_hw = tuple(int(s) for s in in_hw)
+        out_hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                  zip(self.in_hw, self.padding, self.dilation, self.ksize, self.stride)]
+        # conv_transpose2d maps back to the input size only with the rows a stride dropped put back
+        self.out_padding = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for n, o, s, p, d, k in
+                                 zip(self.in_hw, out_hw, self.stride, self.padding, self.dilation, self.ksize))
+        self.weight = torch.zeros(K, self.c_out, self.c_in, kh, kw, dtype=dtype, device=device)
+        self.bias = torch.zeros(K, self.c_out, dtype=dtype, device=device) if conv.bias is not None else None
+
+    def forward(self, a, weight=None, bias=None):
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else (None if bias is False else bias)
+        y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, self.stride, self.padding, self.dilation,
+                     groups=self.K)
+        y = self._ungroup(y)
+        if self.mult != 1:
+            y = y * self.mult
+        return y if b is None else y + b[:, None, :, None, None]
+
+    def backward_input(self, delta, a=None):
+        w = self.weight.reshape(-1, self.c_in, *self.ksize)
+        g = F.conv_transpose2d(self._group(delta), w, None, self.stride, self.padding, self.out_padding,
+                               groups=self.K, dilation=self.dilation)
+        return self._ungroup(g) * self.mult
+
+    def grads(self, delta, a):
+        B = delta.shape[1]  # one ungrouped weight-gradient call per replica, as nets.Conv (CPU kernels)
+        gw = torch.stack([conv2d_weight(a[k], self.weight.shape[1:], delta[k], self.stride, self.padding,
+                                        self.dilation) for k in range(self.K)]).mul_(self.mult / B)
+        gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
+        return gw, gb
+
+
+class AffineConvBranch(_Branch, AffineConv):
+    """A residual branch a (mult conv(W, x) + b) of a user's convolution (its padding keeps the stream's shape)."""
+
+
+class ModuleLayer(Layer):
+    """Any module with parameters, K replicas of it in one call: ``torch.func.functional_call`` of the module with
+    each replica's tensors, batched over K by ``torch.func.vmap`` (a module vmap cannot batch runs its K replicas
+    one by one, with a warning saying why).
+
+        forward(a)   = scale * g(a; mult_p * theta_p)         g: the module, or its branch (residual: see mode)
+
+    ``mode``: "plain" (g = the module), "branch" (a residual block whose branch is known: g = the branch), "block"
+    (a residual block read by probing: g(a) = block(a) - a). ``scale`` is the residual branch multiplier (1
+    elsewhere); ``mult_p`` each matrix's width multiplier (``Parameterization.rule``).
+    """
+
+    linear_in_input = False
+
+    def __init__(self, name, module: nn.Module, specs, rules, unit_rule, mode, K, dtype, device):
+        self.name, self.mode, self.K = name, mode, K
+        self.module = copy.deepcopy(module).to(dtype=dtype, device=device).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.specs, self.rules, self.rule, self.role = specs, rules, unit_rule, unit_rule.role
+        self.names = [s.name for s in specs]
+        self.mults = [r.multiplier if s.matrix else 1.0 for s, r in zip(specs, rules)]
+        self.scale = unit_rule.branch
+        self.params = [torch.zeros(K, *s.shape, dtype=dtype, device=device) for s in specs]
+        matrices = [p for p, s in zip(self.params, specs) if s.matrix]
+        self.weight = matrices[0] if matrices else self.params[0]  # what a diagnostic reads as "the" weight
+        self.bias = None
+        self.fan_in = next((s.fan_in for s in specs if s.matrix), 1)
+        self.batched, self.why_unbatched = True, ""
+
+    # ---------------------------------------------------------------- one replica, then K
+    def _one(self, ps, x):
+        d = {n: (p * m if m != 1 else p) for n, p, m in zip(self.names, ps, self.mults)}
+        if self.mode == "block":
+            y = torch.func.functional_call(self.module, d, (x,)) - x
+        else:
+            y = torch.func.functional_call(self.module, d, (x,))
+        return y * self.scale if self.scale != 1 else y
+
+    def _all(self, ps, a):
+        if self.batched:
+            return torch.func.vmap(self._one)(tuple(ps), a)
+        return torch.stack([self._one([p[k] for p in ps], a[k]) for k in range(self.K)])
+
+    def probe(self, a) -> None:
+        """Check that vmap batches the module over K (else run replicas one by one, and warn once with why)."""
+        try:
+            self._all(self.params, a)
+        except Exception as err:  # noqa: BLE001 - any failure of vmap: fall back, say why
+            self.batched, self.why_unbatched = False, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(f"model layer {self.name} cannot be batched over replicas by torch.func.vmap "
+                          f"({self.why_unbatched}); its K replicas run one by one", MulocalWarning, stacklevel=3)
+            self._all(self.params, a)
+
+    # ---------------------------------------------------------------- the layer interface
+    def tensors(self) -> list:
+        return list(self.params)
+
+    def kinds(self) -> list:
+        return ["weight" if s.matrix else "bias" for s in self.specs]
+
+    def forward(self, a, weight=None, bias=None):
+        if weight is not None or bias is not None:
+            raise ConfigError(f"model layer {self.name} is not linear in its weights: it takes no weight override")
+        return self._all(self.params, a)
+
+    def backward_input(self, delta, a=None):
+        """(d forward / d a)^T delta at a (local autograd: vjp of this layer alone)."""
+        if a is None:
+            raise ConfigError(f"model layer {self.name} is not linear in its input: backward_input needs it")
+        _, vjp = torch.func.vjp(lambda x: self._all(self.params, x), a)
+        return vjp(delta)[0]
+
+    def param_grads(self, delta, a) -> list:
+        """d sum(delta * forward(a)) / d theta / B for every tensor (local autograd: vjp of this layer alone)."""
+        _, vjp = torch.func.vjp(lambda *ps: self._all(ps, a), *self.params)
+        B = delta.shape[1]
+        return [g.div_(B) for g in vjp(delta)]
+
+    def grads(self, delta, a):
+        raise ConfigError(f"model layer {self.name} has several tensors: use param_grads")

@@ -1,0 +1,184 @@
+"""``ModuleNet``: a user's model as a mulocal net (the ``nets.Net`` interface every learning rule reads).
+
+Unit l of the model (``read.py``) is layer l: its output is the node u_l, a_l = post_l(u_l) is what unit l + 1
+reads (post_l: the parameter-free modules after unit l, then the branch prefix of unit l + 1 when that is a
+residual block with a known branch), and
+
+    u_l = layer_l(a_{l-1})              (a plain unit)
+    u_l = u_{l-1} + layer_l(a_{l-1})    (a residual unit: layer_l is its branch times d^-alpha)
+
+exactly the native nets' structure (``nets.Net.predict``). Each layer's rule is ``Parameterization.rule(role,
+fan_in, width, depth, residual)`` with the role and fan-in ``read.py`` found; residual units count d = (number of
+residual units) / (H_0 - 2). Weights are drawn like the native nets': replica k from the ``init`` stream of its
+seed, layer by layer, each matrix ~ N(0, init_std^2) in float64 then cast; biases start at zero, other
+vector-like tensors (norm gains) at the module's own values.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nets import Branch, Dense, Net
+from ..param import Parameterization
+from ..streams import generator
+from .layers import AffineConv, AffineConvBranch, ModuleLayer
+from .read import read
+
+ELEMENTWISE = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Identity: "linear"}
+
+
+class ModuleNet(Net):
+    """A model built by ``make(width)`` (an ``nn.Sequential`` of units) with K replicas, under ``param``."""
+
+    kind = "model"
+
+    def __init__(self, make, input_shape: Sequence[int], width: int, param: Parameterization | None = None,
+                 K: int = 1, seeds: Sequence[int] | None = None, dtype=torch.float32, device="cpu",
+                 depth: int | None = None, spec: str | None = None):
+        super().__init__(param or Parameterization(name="sp"), width, K, "linear", True, dtype, device)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.spec = spec
+        prefix, units, out_shape = read(make, self.width, self.input_shape, self.param.base_width, depth)
+        if len(out_shape) != 1:
+            raise ConfigError(f"the model's output has per-sample shape {out_shape}; mulocal needs (classes,)")
+        self.out_dim = int(out_shape[0])
+        self.units = units
+        n_res = sum(u.residual for u in units)
+        self.blocks = n_res
+        H = n_res + 2  # the residual rules' depth: d = n_res / (H_0 - 2)
+        self.layers = [self._layer(u, H) for u in units]
+        self._res = [u.residual for u in units]
+        self._posts = [list(prefix)] + [list(u.post) + list(nxt.prefix) for u, nxt in zip(units, units[1:])]
+        self._lin = [self._elementwise(m) for m in self._posts]
+        self.init(seeds if seeds is not None else range(K))
+        probe = torch.zeros(K, 2, *self.input_shape, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            a = self.prepare_input(probe)
+            u_prev = a
+            for l, layer in enumerate(self.layers, start=1):
+                if isinstance(layer, ModuleLayer):
+                    layer.probe(a)
+                u = self.predict(l, a, u_prev)
+                if l < self.depth:
+                    a, u_prev = self.post(l, u), u
+        self.activation = "model"
+
+    def _layer(self, unit, H):
+        p, W, K, dt, dev = self.param, self.width, self.K, self.dtype, self.device
+        res = unit.residual
+        rule = p.rule(unit.role, _unit_fan_in(unit), W, depth=H if res else None, residual=res)
+        if unit.kind == "affine":
+            core = unit.core
+            if isinstance(core, nn.Linear):
+                cls = Branch if res else Dense
+                return cls(unit.role, core.in_features, core.out_features, K, core.bias is not None, rule, dt, dev)
+            cls = AffineConvBranch if res else AffineConv
+            in_hw = unit.in_shape[1:]
+            return cls(unit.role, core, in_hw, K, rule, dt, dev)
+        rules = [p.rule(s.role if s.matrix else unit.role, s.fan_in, W, depth=H if res else None, residual=res)
+                 for s in unit.params]
+        mode = "plain" if not res else ("branch" if unit.branch is not None else "block")
+        module = unit.branch if mode == "branch" else unit.module
+        return ModuleLayer(unit.name, module, unit.params, rules, rule, mode, K, dt, dev)
+
+    @staticmethod
+    def _elementwise(mods):
+        if not mods:
+            return "identity"
+        if len(mods) == 1 and type(mods[0]) in ELEMENTWISE:
+            return ELEMENTWISE[type(mods[0])]
+        return None
+
+    # ---------------------------------------------------------------- weights
+    def init(self, seeds: Sequence[int]) -> "ModuleNet":
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != self.K:
+            raise ConfigError(f"need one seed per replica: got {len(seeds)} seeds for K = {self.K}")
+        self.seeds = seeds
+        for k, seed in enumerate(seeds):
+            gen = generator("init", seed)
+            for layer in self.layers:
+                if isinstance(layer, ModuleLayer):
+                    start = dict(layer.module.named_parameters())
+                    for t, s, r in zip(layer.params, layer.specs, layer.rules):
+                        if s.matrix:
+                            t[k].copy_(torch.randn(s.shape, generator=gen, dtype=torch.float64) * r.init_std)
+                        elif s.bias:
+                            t[k].zero_()
+                        else:
+                            t[k].copy_(start[s.name].detach())
+                    continue
+                w = torch.randn(layer.weight.shape[1:], generator=gen, dtype=torch.float64) * layer.rule.init_std
+                layer.weight[k].copy_(w)
+                if layer.bias is not None:
+                    layer.bias[k].zero_()
+        return self
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def rule_depth(self) -> int:
+        """The residual units plus the input and output layers: d = (number of residual units) / (H_0 - 2)."""
+        return self.blocks + 2
+
+    def residual(self, l: int) -> bool:
+        return self._res[l - 1]
+
+    @property
+    def residual_net(self) -> bool:
+        return any(self._res)
+
+    def post(self, l, u):
+        mods = self._posts[l]
+        if not mods:
+            return u
+        K, B = u.shape[:2]
+        y = u.reshape(K * B, *u.shape[2:])
+        for m in mods:
+            y = m(y)
+        return y.reshape(K, B, *y.shape[1:])
+
+    def linearize(self, l, u, a=None):
+        kind = self._lin[l]
+        if kind == "identity" or kind == "linear":
+            return lambda g: g
+        if kind == "tanh":
+            return ((1 - a * a) if a is not None else (1 - torch.tanh(u) ** 2)).mul
+        if kind == "relu":
+            return (u > 0).to(u.dtype).mul
+        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
+        return lambda g: vjp(g)[0]
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, model=self.spec, in_shape=list(self.input_shape), width=self.width,
+                    out_dim=self.out_dim, depth=self.depth, K=self.K)
+
+    def describe(self, lr: float = 1.0) -> str:
+        """Each unit's tensors: role, fan-in, init std, multiplier, learning rate (at ``lr``)."""
+        lines = [f"model {self.spec or ''} at width {self.width} (base width {self.param.base_width}, "
+                 f"{self.param.name}): {self.depth} units, {self.blocks} residual"]
+        lines.append(f"  {'unit':<14}{'tensor':<18}{'role':<11}{'shape':>18}{'fan-in':>8}{'init std':>11}"
+                     f"{'mult':>8}{'lr':>11}")
+        for u, layer in zip(self.units, self.layers):
+            for t, kind, name, role, fan, std, mult in _rows(u, layer):
+                scale = layer.rule.lr_scale if kind == "weight" else layer.rule.bias_lr_scale
+                lines.append(f"  {u.name + (' (res)' if u.residual else ''):<14}{name:<18}{role:<11}"
+                             f"{'x'.join(map(str, t.shape[1:])):>18}{fan:>8}{std:>11.4g}{mult:>8.4g}"
+                             f"{lr * scale:>11.4g}")
+        return "\n".join(lines)
+
+
+def _unit_fan_in(unit) -> int:
+    return next((s.fan_in for s in unit.params if s.matrix), 1)
+
+
+def _rows(unit, layer):
+    if isinstance(layer, ModuleLayer):
+        for t, s, r, m in zip(layer.params, layer.specs, layer.rules, layer.mults):
+            yield t, ("weight" if s.matrix else "bias"), s.name, s.role, s.fan_in, (r.init_std if s.matrix else 0.0), m
+        return
+    yield layer.weight, "weight", "weight", layer.rule.role, layer.fan_in, layer.rule.init_std, layer.mult
+    if layer.bias is not None:
+        yield layer.bias, "bias", "bias", "vector", 1, 0.0, 1.0
