@@ -29,6 +29,12 @@ setup() {
     "$VENV/bin/python" -m pip install -q -e ".[test,ray,tensorboard,mlflow]"
     touch "$VENV/.mulocal-installed"
   fi
+  if ! "$VENV/bin/python" -c "import mup" 2>/dev/null; then
+    # test-only: tests/test_adapter_mup.py compares the adapter with microsoft/mup; mup's declared dependencies
+    # (torchvision, pandas, seaborn, ...) are for its examples, not its optimizers and shapes: --no-deps
+    log "installing microsoft/mup (test-only, without its example dependencies)"
+    "$VENV/bin/python" -m pip install -q --no-deps "mup>=1.0" || log "could not install mup: its comparison is skipped"
+  fi
   if ! "$VENV/bin/mulocal" data check fashion-mnist --json >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       log "installing Debian's dataset-fashion-mnist"
