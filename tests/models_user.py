@@ -39,12 +39,13 @@ def rescnn(width, depth=4, act=nn.Tanh):
 
 
 def vgg(width, readout=nn.Linear, side=28):
-    """conv(w) pool conv(2w) pool conv(2w, stride 2) -> linear(w) -> readout (side x side grey images)."""
-    s = ((side // 2) // 2 + 1) // 2
+    """conv(w) pool conv(2w) conv(2w, stride 2) pool -> linear(w) -> readout (side x side grey images; the strided
+    conv reads an even map, so its adjoint needs an output padding)."""
+    s = ((side // 2 + 1) // 2) // 2
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(2 * width * s * s, width), nn.ReLU(), readout(width, 10))
 
 

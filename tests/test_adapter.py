@@ -219,8 +219,8 @@ def test_roles_and_fan_ins_are_read_from_two_widths():
     assert roles == [
         ("0", [("weight", "input", 9), ("bias", "vector", 1)]),
         ("3", [("weight", "hidden", 8 * 9), ("bias", "vector", 1)]),
-        ("6", [("weight", "hidden", 16 * 9), ("bias", "vector", 1)]),
-        ("9", [("weight", "hidden", 16 * 4 * 4), ("bias", "vector", 1)]),
+        ("5", [("weight", "hidden", 16 * 9), ("bias", "vector", 1)]),
+        ("9", [("weight", "hidden", 16 * 3 * 3), ("bias", "vector", 1)]),
         ("11", [("weight", "output", 8), ("bias", "vector-out", 1)]),
     ]
     assert not any(u.residual for u in units)

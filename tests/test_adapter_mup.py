@@ -12,8 +12,9 @@ tensor's learning rate (and init std's width exponent, checked separately agains
 own initialisation) agree.
 
 Adam's epsilon: MuAdam does not scale eps, but its readout's gradient is (1/m) mulocal's, so mup's update of the
-readout is mulocal's with eps * m. The Adam test takes eps = 1e-30 (far below every |g|) so the learning-rate
-rules are compared alone; the epsilon convention is compared where mulocal has an epsilon rule.
+readout is mulocal's with eps * m: the mup preset with Adam has that rule (``eps_exponents = (0, 0, -1)``), and the
+Adam test runs at eps = 1e-8 with gradients as small as eps, where another eps rule on any tensor shows; a control
+with e_out = 0 must then differ.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def test_adapter_trains_as_microsoft_mup(make, optimizer):
         ours = LayerwiseOptimizer.for_net(net, lr, "sgd")
         theirs = mup.MuSGD(model.parameters(), lr=lr)
     else:
-        ours = LayerwiseOptimizer.for_net(net, lr, "adam", eps=1e-30)
-        theirs = mup.MuAdam(model.parameters(), lr=lr, eps=1e-30)
+        ours = LayerwiseOptimizer.for_net(net, lr, "adam", eps=1e-8)  # the preset's eps rule: eps * m on the readout
+        theirs = mup.MuAdam(model.parameters(), lr=lr, eps=1e-8)
     bp = make_algo("bp")
     for x, y in zip(xs, ys):
         grads, _ = bp.step(net, x, y)
@@ -95,6 +96,30 @@ def test_adapter_trains_as_microsoft_mup(make, optimizer):
             scale = m if (mod is readout and pname == "weight") else 1.0
             ok, err = close(t[0] * scale, p.detach())
             assert ok, f"{unit.name}.{pname} differs by {err:.3g}"
+
+
+def test_mups_adam_epsilon_is_eps_times_m_on_the_readout():
+    """The control of the Adam test: with eps unscaled on the readout (e_out = 0) mulocal's readout moves away from
+    mup's after a step at eps comparable with the gradients (so the eps rule is what the Adam test compares)."""
+    net, model, readout, m = _pair(U.vgg, "adam")
+    net.param = net.param.with_(eps_exponents=(0.0, 0.0, 0.0))
+    for layer, unit in zip(net.layers, net.units):
+        layer.rule = net.param.rule(layer.rule.role, _fan(unit), M, None, False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28, generator=g, dtype=F64), torch.randint(0, 10, (8,), generator=g)
+    eps = 1e-3
+    ours = LayerwiseOptimizer.for_net(net, 1e-3, "adam", eps=eps)
+    theirs = mup.MuAdam(model.parameters(), lr=1e-3, eps=eps)
+    grads, _ = make_algo("bp").step(net, x, y)
+    ours.step(grads)
+    nn.functional.cross_entropy(model(x), y).backward()
+    theirs.step()
+    assert not close(net.layers[-1].weight[0] * m, readout.weight.detach())[0]
+    assert close(net.layers[0].weight[0], model[0].weight.detach())[0]  # the input layer's eps is the same
+
+
+def _fan(unit):
+    return next(s.fan_in for s in unit.params if s.matrix)
 
 
 @pytest.mark.parametrize("make", [U.vgg, U.resnet], ids=["vgg", "resnet"])

@@ -258,8 +258,9 @@ def _run_feedback(net, x, feedback, fb_loss):
 @pytest.mark.parametrize("feedback,fb_loss", [("trainable", "rec"), ("linear", "drl"), ("trainable", "ldrl")])
 def test_residual_feedback_gradients_equal_autograd_of_feedback_loss(arch, feedback, fb_loss):
     """rec: 1/2 ||g(f(h + xi)) - (h + xi)||^2; drl: 1/2 ||g(f(h + xi)) - g(f(h)) - xi||^2; ldrl: -xi . (g(f(h +
-    xi)) - g(f(h))) + 1/2 ||g(f(h) + eta) - g(f(h))||^2 (batch mean), f_l the written forward map, g_l the written
-    residual feedback, on the rule's own noise; autograd in (V_l, c_l) = what the optimizer was handed."""
+    xi)) - g(f(h))) + 1/2 ||g(f(h) + eta) - g(f(h))||^2 (batch mean; a residual CNN block's conv feedback divides
+    by the stream's h w positions), f_l the written forward map, g_l the written residual feedback, on the rule's
+    own noise; autograd in (V_l, c_l) = what the optimizer was handed."""
     net, x, y = _net(arch, depth=5, algo="dtp")
     algo, draws, passed = _run_feedback(net, x, feedback, fb_loss)
     ref = Written(net)
@@ -284,7 +285,10 @@ def test_residual_feedback_gradients_equal_autograd_of_feedback_loss(arch, feedb
         else:
             eta = draws[per * i + 1]
             val = -(xi * (g(h_n) - g(h[l]))).sum() + 0.5 * (g(h[l] + eta) - g(h[l])).pow(2).sum()
-        eV, ec = torch.autograd.grad(val / B, [V, c])
+        # a block's conv feedback (residual CNN) averages its loss over the stream's h w positions (docs/tp.md);
+        # dense feedback (every g of the residual MLP, g_H of the residual CNN) sums it
+        P = shape[-2] * shape[-1] if arch == "rescnn" and l < H else 1
+        eV, ec = torch.autograd.grad(val / (B * P), [V, c])
         top = max(float(eV.abs().max()), float(ec.abs().max()))  # ldrl's bias gradient is exactly 0
         for got, e in ((passed[2 * i], eV), (passed[2 * i + 1], ec)):
             ok, err = close(got, e, scale=top)

@@ -35,6 +35,7 @@ def test_old_store_resumes_with_nothing_rerun(tmp_path):
 # keys added to the output since the golden files were written, each with the change that added it
 ADDED = {
     "$.parameterization.optimizer",  # Parameterization.optimizer: the optimizer its exponents are for
+    "$.parameterization.eps_exponents",  # muP with Adam: microsoft/mup's eps rule on the readout (test_adapter_mup)
     "$.other_metric",  # report: the transfer metrics by the other metric (test accuracy / training loss)
     "$.families[].best_test_accuracy", "$.families[].learns",  # report: does the family learn at all
     "$.families[].inference",  # report: PC inference status of the family's cells

@@ -9,8 +9,10 @@ Every expected value is computed here from the raw weights, independently of the
   with g_l = phi(V a + c) ("trainable") or V a + c ("linear"); the CNN's conv feedback is nearest
   upsampling (index floor(i h / H)) then a same-padded cross-correlation, times mult, plus bias;
 * ridge feedback (numpy.linalg.solve): r -> r H_l^T (H_l H_l^T + mu_l I)^{-1} H_{l-1}, mu_l = ridge * n_l;
-* feedback losses rec / drl / ldrl: the documented per-sample losses (batch mean) with the rule's own
-  noise draws recorded, and autograd of them in (V_l, c_l) against the gradients handed to the optimizer;
+* feedback losses rec / drl / ldrl: the documented per-sample losses (batch mean; the CNN's conv feedback
+  averages its per-sample loss over the H W positions of its output map, channels summed: tests/
+  test_tp_conv_feedback.py) with the rule's own noise draws recorded, and autograd of them in (V_l, c_l)
+  against the gradients handed to the optimizer;
 * inverse feedback (numpy): t_{l-1} = h_{l-1} + pinv(mult W_l) (t_l - h_l) on a linear net;
 * GNT (numpy): t_l = h_l - beta J_l^T (J_l J_l^T + lambda I)^{-1} dloss/df, J_l = df/dh_l by the chain rule.
 
@@ -416,7 +418,9 @@ def fb_loss_oracle(net, algo, fbw, h, noises, feedback, fb_loss):
             else:
                 eta = noises.pop(0)
                 per = -xi * (g_n - g_0) + 0.5 * (g(hl + eta) - g_0).pow(2)
-        value = per.flatten(2).sum(-1).mean(-1)  # (K,)
+        # per sample: summed over a dense feedback's coordinates; a conv feedback's (its output a map (C, H, W))
+        # summed over the channels and averaged over its P = H W positions (docs/tp.md); then the batch mean
+        value = (per.sum(2).mean((-2, -1)) if per.dim() == 5 else per.sum(-1)).mean(-1)  # (K,)
         values[l] = value.detach()
         rms[l] = r.detach().flatten(1).pow(2).mean(1).sqrt()
         grads += list(torch.autograd.grad(value.sum(), [V, c]))

@@ -24,11 +24,12 @@ from typing import Any, Sequence
 
 from .algos import check_algo, defaults_of, make_algo, options_of
 from .errors import ConfigError
-from .param import BASE_WIDTH, preset
+from .param import ADAMW_HINT, BASE_WIDTH, preset
 from .util import COMPILE_MODES, DEFAULT_LR  # noqa: F401 (the command line reads them here)
 
 DTYPES = ("float32", "float64", "tf32")  # tf32: float32 tensors, TensorFloat-32 products on a GPU (TrainConfig.tf32)
 GROUPS = ("learning rule", "parameterization", "model", "data", "training")
+INPUT_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (32,)}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("arch", "str", "mlp", "mlp, cnn, resmlp or rescnn (residual MLP / CNN with depth-muP: docs/depth.md)",
           "model"),
     Field("depth", "int", 3, "number of weight layers", "model"),
+    Field("model", "str?", None, "your own model: package.module:factory, a function make(width) -> nn.Sequential "
+          "(make(width, depth=...) if it takes depth); replaces --arch (docs/api.md, \"Your own model\")", "model",
+          implicit=True),
     Field("activation", "str", "tanh", "tanh, relu or linear", "model"),
     Field("bias", "bool", True, "layers with biases", "model", off="layers without biases"),
     Field("loss", "str", "ce", "ce or mse", "learning rule"),
@@ -74,7 +78,13 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("batch_size", "int", 128, "batch size", "training"),
     Field("max_steps", "int?", None, "stop each epoch after this many steps", "training"),
     Field("momentum", "float", 0.0, "SGD momentum", "training"),
-    Field("weight_decay", "float", 0.0, "weight decay", "training"),
+    Field("weight_decay", "float", 0.0, "weight decay wd (>= 0): L2, or decoupled with --weight-decay-mode",
+          "training"),
+    Field("weight_decay_mode", "str", "l2", "l2 (wd * theta added to the gradient, not width-scaled) or decoupled "
+          "(AdamW with --optimizer adam, SGDW with sgd: theta <- theta - lr_l (update + wd_l theta), wd_l = wd * "
+          "m^-w; unless --wd-exponents, independent: lr_l wd_l = lr wd at every width)", "training", implicit=True),
+    Field("adam_eps", "float", 1e-8, "Adam's epsilon at the base width (layer l: eps * m^-e, --eps-exponents)",
+          "training", implicit=True),
     Field("diverge_factor", "float", 10.0, "a replica diverges when its loss exceeds this times its first-step "
           "loss, or is not finite (0: only non-finite)", "training", implicit=True),
 )}
@@ -85,7 +95,9 @@ OPTION_KEYS = ("algo_options", "param_options")
 def coerce(key: str, value, kind: str, what: str | None = None):
     """One value of field ``key``, checked and converted to its canonical type."""
     what = what or f"sweep key '{key}'"
-    if kind == "str":
+    if kind == "str?" and (value is None or (isinstance(value, str) and value.lower() in ("none", ""))):
+        return None
+    if kind in ("str", "str?"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
         return value
@@ -205,9 +217,17 @@ def resolved_algo(cell: dict) -> dict:
     out = defaults_of(cell["algo"])
     out.update(given, loss=cell["loss"])
     resolve = getattr(check_algo(cell["algo"]), "resolve_options", None)  # what "auto" options become on this net
-    if resolve is not None:
+    if resolve is not None and cell.get("model"):  # a user's model: its residual units, its number of units
+        from .adapter import structure
+        residual, units, rule_depth = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
+                                                cell["depth"])
+        out = resolve(out, residual, units, param_of(cell))
+    elif resolve is not None:
         from .nets import RESIDUAL_ARCHS
         out = resolve(out, cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], param_of(cell))
+    facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
+    if facts is not None and not cell.get("model"):  # the native nets (``arch``)
+        out.update(facts(out, cell["arch"], cell["depth"]))
     keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
         if o.implicit and name not in given and name not in keep:
@@ -227,13 +247,18 @@ def validate(cell: dict) -> tuple:
     from .data import DATASETS
     from .losses import check_loss
     from .nets import ACTIVATIONS, ARCHS
-    from .optim import OPTIMIZERS
+    from .optim import OPTIMIZERS, check_hyper
     for key, allowed in (("arch", ARCHS), ("activation", ACTIVATIONS), ("dtype", DTYPES), ("dataset", DATASETS),
                          ("optimizer", OPTIMIZERS)):
         if cell[key] not in allowed:
-            raise ConfigError(f"unknown {key} '{cell[key]}'; choose one of {', '.join(allowed)}")
+            raise ConfigError(f"unknown {key} '{cell[key]}'; choose one of {', '.join(allowed)}"
+                              + (f" ({ADAMW_HINT})" if cell[key] == "adamw" else ""))
+    check_hyper(*(cell.get(k, FIELDS[k].default) for k in ("adam_eps", "weight_decay", "weight_decay_mode")))
     check_algo(cell["algo"])
     check_loss(cell["loss"])
+    if cell.get("model"):
+        from .adapter import load_factory
+        load_factory(cell["model"])
     if cell["depth"] < 2:
         raise ConfigError(f"depth must be at least 2, got {cell['depth']}")
     if not 0 <= cell["momentum"] < 1:
@@ -295,6 +320,11 @@ class Run:
         from .nets import build
         c = self.cell
         seeds = list(self.seeds if seeds is None else seeds)
+        if c.get("model"):
+            from .adapter import ModuleNet, load_factory
+            return ModuleNet(load_factory(c["model"]), self.data.input_shape, width, param or self.param,
+                             K=K or len(seeds), seeds=seeds, dtype=torch_dtype(c["dtype"]), device=self.device,
+                             depth=c["depth"] if depth is None else depth, spec=c["model"])
         return build(c["arch"], self.data.input_shape, self.data.n_classes, width, param or self.param,
                      depth=c["depth"] if depth is None else depth, activation=c["activation"],
                      bias=c["bias"] if bias is None else bias,
@@ -332,7 +362,9 @@ def assemble(cell: dict, lrs: Sequence[float], seeds: Sequence[int], *, device: 
     if data is None:
         data = load_data(cell, data_dir, download, val_fraction)
     train = TrainConfig(epochs=cell["epochs"], batch_size=cell["batch_size"], lr=lrs, optimizer=cell["optimizer"],
-                        momentum=cell["momentum"], weight_decay=cell["weight_decay"], max_steps=cell["max_steps"],
+                        momentum=cell["momentum"], weight_decay=cell["weight_decay"],
+                        weight_decay_mode=cell["weight_decay_mode"], adam_eps=cell["adam_eps"],
+                        max_steps=cell["max_steps"],
                         diverge_factor=cell["diverge_factor"] or None,
                         eval_batch_size=eval_batch_size, progress=progress, metrics_path=metrics_path,
                         checkpoint_path=checkpoint_path, resume=resume, compile=compile, tf32=cell["dtype"] == "tf32")

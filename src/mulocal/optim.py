@@ -3,9 +3,16 @@
 The learning rate of tensor p in layer l, replica k is ``lr[k] * m^{-c_l}`` (``LayerRule.lr_scale``,
 ``bias_lr_scale`` for biases): one tensor of shape (K, 1, ...) per parameter, applied with
 in-place fused updates. Gradients are *descent* directions' negatives (as autograd gives).
+
+Weight decay wd is ``"l2"`` (wd p added to the gradient: torch.optim.SGD / Adam's ``weight_decay``, not
+width-scaled) or ``"decoupled"`` (AdamW / SGDW: p <- p - lr_l (update + wd_l p), torch.optim.AdamW's
+convention, wd_l = wd * ``LayerRule.wd_scale``). Adam's epsilon of layer l is eps * ``LayerRule.eps_scale``.
+Both scales are resolved by ``Parameterization.rule`` (param.py: the rules and their defaults); this module
+only reads them.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -15,6 +22,22 @@ from .nets import Net
 from .util import DEFAULT_LR  # noqa: F401 (the base learning rate when none is given)
 
 OPTIMIZERS = ("sgd", "adam")
+WEIGHT_DECAY_MODES = ("l2", "decoupled")  # wd added to the gradient, or AdamW's decoupled decay
+
+
+def check_hyper(eps: float = 1e-8, weight_decay: float = 0.0, weight_decay_mode: str = "l2") -> None:
+    """A ConfigError (one line) unless eps > 0, weight_decay >= 0 (both finite) and the mode is known."""
+    for what, v, ok in (("Adam's eps", eps, lambda x: x > 0), ("weight decay", weight_decay, lambda x: x >= 0)):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(x) or not ok(x):
+            raise ConfigError(f"{what} must be {'positive' if what.endswith('eps') else 'non-negative'} and finite, "
+                              f"got {v!r}")
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ConfigError(f"unknown weight decay mode '{weight_decay_mode}'; choose one of "
+                          f"{', '.join(WEIGHT_DECAY_MODES)} (decoupled with adam: AdamW)")
 
 
 def replica_lrs(lr, K: int) -> torch.Tensor:
@@ -30,20 +53,36 @@ def replica_lrs(lr, K: int) -> torch.Tensor:
 
 
 class LayerwiseOptimizer:
-    """SGD (optional momentum, weight decay) or Adam over ``params`` with per-layer, per-replica LRs."""
+    """SGD (optional momentum) or Adam over ``params`` with per-layer, per-replica LRs, and weight decay: L2
+    (``weight_decay_mode="l2"``) or decoupled (``"decoupled"``; with Adam: AdamW).
+
+    ``eps_scales`` (Adam's eps of each tensor: eps * scale) and ``wd_scales`` (decoupled decay: wd * scale) are
+    one per tensor (default 1); ``for_net`` reads them from the layers' ``LayerRule``. Adam with eps_l = eps s on
+    the gradient g is computed as Adam with eps on g / s: the same update in exact arithmetic (m / (sqrt(v) + eps
+    s) = (m / s) / (sqrt(v / s^2) + eps)), so the moment buffers of such a tensor hold the moments of g / s."""
 
     def __init__(self, params: Sequence[torch.Tensor], scales: Sequence[float], lr, kind: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, weight_decay_mode: str = "l2", eps_scales: Sequence[float] | None = None,
+                 wd_scales: Sequence[float] | None = None):
         if kind not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
         if not 0 <= momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+        check_hyper(eps, weight_decay, weight_decay_mode)
         self.params, self.kind = list(params), kind
         self.K = self.params[0].shape[0]
         self.base_lr = replica_lrs(lr, self.K)
         self.scales = [float(s) for s in scales]
-        self.momentum, self.betas, self.eps, self.weight_decay = momentum, betas, eps, weight_decay
+        self.momentum, self.betas, self.eps, self.weight_decay = momentum, betas, float(eps), float(weight_decay)
+        self.decoupled = weight_decay_mode == "decoupled"
+        n = len(self.params)
+        self.eps_scales = [1.0] * n if eps_scales is None else [float(s) for s in eps_scales]
+        self.wd_scales = [1.0] * n if wd_scales is None else [float(s) for s in wd_scales]
+        for what, vals in (("learning-rate", self.scales), ("eps", self.eps_scales), ("weight-decay", self.wd_scales)):
+            if len(vals) != n or not all(math.isfinite(v) and v > 0 for v in vals):
+                raise ConfigError(f"need one positive finite {what} scale per tensor ({n}), got {vals}")
+        self.keep = []  # decoupled weight decay: 1 - lr_l wd_l per tensor, (K, 1, ...) like the LRs
         self.t = 0  # steps taken (the eager Adam bias corrections read it)
         self.t_dev = None  # graph-safe mode (set_graph_safe): the step count on the device, advanced in place
         self._dtypes = {p.dtype for p in self.params}
@@ -55,8 +94,13 @@ class LayerwiseOptimizer:
 
     @classmethod
     def for_net(cls, net: Net, lr, kind: str = "sgd", **kw) -> "LayerwiseOptimizer":
+        """The optimizer of ``net``'s parameters with the scales its layers' ``LayerRule`` resolved (LR, Adam's
+        eps, decoupled weight decay)."""
         scales = [net.layers[i].rule.lr_scale if what == "weight" else net.layers[i].rule.bias_lr_scale
                   for i, what in net.param_info()]
+        rules = [(net.layers[i].rule, what == "weight") for i, what in net.param_info()]
+        kw.setdefault("eps_scales", [r.eps_scale if weight else r.bias_eps_scale for r, weight in rules])
+        kw.setdefault("wd_scales", [r.wd_scale if weight else r.bias_wd_scale for r, weight in rules])
         return cls(net.params(), scales, lr, kind, **kw)
 
     def _set_lrs(self) -> None:
@@ -68,6 +112,14 @@ class LayerwiseOptimizer:
                 old.copy_(lr)
         else:
             self.lrs = new
+        if self.decoupled and self.weight_decay:  # 1 - lr_l wd_l (frozen replicas: lr 0, no decay)
+            keep = [(1.0 - (base * s) * (self.weight_decay * w)).to(p.dtype).to(p.device)
+                    .view(-1, *([1] * (p.dim() - 1))) for p, s, w in zip(self.params, self.scales, self.wd_scales)]
+            if len(self.keep) == len(keep):
+                for old, k in zip(self.keep, keep):
+                    old.copy_(k)
+            else:
+                self.keep = keep
 
     def set_graph_safe(self, on: bool = True) -> None:
         """Graph-safe mode (for a compiled or captured training step): the step count lives in a device
@@ -100,7 +152,9 @@ class LayerwiseOptimizer:
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         """p <- p - lr g (SGD; g <- momentum buf + g with momentum), or Adam:
         m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
-        p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+        p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps_l).
+        Weight decay: L2 g <- g + wd p first; decoupled p <- p (1 - lr wd_l) first (torch.optim.AdamW's order:
+        together p <- p - lr (update + wd_l p) with the update computed from g alone)."""
         if self.graph_safe:
             t = self.t_dev.add_(1)  # a float64 device tensor
         else:
@@ -112,13 +166,18 @@ class LayerwiseOptimizer:
             if g is None:
                 continue
             if self.weight_decay:
-                g = g.add(p, alpha=self.weight_decay)
+                if self.decoupled:
+                    p.mul_(self.keep[i])
+                else:
+                    g = g.add(p, alpha=self.weight_decay)
             if self.kind == "sgd":
                 if self.momentum:
                     g = self.bufs[i].mul_(self.momentum).add_(g)
                 p.addcmul_(lr, g, value=-1.0)
             else:
                 b1, b2 = self.betas
+                if self.eps_scales[i] != 1.0:  # eps_l = eps s: Adam on g / s with eps (the class docstring)
+                    g = g / self.eps_scales[i]
                 m, v = self.bufs[i], self.sq[i]
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -158,4 +217,5 @@ def lr_table(net: Net, lr: float) -> list[dict]:
     return out
 
 
-__all__ = ["DEFAULT_LR", "LayerwiseOptimizer", "replica_lrs", "lr_table", "OPTIMIZERS"]
+__all__ = ["DEFAULT_LR", "LayerwiseOptimizer", "replica_lrs", "lr_table", "OPTIMIZERS", "WEIGHT_DECAY_MODES",
+           "check_hyper"]

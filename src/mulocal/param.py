@@ -29,6 +29,8 @@ PC output energy weight    gamma'_L * m^-gbar_L                         ``Parame
 residual branch mult.      d^-alpha, d = (H - 2) / (H_0 - 2)            ``Parameterization.rule``
 residual branch LR (W, b)  (width LR) * d^-c_H                          ``Parameterization.rule``
 PC hidden energy weight    d^depth_gamma (residual nets; else 1)        ``Parameterization.gamma_hidden``
+Adam epsilon (W and b)     eps * m^-e            (default e = 0)        ``Parameterization.rule``
+decoupled weight decay     wd * m^-w; default: lr_l * wd_l = eta * wd   ``Parameterization.rule``
 =========================  ===========================================  ==========================
 
 Depth (residual nets only, ``nets.ResMLP``). A residual MLP of depth H has H - 2 blocks
@@ -56,6 +58,31 @@ PC is stable for gbar_L >= -1 (the inference perturbation of v_{L-1} scales like
 
 Biases start at zero. A bias is a vector-like parameter (its fan-in is 1), so its
 learning-rate exponent is set separately: ``c_bias = (hidden/input-layer biases, output bias)``.
+
+Optimizer hyperparameters (read by ``optim.LayerwiseOptimizer`` from the resolved ``LayerRule``; the base
+values eps and wd are the run's ``adam_eps`` and ``weight_decay``):
+
+* Adam's epsilon, ``eps_exponents`` e = (e_in, e_hid, e_out): eps_l = eps * m^-e[role] for the layer's weight
+  and bias (``LayerRule.eps_scale``, ``bias_eps_scale``), but the output layer's bias: its gradient dL/db_L = delta_L
+  is Theta(1) under every parameterization, and mup's readout bias is not divided by m either, so its eps is eps. Default e = (0, 0, 0) (SP and custom parameterizations); the ``mup`` preset
+  with Adam: e = (0, 0, -1), microsoft/mup's epsilon in this package's abc-form: MuAdam never rescales eps, but its
+  readout (``MuReadout``) divides its input by m, so its gradient is 1/m of ours and its eps acts as eps * m on our
+  readout (tested against mup: tests/test_adapter_mup.py). It is mup's choice, not the width-consistent one:
+  Adam's update m / (sqrt(v) + eps) is invariant when the gradient and eps scale together, so the width-consistent
+  choice is e = the width exponent of the layer's gradient entries; under this package's muP (a = 0, b = (0, 1/2,
+  1)) dL/dW_l = (dL/dh_l) x_{l-1}^T has entries ~ m^-1 for the input and hidden layers (the backward signal
+  dL/dh_l ~ 1/M below the output) and ~ 1 for the output layer: e = (1, 1, 0) (``--eps-exponents 1,1,0``). With
+  e = 0 an eps that is negligible at the base width becomes comparable with those gradients at m ~ |g| / eps and
+  Adam turns into SGD with LR eta / eps there; mup's e_out = -1 reaches that regime sooner on the readout.
+* Decoupled weight decay (``weight_decay_mode = "decoupled"``: AdamW, or SGDW), ``wd_exponents`` w: the
+  update is theta <- theta - lr_l (update + wd_l theta) (torch.optim.AdamW's convention: the LR multiplies
+  the decay). Default None: *independent* weight decay, w = -c (w = -c_bias for biases; a residual block also
+  undoes its depth LR factor): wd_l = wd / lr_scale_l, so the decay per step lr_l * wd_l = eta * wd is the
+  same at every width (microsoft/mup's MuAdamW multiplies wd by the width multiplier it divides the LR by, for
+  the same product). A tuple w: wd_l = wd * m^-w[role] for weight and bias; w = (0, 0, 0) is the decay
+  coupled to the LR (wd_l = wd, the decay per step lr_l * wd shrinks with the layer's LR, torch.optim.AdamW
+  used naively under muP). L2 weight decay (``weight_decay_mode = "l2"``, the default: wd * theta added to
+  the gradient, torch's ``weight_decay`` of SGD / Adam) is not width-scaled, as before these fields existed.
 """
 from __future__ import annotations
 
@@ -74,6 +101,12 @@ DEPTH_ALPHA = 0.5  # the default residual branch exponent: Depth-muP / muPC
 DEPTH_GAMMA = 1.0  # the default depth exponent of PC's hidden energy weights on residual nets (gamma_l = d^1)
 B_SP = (0.0, 0.5, 0.5)
 A_SP = (0.0, 0.0, 0.0)
+ADAMW_HINT = "AdamW is Adam with decoupled weight decay: --optimizer adam --weight-decay-mode decoupled"
+EPS_EXPONENTS = (0.0, 0.0, 0.0)  # Adam's eps is not width-scaled (a Parameterization's default; SP)
+# muP with Adam: microsoft/mup's epsilon on the readout. MuAdam leaves eps alone, but mup's readout (MuReadout) computes
+# (theta / m) x, so its gradient is 1/m of this package's W (W = theta / m, no multiplier); Adam's update of theta with
+# eps is the update of W with eps * m: e_out = -1 (tests/test_adapter_mup.py: MuAdam's numbers exactly).
+MUP_ADAM_EPS = (0.0, 0.0, -1.0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,10 @@ class LayerRule:
     lr_scale: float
     bias_lr_scale: float
     branch: float = 1.0  # residual branch multiplier a_l (1 outside residual blocks)
+    eps_scale: float = 1.0  # Adam's eps of the weight: eps * eps_scale (m^-e)
+    bias_eps_scale: float = 1.0  # ... of the bias (the same, but 1 on the output layer: its gradient is width-free)
+    wd_scale: float = 1.0  # decoupled weight decay of the weight: wd * wd_scale
+    bias_wd_scale: float = 1.0  # ... of the bias
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,8 @@ class Parameterization:
     learning-rate exponents of target propagation's feedback weights (roles as above, read
     in the feedback direction). ``sigma`` multiplies every init std. ``optimizer`` names the optimizer the
     learning-rate exponents are for (muP's c differ for SGD and Adam); training with another is an error.
+    ``eps_exponents`` (Adam's eps_l = eps m^-e) and ``wd_exponents`` (decoupled weight decay wd_l = wd m^-w;
+    None: independent, lr_l wd_l = eta wd) are explained in the module docstring.
     """
 
     name: str = "custom"
@@ -116,6 +155,8 @@ class Parameterization:
     depth_alpha: float = DEPTH_ALPHA  # branch multiplier a_l = d^-alpha, d = (H - 2) / (H_0 - 2)
     depth_c: float | None = None  # branch LR exponent in depth (None: derived, see depth_lr_exponent)
     depth_gamma: float = DEPTH_GAMMA  # PC on residual nets: hidden energy weights gamma_l = d^depth_gamma
+    eps_exponents: tuple[float, float, float] = EPS_EXPONENTS  # Adam's eps_l = eps * m^-e[role]
+    wd_exponents: tuple[float, float, float] | None = None  # decoupled wd_l = wd * m^-w[role]; None: independent
 
     def __post_init__(self) -> None:
         for key, n in (("b", 3), ("c", 3), ("a", 3), ("c_bias", 2)):
@@ -127,13 +168,20 @@ class Parameterization:
             if len(value) != n or not all(math.isfinite(v) for v in value):
                 raise ConfigError(f"parameterization '{self.name}': {key} must be {n} finite numbers, got {value!r}")
             object.__setattr__(self, key, value)
-        for key in ("feedback_b", "feedback_c"):
+        for key in ("feedback_b", "feedback_c", "eps_exponents", "wd_exponents"):
             value = getattr(self, key)
             if value is not None:
-                value = tuple(float(v) for v in value)
+                try:
+                    value = tuple(float(v) for v in value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"parameterization '{self.name}': {key} must be 3 numbers, got {value!r}") \
+                        from None
                 if len(value) != 3 or not all(math.isfinite(v) for v in value):
                     raise ConfigError(f"parameterization '{self.name}': {key} must be 3 finite numbers")
                 object.__setattr__(self, key, value)
+        if self.eps_exponents is None:
+            raise ConfigError(f"parameterization '{self.name}': eps_exponents must be 3 numbers (0, 0, 0: eps not "
+                              "scaled), got None")
         if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width <= 0:
             raise ConfigError(f"base width must be a positive integer, got {self.base_width!r}")
         for key in ("sigma", "gamma_bar_L", "gamma_L_prime"):
@@ -176,7 +224,8 @@ class Parameterization:
 
     def rule(self, role: str, fan_in: int, width: int, depth: int | None = None,
              residual: bool = False) -> LayerRule:
-        """Init std, multiplier and learning-rate scales of a layer of ``role`` at ``width``.
+        """Init std, multiplier, learning-rate scales, Adam's eps scale and the decoupled weight decay's scales of
+        a layer of ``role`` at ``width`` (the optimizer's rules: module docstring).
 
         ``residual=True`` (a residual block of a net with ``depth`` weight layers) adds the depth
         factors: the branch multiplier d^-alpha and the branch LR factor d^-c_H on weight and bias.
@@ -189,13 +238,21 @@ class Parameterization:
         mult = m ** (-(self.a[r] - A_SP[r]))
         lr = m ** (-self.c[r])
         blr = m ** (-self.c_bias[1 if role == "output" else 0])
-        if not residual:
-            return LayerRule(role, std, mult, lr, blr)
-        if role != "hidden":
-            raise ConfigError(f"only hidden layers can be residual blocks, got role '{role}'")
-        d = self.depth_mult(depth)
-        depth_lr = d ** (-self.depth_lr_exponent())
-        return LayerRule(role, std, mult, lr * depth_lr, blr * depth_lr, branch=d ** (-self.depth_alpha))
+        branch = 1.0
+        if residual:
+            if role != "hidden":
+                raise ConfigError(f"only hidden layers can be residual blocks, got role '{role}'")
+            d = self.depth_mult(depth)
+            depth_lr = d ** (-self.depth_lr_exponent())
+            lr, blr, branch = lr * depth_lr, blr * depth_lr, d ** (-self.depth_alpha)
+        eps = m ** (-self.eps_exponents[r])
+        if self.wd_exponents is None:  # independent weight decay: lr_l * wd_l = eta * wd
+            wd, bwd = 1.0 / lr, 1.0 / blr
+        else:
+            wd = bwd = m ** (-self.wd_exponents[r])
+        beps = 1.0 if role == "output" else eps  # dL/db_L = delta_L: Theta(1) under every parameterization
+        return LayerRule(role, std, mult, lr, blr, branch=branch, eps_scale=eps, bias_eps_scale=beps, wd_scale=wd,
+                         bias_wd_scale=bwd)
 
     def feedback_rule(self, role: str, fan_in: int, width: int, depth: int | None = None,
                       residual: bool = False) -> LayerRule:
@@ -224,11 +281,11 @@ class Parameterization:
             raise ConfigError(f"invalid parameterization field: {err}") from None
 
     def to_dict(self) -> dict:
-        """The fields; the depth fields only where they differ from their defaults (so the records and
-        hashes of cells written before they existed are unchanged)."""
+        """The fields; the depth and optimizer (eps, weight decay) fields only where they differ from their
+        defaults (so the records and hashes of cells written before they existed are unchanged)."""
         d = asdict(self)
         for key, default in (("base_depth", BASE_DEPTH), ("depth_alpha", DEPTH_ALPHA), ("depth_c", None),
-                             ("depth_gamma", DEPTH_GAMMA)):
+                             ("depth_gamma", DEPTH_GAMMA), ("eps_exponents", EPS_EXPONENTS), ("wd_exponents", None)):
             if d[key] == default:
                 del d[key]
         return d
@@ -243,13 +300,20 @@ class Parameterization:
         ]
         if self.gamma_bar_L or self.gamma_L_prime != 1.0:
             lines.append(f"  PC: gamma_L = {self.gamma_L_prime:g} * m^{-self.gamma_bar_L:g} = {self.gamma_L(width):.4g}")
-        lines.append(f"  {'layer':<6}{'role':<8}{'shape':>14}{'init std':>12}{'mult':>9}{'lr':>12}{'bias lr':>12}")
+        lines.append(f"  {'layer':<6}{'role':<8}{'shape':>14}{'init std':>12}{'mult':>9}{'lr':>12}{'bias lr':>12}"
+                     f"{'eps x':>9}{'wd x':>11}{'bias wd x':>11}")
         for i, (role, fi, fo) in enumerate(layer_shapes(depth, in_dim, width, out_dim), start=1):
             r = self.rule(role, fi, width)
             lines.append(
                 f"  {i:<6}{role:<8}{f'{fo}x{fi}':>14}{r.init_std:>12.4g}{r.multiplier:>9.4g}"
                 f"{lr * r.lr_scale:>12.4g}{lr * r.bias_lr_scale:>12.4g}"
+                f"{r.eps_scale:>9.4g}{r.wd_scale:>11.4g}{r.bias_wd_scale:>11.4g}"
             )
+        wd = ("independent (w = -c: lr x wd x is the base lr, the decay per step lr * wd at every width)"
+              if self.wd_exponents is None
+              else f"wd * m^-w, w = {_fmt(self.wd_exponents)}")
+        lines.append(f"  eps x: Adam's eps_l = eps * m^-e, e = {_fmt(self.eps_exponents)}")
+        lines.append(f"  wd x: decoupled weight decay (weight_decay_mode decoupled): {wd}")
         if depth > 3:  # what a residual net of this depth adds to each block (resmlp / rescnn)
             b = self.rule("hidden", width, width, depth=depth, residual=True)
             lines.append(f"  residual net (resmlp, rescnn) of depth {depth}: d = {self.depth_mult(depth):g} blocks / base "
@@ -316,6 +380,7 @@ def _mup(optimizer: str, gamma_bar_L: float, algo: str) -> Parameterization:
         return Parameterization(name="mup-sgd", b=(0, 0.5, 1), c=(-1 - g, 0.0 - g, 1 - g), c_bias=(-1 - g, 0.0 - g),
                                 gamma_bar_L=g, note=note)
     return Parameterization(name="mup-adam", b=(0, 0.5, 1), c=(0, 1, 1), c_bias=(0, 0), gamma_bar_L=g,
+                            eps_exponents=MUP_ADAM_EPS,
                             note="muP with Adam" + (f", PC gbar_L = {g:g}" if g else ""))
 
 
@@ -358,7 +423,8 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
         if key.endswith("-" + opt) and key[: -len(opt) - 1] in PRESETS:
             key, optimizer = key[: -len(opt) - 1], opt
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}"
+                          + (f" ({ADAMW_HINT})" if optimizer == "adamw" else ""))
     if key not in PRESETS:
         raise ConfigError(f"unknown parameterization preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
     g = finite_number(gamma_bar_L, "gamma_bar_L")

@@ -21,7 +21,7 @@ from .errors import CheckpointError, ConfigError
 from .loggers import JsonlLogger, Logger
 from .losses import check_loss, loss_value
 from .nets import Net
-from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, replica_lrs
+from .optim import DEFAULT_LR, OPTIMIZERS, LayerwiseOptimizer, check_hyper, replica_lrs
 from .streams import generators
 from .util import COMPILE_MODES  # TrainConfig.compile's choices
 
@@ -43,7 +43,13 @@ class TrainConfig:
     lr                     base learning rate, or one per replica (K values); None: 0.1 for SGD, 1e-3 for Adam
     optimizer              "sgd" or "adam"; None: the one the parameterization's exponents are for
                            (``Parameterization.optimizer``); naming another one is a ConfigError
-    momentum, weight_decay SGD momentum; decoupled-free L2 added to the gradient
+    momentum, weight_decay SGD momentum; weight decay wd (>= 0)
+    weight_decay_mode      "l2": wd * theta added to the gradient (torch's SGD / Adam ``weight_decay``, not
+                           width-scaled); "decoupled": theta <- theta - lr_l (update + wd_l theta) (AdamW with
+                           Adam, SGDW with SGD; wd_l from ``Parameterization.wd_exponents``, default lr_l wd_l =
+                           lr wd at every width)
+    adam_eps               Adam's epsilon at the base width; layer l uses adam_eps * m^-e
+                           (``Parameterization.eps_exponents``, default e = 0: not scaled)
     diverge_factor         a replica diverges when its loss is non-finite or exceeds this times its loss at
                            the first step (None or 0: only non-finite); it is then zeroed and frozen
     sync_every             the training loop reads nothing back from the device between these many steps:
@@ -82,6 +88,8 @@ class TrainConfig:
     optimizer: str | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
+    weight_decay_mode: str = "l2"
+    adam_eps: float = 1e-8
     diverge_factor: float | None = 10.0
     sync_every: int = 32
     eval_batch_size: int = 2000
@@ -100,6 +108,7 @@ class TrainConfig:
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        check_hyper(self.adam_eps, self.weight_decay, self.weight_decay_mode)
         check_compile(self.compile)
         if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor >= 0):
             raise ConfigError(f"diverge_factor must be a non-negative number or None, got {self.diverge_factor!r}")
@@ -157,7 +166,8 @@ class Trainer:
         self.optimizer = resolve_optimizer(cfg.optimizer, net.param)
         self.lrs = replica_lrs(DEFAULT_LR[self.optimizer] if cfg.lr is None else cfg.lr, net.K)
         self.opt = LayerwiseOptimizer.for_net(net, self.lrs, self.optimizer, momentum=cfg.momentum,
-                                              weight_decay=cfg.weight_decay)
+                                              weight_decay=cfg.weight_decay, weight_decay_mode=cfg.weight_decay_mode,
+                                              eps=cfg.adam_eps)
         self.loss0: torch.Tensor | None = None  # each replica's loss at its first step (the divergence bound)
         self.status = ["running"] * net.K
         self.history: list[list[dict]] = [[] for _ in range(net.K)]

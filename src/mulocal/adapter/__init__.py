@@ -7,11 +7,15 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+import sys
 
 from ..errors import ConfigError
 from .blocks import Residual
 from .net import ModuleNet
+from .read import read
 
 
 def load_factory(spec: str):
@@ -19,8 +23,6 @@ def load_factory(spec: str):
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise ConfigError(f"--model must be package.module:factory, got {spec!r}")
     mod_name, attr = spec.split(":")
-    import sys
-    import os
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -41,4 +43,13 @@ def spec_of(make) -> str | None:
     return f"{mod}:{name}"
 
 
-__all__ = ["ModuleNet", "Residual", "load_factory", "spec_of"]
+__all__ = ["ModuleNet", "Residual", "load_factory", "spec_of", "structure"]
+
+
+@functools.lru_cache(maxsize=32)
+def structure(spec: str, input_shape: tuple, base_width: int, depth: int | None = None) -> tuple[bool, int, int]:
+    """(has residual units, number of units, the depth the depth rules read) of the model ``spec`` names (built at
+    the base width; what a cell records about its net before any net exists)."""
+    _, units, _ = read(load_factory(spec), base_width, tuple(input_shape), base_width, depth)
+    blocks = sum(u.residual for u in units)
+    return blocks > 0, len(units), blocks + 2

@@ -155,18 +155,30 @@ class ModuleNet(Net):
         return dict(kind=self.kind, model=self.spec, in_shape=list(self.input_shape), width=self.width,
                     out_dim=self.out_dim, depth=self.depth, K=self.K)
 
-    def describe(self, lr: float = 1.0) -> str:
-        """Each unit's tensors: role, fan-in, init std, multiplier, learning rate (at ``lr``)."""
-        lines = [f"model {self.spec or ''} at width {self.width} (base width {self.param.base_width}, "
-                 f"{self.param.name}): {self.depth} units, {self.blocks} residual"]
-        lines.append(f"  {'unit':<14}{'tensor':<18}{'role':<11}{'shape':>18}{'fan-in':>8}{'init std':>11}"
-                     f"{'mult':>8}{'lr':>11}")
+    def tensor_table(self, lr: float = 1.0) -> list[dict]:
+        """Each unit's tensors as read and scaled: unit, tensor, role, shape, fan-in, init std, multiplier, lr (at
+        ``lr``), residual branch multiplier."""
+        rows = []
         for u, layer in zip(self.units, self.layers):
             for t, kind, name, role, fan, std, mult in _rows(u, layer):
                 scale = layer.rule.lr_scale if kind == "weight" else layer.rule.bias_lr_scale
-                lines.append(f"  {u.name + (' (res)' if u.residual else ''):<14}{name:<18}{role:<11}"
-                             f"{'x'.join(map(str, t.shape[1:])):>18}{fan:>8}{std:>11.4g}{mult:>8.4g}"
-                             f"{lr * scale:>11.4g}")
+                rows.append(dict(unit=u.name, tensor=name, role=role, shape=list(t.shape[1:]), fan_in=fan,
+                                 init_std=std, mult=mult, lr=lr * scale, residual=u.residual,
+                                 branch=getattr(layer.rule, "branch", 1.0)))
+        return rows
+
+    def describe(self, lr: float = 1.0) -> str:
+        """Each unit's tensors: role, fan-in, init std, multiplier, learning rate (at ``lr``)."""
+        lines = [f"model {self.spec or ''} at width {self.width} (base width {self.param.base_width}, "
+                 f"{self.param.name}): {self.depth} units, {self.blocks} residual"
+                 + (f" (d = {self.blocks}/(H_0 - 2): branch multiplier "
+                    f"{self.layers[[u.residual for u in self.units].index(True)].rule.branch:.4g})" if self.blocks else "")]
+        lines.append(f"  {'unit':<14}{'tensor':<18}{'role':<11}{'shape':>18}{'fan-in':>8}{'init std':>11}"
+                     f"{'mult':>8}{'lr':>11}")
+        for r in self.tensor_table(lr):
+            lines.append(f"  {r['unit'] + (' (res)' if r['residual'] else ''):<14}{r['tensor']:<18}{r['role']:<11}"
+                         f"{'x'.join(map(str, r['shape'])):>18}{r['fan_in']:>8}{r['init_std']:>11.4g}"
+                         f"{r['mult']:>8.4g}{r['lr']:>11.4g}")
         return "\n".join(lines)
 
 
@@ -181,4 +193,4 @@ def _rows(unit, layer):
         return
     yield layer.weight, "weight", "weight", layer.rule.role, layer.fan_in, layer.rule.init_std, layer.mult
     if layer.bias is not None:
-        yield layer.bias, "bias", "bias", "vector", 1, 0.0, 1.0
+        yield layer.bias, "bias", "bias", ("vector-out" if layer.rule.role == "output" else "vector"), 1, 0.0, 1.0

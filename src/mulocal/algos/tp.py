@@ -21,6 +21,13 @@ Feedback g_l (layer l -> layer l-1), ``feedback=``:
   -xi . (g(f(h + xi)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2 / 2.
   Explicit gradients; feedback weights have their own exponents (Parameterization.feedback_b/_c;
   g_L reads the fixed-size output: role "input", hidden g_l: role "hidden").
+  Each loss is a batch mean of per-sample losses; a convolutional g_l (the CNN's ``UpConvFeedback``, a residual
+  CNN block's ``ConvFeedbackBranch``) takes the per-sample loss as a mean over the P_l positions (pixels) of its
+  output map, the channels summed at each: (1/B) sum_b (1/P_l) sum_p 1/2 ||r_{b,:,p}||^2 for rec (r the residual
+  above). A conv weight is shared by all P_l positions, so the summed loss's gradient grows like P_l (196 on
+  14 x 14 maps) and the feedback LR would mean another thing than on an MLP; dense feedback (P_l = 1, including
+  the residual CNN's g_L onto the flattened stream) keeps the sum over its coordinates. Cells with trained conv
+  feedback record it (``TP.cell_facts``: ``conv_fb_loss``), so stores written with the summed loss are not reused.
   The noise xi (and eta) comes from ``noise_rng``: ``"host"`` draws it replica by replica from
   CPU generators (stream ``feedback_noise``) and copies it to the device (every result drawn on a CPU);
   ``"counter"`` draws it for all replicas at once on the net's device with
@@ -83,14 +90,25 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
 
 
+CONV_FB_LOSS = "position_mean"  # what cells with trained conv feedback record (``TP.cell_facts``)
+
+
+def has_conv_feedback(arch: str, depth: int) -> bool:
+    """Whether trainable feedback on this net has a convolutional g_l: the CNN's hidden conv layers (depth >= 3;
+    its g_L is dense) and the residual CNN's blocks (depth >= 3)."""
+    return arch in ("cnn", "rescnn") and depth >= 3
+
+
 class UpConvFeedback:
     """CNN feedback from a conv layer's pooled output back to its input: nearest upsampling to the
-    input's spatial size, then a same-padded convolution (a transposed convolution of stride 1)."""
+    input's spatial size, then a same-padded convolution (a transposed convolution of stride 1).
+    Its gradient is the mean over the P = H W output positions (``grads``)."""
 
     def __init__(self, conv_in_shape, out_shape, K, rule, kernel, dtype, device):
         self.in_shape, self.out_shape = tuple(conv_in_shape), tuple(out_shape)  # (C_l, h, w), (C_{l-1}, H, W)
         self.conv = Conv("hidden", self.in_shape[0], self.out_shape[0], kernel, K, True, rule, dtype, device)
         self.rule, self.mult = rule, self.conv.mult
+        self.positions = math.prod(self.out_shape[1:])  # P: every weight is applied at each output position
 
     @property
     def weight(self):
@@ -110,7 +128,24 @@ class UpConvFeedback:
         return self.conv.forward(self._up(a), weight, bias)
 
     def grads(self, delta, a):
-        return self.conv.grads(delta, self._up(a))
+        """Gradient in (V, c) of sum(delta * g(a)) / (B P): batch mean and mean over the P output positions
+        (``Conv.grads`` sums the positions: conv2d_weight and the bias's spatial sum)."""
+        gw, gb = self.conv.grads(delta, self._up(a))
+        return gw.div_(self.positions), gb.div_(self.positions)
+
+
+class ConvFeedbackBranch(ConvBranch):
+    """A residual CNN block's feedback branch a (n conv(V, x) + c) (``ConvBranch``), its gradient the mean over the
+    P = h w positions of the stream (``grads``), as ``UpConvFeedback``'s."""
+
+    def __init__(self, *args, positions: int, **kw):
+        super().__init__(*args, **kw)
+        self.positions = int(positions)
+
+    def grads(self, delta, a):
+        """Gradient in (V, c) of sum(delta * branch(a)) / (B P)."""
+        gw, gb = super().grads(delta, a)
+        return gw.div_(self.positions), gb.div_(self.positions)
 
 
 class _Clock:
@@ -304,8 +339,8 @@ class TP(TargetRule):
                 if isinstance(layer, Dense):
                     self.fb[l] = Branch(role, layer.fan_in, layer.fan_out, net.K, True, rule, net.dtype, net.device)
                 else:
-                    self.fb[l] = ConvBranch(role, layer.c_in, layer.c_out, layer.k, net.K, True, rule, net.dtype,
-                                            net.device)
+                    self.fb[l] = ConvFeedbackBranch(role, layer.c_in, layer.c_out, layer.k, net.K, True, rule,
+                                                    net.dtype, net.device, positions=math.prod(self._stream[1:]))
             elif isinstance(layer, Dense):
                 rule = net.param.feedback_rule(role, layer.fan_out, net.width)
                 self.fb[l] = Dense(role, layer.fan_out, layer.fan_in, net.K, True, rule, net.dtype, net.device)
@@ -343,11 +378,16 @@ class TP(TargetRule):
 
     def _fb_grads(self, l: int, net: Net, r: torch.Tensor, z: torch.Tensor, a: torch.Tensor,
                   g: torch.Tensor | None = None):
-        """Gradient in (V_l, c_l) of sum(r * g_l(a)) / B, with ``(g, z)`` from ``_g(l, a)`` (phi'(z) from
-        g = phi(z) where the activation allows: tanh' = 1 - g^2, no second tanh)."""
+        """Gradient in (V_l, c_l) of sum(r * g_l(a)) / (B P_l), with ``(g, z)`` from ``_g(l, a)`` (phi'(z) from
+        g = phi(z) where the activation allows: tanh' = 1 - g^2, no second tanh); P_l the positions of a conv
+        feedback's output (``_positions``), 1 for dense feedback."""
         if net.residual_net:
             return self.fb[l].grads(_flat(r) if l == net.depth else r, z)
         return self.fb[l].grads(r if self.feedback == "linear" else r * net._dphi(z, g), a)
+
+    def _positions(self, l: int) -> int:
+        """P_l: the positions g_l's feedback loss is averaged over (its output map's h w for conv feedback, else 1)."""
+        return getattr(self.fb[l], "positions", 1)
 
     def _source_on(self, net: Net) -> str:
         """The generator this rule draws with on ``net`` (resolved by ``setup``; a checkpoint may have set it)."""
@@ -361,8 +401,26 @@ class TP(TargetRule):
         return self._source or resolve_noise_rng(self.noise_rng, "cpu")
 
     def run_facts(self) -> dict:
-        """The generator the feedback noise was drawn with, where there is noise ({"noise_rng": ...})."""
+        """The generator the feedback noise was drawn with, where there is noise ({"noise_rng": ...}), and where
+        conv feedback is trained, its loss's position mean ({"conv_fb_loss": "position_mean"})."""
+        facts = self._noise_facts()
+        if facts and any(isinstance(fb, (UpConvFeedback, ConvFeedbackBranch)) for fb in (self.fb or {}).values()):
+            facts["conv_fb_loss"] = CONV_FB_LOSS
+        return facts
+
+    def _noise_facts(self) -> dict:
+        """{"noise_rng": the generator the feedback noise was drawn with}, where there is noise (else {})."""
         return {"noise_rng": self.noise_source} if self.trainable and (self.fb_iters or self.pretrain_epochs) else {}
+
+    @staticmethod
+    def cell_facts(options: dict, arch: str, depth: int) -> dict:
+        """What a cell records about this rule beyond its options (``config.resolved_algo``: part of its hash):
+        trained conv feedback (``has_conv_feedback``) averages its loss over positions ({"conv_fb_loss":
+        "position_mean"}); cells of it stored before summed over them and hold other numbers. Every other cell
+        (MLPs, ridge / inverse feedback, untrained feedback) records nothing and keeps its hash."""
+        trained = options.get("feedback") in ("trainable", "linear") and bool(
+            options.get("fb_iters") or options.get("pretrain_epochs"))
+        return {"conv_fb_loss": CONV_FB_LOSS} if trained and has_conv_feedback(arch, depth) else {}
 
     def _noise(self, like: torch.Tensor, sigma: float) -> torch.Tensor:
         """sigma times standard normals shaped like ``like`` (K, ...): replica k's from its own stream."""
@@ -441,8 +499,8 @@ class TP(TargetRule):
 
         Returns per layer l (K,) tensors on the net's device: ``rec_err_l``, the RMS of the residual the loss
         reconstructs (rec: g(f(h + xi)) - (h + xi); drl and ldrl: g(f(h + xi)) - g(f(h)) - xi), and
-        ``fb_loss_l``, the batch-mean feedback loss (with ``stats=False`` nothing: the training path's
-        default, which computes no statistic)."""
+        ``fb_loss_l``, the batch-mean feedback loss (mean over positions for conv feedback; with ``stats=False``
+        nothing: the training path's default, which computes no statistic)."""
         L = net.depth
         sig = self._sigmas(L)
         h = list(acts) + [f]
@@ -483,7 +541,7 @@ class TP(TargetRule):
                 grads += [gw, gb]
                 if want:  # on the device: no host read-back
                     stats[f"rec_err_{l}"] = r.flatten(1).double().pow(2).mean(1).sqrt()
-                    stats[f"fb_loss_{l}"] = value.flatten(2).sum(-1).mean(-1).double()
+                    stats[f"fb_loss_{l}"] = value.flatten(2).sum(-1).mean(-1).double() / self._positions(l)
             self.fb_opt.step(grads)
         return stats
 

@@ -16,7 +16,8 @@ from .models import add_log_flag, make_loggers
 from .paths import out_file
 from .progress import Work, net_cost
 
-NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay")  # coord / derive measure a few steps
+# coord / derive measure a few steps (without weight decay, with Adam's default eps)
+NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay", "weight_decay_mode", "adam_eps")
 
 
 def _run_kw(args) -> dict:
@@ -86,6 +87,8 @@ def cmd_train(args) -> dict:
     reps = [{k: v for k, v in r.items() if k != "history"} for r in res["replicas"]]
     out = {"algo": cell["algo"], "param": run.param.name, "optimizer": cell["optimizer"], "width": args.width,
            "dataset": cell["dataset"], "epochs": res["epochs"], "replicas": reps}
+    if cell.get("model"):
+        out["model"] = cell["model"]
     if args.compile != "off":  # what was compiled, or why it ran eagerly
         out["compile"] = res["compile"]
     if K == 1:
@@ -221,7 +224,17 @@ def cmd_derive(args) -> dict:
 
 # ---------------------------------------------------------------------------- describe / data
 def cmd_describe(args) -> dict:
-    p = param_of(cell_from_args(args))
+    cell = cell_from_args(args)
+    p = param_of(cell)
+    if cell.get("model"):  # a user's model: each of its tensors, as read (roles, fan-ins) and scaled
+        from ..adapter import ModuleNet, load_factory
+        from ..config import INPUT_SHAPES
+        net = ModuleNet(load_factory(cell["model"]), INPUT_SHAPES[cell["dataset"]], args.width, p,
+                        depth=args.depth or cell["depth"], spec=cell["model"])
+        if not args.json:
+            print(net.describe(1.0 if args.lr is None else args.lr))
+        return {"parameterization": p.to_dict(), "width": args.width, "model": cell["model"],
+                "tensors": net.tensor_table(1.0 if args.lr is None else args.lr)}
     if not args.json:
         print(p.describe(args.width, args.depth or 3, lr=1.0 if args.lr is None else args.lr))
         print("  lr, bias lr: " + ("multipliers of the base learning rate (give --lr to see learning rates)"
@@ -306,7 +319,8 @@ def add_describe(d) -> None:
                    help="a base learning rate: the lr columns are then learning rates (default: multipliers, "
                         "the learning rates at base learning rate 1)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    add_fields(d, only=("algo", "param", "optimizer", "gamma_bar_L", "base_width", "depth"), run_flags=False)
+    add_fields(d, only=("algo", "param", "optimizer", "gamma_bar_L", "base_width", "depth", "model", "dataset"),
+               run_flags=False)
     d.set_defaults(func=per_algo(cmd_describe))
 
 

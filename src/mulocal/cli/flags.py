@@ -104,6 +104,14 @@ def add_fields(p: argparse.ArgumentParser, groups=GROUPS, skip=(), only=None, li
         else:
             g.add_argument(f.flag, type=_typed(f.name, f.kind), default=None, metavar=f.name.upper(),
                            help=_help(f.help, f.default))
+        if f.name == "optimizer" and not lists:  # the optimizer's width exponents (param.py's module docstring)
+            g.add_argument("--eps-exponents", type=floats, default=None, metavar="E_IN,E_HID,E_OUT",
+                           help="Adam's eps of each role's layers: eps * m^-e (default: the preset's; mup with adam: 0,0,-1, "
+                                "microsoft/mup's readout eps; sp: 0,0,0; 1,1,0 scales it with muP's gradients)")
+            g.add_argument("--wd-exponents", type=floats, default=None, metavar="W_IN,W_HID,W_OUT",
+                           help="decoupled weight decay of each role's layers: wd * m^-w (default: independent, "
+                                "w = -c: lr_l wd_l = lr wd at every width; 0,0,0: coupled to the layer's LR; a "
+                                "negative first value: --wd-exponents=-1,0,1)")
         if f.name == "gamma_bar_L" and not lists:
             g.add_argument("--gamma-L-prime", type=float, default=None, help="gamma'_L (default 1)")
         if f.name == "depth" and not lists:  # residual nets: the depth exponents (docs/depth.md)
@@ -156,7 +164,8 @@ def cell_from_args(args, **extra) -> dict:
         values["algo"] = values["algo"][0]
     cell = default_cell(**values, **extra)
     cell["algo_options"] = algo_options_from_args(args, cell["algo"], getattr(args, "listed_algos", ()))
-    overrides = {k: getattr(args, k) for k in ("gamma_L_prime", "depth_alpha", "depth_c", "depth_gamma")
+    overrides = {k: getattr(args, k) for k in ("gamma_L_prime", "depth_alpha", "depth_c", "depth_gamma",
+                                               "eps_exponents", "wd_exponents")
                  if getattr(args, k, None) is not None}
     if overrides:
         cell["param_options"] = overrides
