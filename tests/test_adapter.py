@@ -324,3 +324,39 @@ def test_parameters_shared_inside_blocks_are_refused():
         return nn.Sequential(nn.Linear(4, w), Tied(lin), nn.Tanh(), Tied(lin), nn.Linear(w, 3))
     with pytest.raises(ConfigError, match="same tensor"):
         ModuleNet(make, (4,), 8, preset("mup", "sgd", base_width=4))
+
+
+TARGET_RULES = [("dtp", {}), ("tp", {}), ("dtp", {"feedback": "ridge"}), ("dtp", {"fb_loss": "drl"})]
+
+
+@pytest.mark.parametrize("arch,depth,width,make", NATIVE, ids=[f"{a}{d}" for a, d, _, _ in NATIVE])
+def test_target_propagation_on_the_rewritten_native_nets_gives_the_native_numbers(arch, depth, width, make):
+    """TP / DTP (trainable, ridge, DRL feedback) on the nn.Sequential rewrites: the feedback built from the units
+    (dense, upsampling conv, residual branches; phi read from the model's activation) is the native nets' -- same
+    draws, same targets, same gradients (1e-10, float64, K = 2), two steps (the feedback trains in between)."""
+    param = preset("mup", "sgd", algo="dtp", base_width=4)
+    act = "relu" if depth == 4 and arch == "mlp" else "tanh"
+    x, y = _data((1, 28, 28))
+    for name, opts in TARGET_RULES:
+        nat = build(arch, (1, 28, 28), 10, width, param, depth=depth, activation=act, K=2, seeds=[0, 1], dtype=F64)
+        ad = ModuleNet(make, (1, 28, 28), width, param, K=2, seeds=[0, 1], dtype=F64)
+        r_nat, r_ad = make_algo(name, noise_rng="host", **opts), make_algo(name, noise_rng="host", **opts)
+        for _ in range(2):
+            g_nat, l_nat = r_nat.step(nat, x, y)
+            g_ad, l_ad = r_ad.step(ad, x, y)
+            assert close(l_ad, l_nat)[0]
+            for i, (p, q) in enumerate(zip(g_ad, g_nat, strict=True)):
+                ok, err = close(p, q)
+                assert ok, f"{name} {opts}: tensor {i} differs by {err:.3g}"
+
+
+def test_target_propagation_refuses_units_without_a_feedback_map_in_one_line():
+    """A general block (the user's two-conv Block) has no built feedback: DTP says which unit, and that ridge
+    feedback (a regression on the activities) or BP / PC run on it."""
+    net = ModuleNet(U.resnet, (1, 28, 28), 4, preset("mup", "sgd", base_width=2), K=1, dtype=F64)
+    x, y = _data((1, 28, 28))
+    with pytest.raises(ConfigError) as err:
+        make_algo("dtp").step(net, x, y)
+    assert "model layer 2 (Block)" in str(err.value) and "\n" not in str(err.value)
+    _, loss = make_algo("dtp", feedback="ridge").step(net, x, y)
+    assert torch.isfinite(loss).all()

@@ -219,8 +219,8 @@ def resolved_algo(cell: dict) -> dict:
     resolve = getattr(check_algo(cell["algo"]), "resolve_options", None)  # what "auto" options become on this net
     if resolve is not None and cell.get("model"):  # a user's model: its residual units, its number of units
         from .adapter import structure
-        residual, units, rule_depth = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
-                                                cell["depth"])
+        residual, units, _ = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
+                                       cell["depth"])
         out = resolve(out, residual, units, param_of(cell))
     elif resolve is not None:
         from .nets import RESIDUAL_ARCHS
@@ -228,6 +228,10 @@ def resolved_algo(cell: dict) -> dict:
     facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
     if facts is not None and not cell.get("model"):  # the native nets (``arch``)
         out.update(facts(out, cell["arch"], cell["depth"]))
+    elif facts is not None:  # a user's model: conv feedback where a conv unit sits above the first
+        from .adapter import structure
+        conv = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width, cell["depth"])[2]
+        out.update(facts(out, "cnn" if conv else "mlp", 3))
     keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
         if o.implicit and name not in given and name not in keep:

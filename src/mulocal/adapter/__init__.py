@@ -47,9 +47,10 @@ __all__ = ["ModuleNet", "Residual", "load_factory", "spec_of", "structure"]
 
 
 @functools.lru_cache(maxsize=32)
-def structure(spec: str, input_shape: tuple, base_width: int, depth: int | None = None) -> tuple[bool, int, int]:
-    """(has residual units, number of units, the depth the depth rules read) of the model ``spec`` names (built at
-    the base width; what a cell records about its net before any net exists)."""
+def structure(spec: str, input_shape: tuple, base_width: int, depth: int | None = None) -> tuple[bool, int, bool]:
+    """(has residual units, number of units, has a conv unit above the first: TP's feedback of it is a conv) of the
+    model ``spec`` names, built at the base width: what a cell records about its net before any net exists."""
+    from torch import nn
     _, units, _ = read(load_factory(spec), base_width, tuple(input_shape), base_width, depth)
-    blocks = sum(u.residual for u in units)
-    return blocks > 0, len(units), blocks + 2
+    conv = any(isinstance(u.core, nn.Conv2d) for u in units[1:])
+    return any(u.residual for u in units), len(units), conv

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nets import Branch, Dense, Net
-from ..param import Parameterization
+from ..param import Parameterization, check_width
 from ..streams import generator
 from .layers import AffineConv, AffineConvBranch, ModuleLayer
 from .read import read
@@ -38,10 +38,18 @@ class ModuleNet(Net):
     def __init__(self, make, input_shape: Sequence[int], width: int, param: Parameterization | None = None,
                  K: int = 1, seeds: Sequence[int] | None = None, dtype=torch.float32, device="cpu",
                  depth: int | None = None, spec: str | None = None):
-        super().__init__(param or Parameterization(name="sp"), width, K, "linear", True, dtype, device)
+        prefix, units, out_shape = read(make, check_width(width), tuple(int(s) for s in input_shape),
+                                        (param or Parameterization(name="sp")).base_width, depth)
+        acts = {ELEMENTWISE[type(m)] for u in units for m in list(u.post) + list(u.prefix) if type(m) in ELEMENTWISE}
+        acts.discard("linear")
+        # phi of the model (what TP's trainable feedback g_l = phi(V a + c) applies): its one elementwise activation
+        activation = next(iter(acts)) if len(acts) == 1 else "linear"
+        super().__init__(param or Parameterization(name="sp"), width, K, activation, True, dtype, device)
+        self.mixed_activations = sorted(acts) if len(acts) > 1 else []
+        if self.mixed_activations:
+            self.activation = "mixed"
         self.input_shape = tuple(int(s) for s in input_shape)
         self.spec = spec
-        prefix, units, out_shape = read(make, self.width, self.input_shape, self.param.base_width, depth)
         if len(out_shape) != 1:
             raise ConfigError(f"the model's output has per-sample shape {out_shape}; mulocal needs (classes,)")
         self.out_dim = int(out_shape[0])
@@ -55,6 +63,7 @@ class ModuleNet(Net):
         self._lin = [self._elementwise(m) for m in self._posts]
         self.init(seeds if seeds is not None else range(K))
         probe = torch.zeros(K, 2, *self.input_shape, dtype=dtype, device=self.device)
+        self._u_shapes = {}
         with torch.no_grad():
             a = self.prepare_input(probe)
             u_prev = a
@@ -62,9 +71,9 @@ class ModuleNet(Net):
                 if isinstance(layer, ModuleLayer):
                     layer.probe(a)
                 u = self.predict(l, a, u_prev)
+                self._u_shapes[l] = tuple(u.shape[2:])
                 if l < self.depth:
                     a, u_prev = self.post(l, u), u
-        self.activation = "model"
 
     def _layer(self, unit, H):
         p, W, K, dt, dev = self.param, self.width, self.K, self.dtype, self.device
@@ -150,6 +159,34 @@ class ModuleNet(Net):
             return (u > 0).to(u.dtype).mul
         _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
         return lambda g: vjp(g)[0]
+
+    def unflattened_shapes(self) -> dict:
+        """{l: the shape of a_l before the model's Flatten} for the units whose activity is flattened (TP's conv
+        feedback reads a_l as an image)."""
+        out = {}
+        for l in range(1, self.depth):
+            mods = self._posts[l]
+            if any(isinstance(m, nn.Flatten) for m in mods):
+                y = torch.zeros(1, *self._u_shapes[l], dtype=self.dtype, device=self.device)
+                with torch.no_grad():
+                    for m in mods:
+                        if not isinstance(m, nn.Flatten):
+                            y = m(y)
+                out[l] = tuple(y.shape[1:])
+        return out
+
+    def feedback_blocker(self, feedback: str = "trainable") -> str | None:
+        """Why target propagation cannot build its feedback on this model (None: it can): TP/DTP's feedback maps are
+        built for Linear and Conv2d units (and a residual block whose branch is one of them); trainable feedback
+        g_l = phi(V a + c) needs the model's one activation phi."""
+        for u, layer in zip(self.units[1:], self.layers[1:]):
+            if isinstance(layer, ModuleLayer):
+                return (f"model layer {u.name} ({type(u.module).__name__}) is not a Linear or Conv2d unit, and "
+                        f"mulocal builds feedback only for those (use --feedback ridge, or BP / PC on this model)")
+        if feedback == "trainable" and self.mixed_activations:
+            return (f"the model mixes the activations {', '.join(self.mixed_activations)}; trainable feedback "
+                    f"phi(V a + c) needs one (use --feedback linear or ridge)")
+        return None
 
     def config(self) -> dict:
         return dict(kind=self.kind, model=self.spec, in_shape=list(self.input_shape), width=self.width,

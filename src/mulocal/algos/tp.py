@@ -237,8 +237,7 @@ class TargetRule:
                 delta = us[l] - t[l]
             else:
                 delta = net.linearize(l, us[l], acts[l])(acts[l] - t[l])
-            gw, gb = net.layers[l - 1].grads(delta, acts[l - 1])
-            grads += [gw] if gb is None else [gw, gb]
+            grads += net.layers[l - 1].param_grads(delta, acts[l - 1])
         return grads
 
     def target_distances(self) -> dict[str, torch.Tensor]:
@@ -318,9 +317,13 @@ class TP(TargetRule):
         if net.kind == "cnn" and net.depth >= 2:
             last = net.depth - 1
             self._shapes[last] = (net.width, *net.spatial)
+        self._shapes.update(getattr(net, "unflattened_shapes", dict)())  # a user's model: a_l before its Flatten
         self._net_ref = weakref.ref(net)  # not id(net): a new net may reuse a freed one's id
         if net.activation != "linear" and self.feedback == "inverse":
             raise ConfigError("inverse feedback is exact only for linear networks: use --activation linear")
+        blocker = getattr(net, "feedback_blocker", lambda kind: None)(self.feedback)  # a user's model
+        if blocker and self.feedback != "ridge":
+            raise ConfigError(f"{self.name.upper()} needs a feedback map per unit: {blocker}")
         if not self.trainable:
             return
         L = net.depth
@@ -335,7 +338,7 @@ class TP(TargetRule):
                 n = math.prod(self._stream)
                 self.fb[l] = Dense(role, layer.fan_out, n, net.K, True, rule, net.dtype, net.device)
             elif net.residual(l):  # a block's feedback branch, with the block's depth factors
-                rule = net.param.feedback_rule(role, layer.fan_in, net.width, depth=L, residual=True)
+                rule = net.param.feedback_rule(role, layer.fan_in, net.width, depth=net.rule_depth, residual=True)
                 if isinstance(layer, Dense):
                     self.fb[l] = Branch(role, layer.fan_in, layer.fan_out, net.K, True, rule, net.dtype, net.device)
                 else:
