@@ -351,12 +351,29 @@ def test_target_propagation_on_the_rewritten_native_nets_gives_the_native_number
 
 
 def test_target_propagation_refuses_units_without_a_feedback_map_in_one_line():
-    """A general block (the user's two-conv Block) has no built feedback: DTP says which unit, and that ridge
-    feedback (a regression on the activities) or BP / PC run on it."""
-    net = ModuleNet(U.resnet, (1, 28, 28), 4, preset("mup", "sgd", base_width=2), K=1, dtype=F64)
-    x, y = _data((1, 28, 28))
+    """A general unit that is not a residual block (a Linear + LayerNorm module) has no built feedback: DTP says
+    which unit, and that ridge feedback (a regression on the activities) or BP / PC run on it."""
+    make = lambda w: nn.Sequential(nn.Linear(6, w), nn.Tanh(), _Norm(w), nn.Tanh(), nn.Linear(w, 10))  # noqa: E731
+    net = ModuleNet(make, (6,), 8, preset("mup", "sgd", base_width=4), K=1, dtype=F64)
+    x, y = _data((6,))
     with pytest.raises(ConfigError) as err:
         make_algo("dtp").step(net, x, y)
-    assert "model layer 2 (Block)" in str(err.value) and "\n" not in str(err.value)
+    assert "model layer 2 (_Norm)" in str(err.value) and "\n" not in str(err.value)
     _, loss = make_algo("dtp", feedback="ridge").step(net, x, y)
     assert torch.isfinite(loss).all()
+
+
+def test_dtp_on_general_residual_blocks_trains_the_stream_feedback_branch():
+    """DTP on the user's two-conv residual blocks: each block's feedback is the stream's own branch h + a (conv(V,
+    phi(h)) + c) (kernel 3, the block's depth factors), the same feedback as the native residual CNN's; its
+    reconstruction loss falls over a few feedback-training steps on one batch (it learns to invert the block)."""
+    net = ModuleNet(U.resnet, (1, 28, 28), 4, preset("mup", "sgd", algo="dtp", base_width=2), K=1, dtype=F64)
+    x, y = _data((1, 28, 28), B=16)
+    rule = make_algo("dtp", noise_rng="host", record=True, fb_iters=1)
+    losses = []
+    for _ in range(6):
+        rule.step(net, x, y)
+        losses.append(float(rule.fb_stats["fb_loss_2"][0]))
+    from mulocal.algos.tp import ConvFeedbackBranch
+    assert isinstance(rule.fb[2], ConvFeedbackBranch) and rule.fb[2].branch == pytest.approx(2 ** -0.5)
+    assert losses[-1] < losses[0]

@@ -100,6 +100,8 @@ class ModuleLayer(Layer):
         self.weight = matrices[0] if matrices else self.params[0]  # what a diagnostic reads as "the" weight
         self.bias = None
         self.fan_in = next((s.fan_in for s in specs if s.matrix), 1)
+        conv = next((m for m in self.module.modules() if isinstance(m, nn.Conv2d)), None)
+        self.k = conv.kernel_size[0] if conv is not None else 3  # a residual block's feedback conv (TP)
         self.batched, self.why_unbatched = True, ""
 
     # ---------------------------------------------------------------- one replica, then K

@@ -177,12 +177,13 @@ class ModuleNet(Net):
 
     def feedback_blocker(self, feedback: str = "trainable") -> str | None:
         """Why target propagation cannot build its feedback on this model (None: it can): TP/DTP's feedback maps are
-        built for Linear and Conv2d units (and a residual block whose branch is one of them); trainable feedback
-        g_l = phi(V a + c) needs the model's one activation phi."""
+        built for Linear and Conv2d units and residual blocks (whatever their branch: the feedback branch is the
+        stream's own h + a (V phi(h) + c), a conv of the block's first kernel size on an image stream); trainable
+        feedback g_l = phi(V a + c) needs the model's one activation phi."""
         for u, layer in zip(self.units[1:], self.layers[1:]):
-            if isinstance(layer, ModuleLayer):
-                return (f"model layer {u.name} ({type(u.module).__name__}) is not a Linear or Conv2d unit, and "
-                        f"mulocal builds feedback only for those (use --feedback ridge, or BP / PC on this model)")
+            if isinstance(layer, ModuleLayer) and not u.residual:
+                return (f"model layer {u.name} ({type(u.module).__name__}) is not a Linear or Conv2d unit or a residual "
+                        f"block, and mulocal builds feedback only for those (use --feedback ridge, or BP / PC on it)")
         if feedback == "trainable" and self.mixed_activations:
             return (f"the model mixes the activations {', '.join(self.mixed_activations)}; trainable feedback "
                     f"phi(V a + c) needs one (use --feedback linear or ridge)")

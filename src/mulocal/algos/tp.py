@@ -338,11 +338,14 @@ class TP(TargetRule):
                 n = math.prod(self._stream)
                 self.fb[l] = Dense(role, layer.fan_out, n, net.K, True, rule, net.dtype, net.device)
             elif net.residual(l):  # a block's feedback branch, with the block's depth factors
+                # the stream's own map h -> h + a (V phi(h) + c) (whatever the block computes: a user's block
+                # of several layers gets this one-layer feedback branch, read by its first conv's kernel)
                 rule = net.param.feedback_rule(role, layer.fan_in, net.width, depth=net.rule_depth, residual=True)
-                if isinstance(layer, Dense):
-                    self.fb[l] = Branch(role, layer.fan_in, layer.fan_out, net.K, True, rule, net.dtype, net.device)
+                c = self._stream[0]
+                if len(self._stream) == 1:
+                    self.fb[l] = Branch(role, c, c, net.K, True, rule, net.dtype, net.device)
                 else:
-                    self.fb[l] = ConvFeedbackBranch(role, layer.c_in, layer.c_out, layer.k, net.K, True, rule,
+                    self.fb[l] = ConvFeedbackBranch(role, c, c, layer.k, net.K, True, rule,
                                                     net.dtype, net.device, positions=math.prod(self._stream[1:]))
             elif isinstance(layer, Dense):
                 rule = net.param.feedback_rule(role, layer.fan_out, net.width)
