@@ -36,6 +36,37 @@ def test_old_store_resumes_with_nothing_rerun(tmp_path):
 ADDED = {
     "$.parameterization.optimizer",  # Parameterization.optimizer: the optimizer its exponents are for
     "$.parameterization.eps_exponents",  # muP with Adam: microsoft/mup's eps rule on the readout (test_adapter_mup)
+    # coord: each W_l(0) Delta a_{l-1} term's random-matrix control, aligned excess and its noise floor; which term the
+    # verdict reads (tests/test_coord_excess.py)
+    "$.excess",
+    "$.max_abs_slope_raw",
+    "$.rms.Wdh_ctrl_2",
+    "$.rms.Wdh_ctrl_3",
+    "$.rms.Wdh_xs_2",
+    "$.rms.Wdh_xs_3",
+    "$.rms.Wdh_floor_2",
+    "$.rms.Wdh_floor_3",
+    "$.rms.df_ctrl",
+    "$.rms.df_xs",
+    "$.rms.df_floor",
+    "$.slopes.Wdh_ctrl_2",
+    "$.slopes.Wdh_ctrl_3",
+    "$.slopes.Wdh_xs_2",
+    "$.slopes.Wdh_xs_3",
+    "$.slopes.Wdh_floor_2",
+    "$.slopes.Wdh_floor_3",
+    "$.slopes.df_ctrl",
+    "$.slopes.df_xs",
+    "$.slopes.df_floor",
+    "$.slopes_per_step.Wdh_ctrl_2",
+    "$.slopes_per_step.Wdh_ctrl_3",
+    "$.slopes_per_step.Wdh_xs_2",
+    "$.slopes_per_step.Wdh_xs_3",
+    "$.slopes_per_step.Wdh_floor_2",
+    "$.slopes_per_step.Wdh_floor_3",
+    "$.slopes_per_step.df_ctrl",
+    "$.slopes_per_step.df_xs",
+    "$.slopes_per_step.df_floor",
     "$.other_metric",  # report: the transfer metrics by the other metric (test accuracy / training loss)
     "$.families[].best_test_accuracy", "$.families[].learns",  # report: does the family learn at all
     "$.families[].inference",  # report: PC inference status of the family's cells
@@ -51,6 +82,9 @@ CHANGED = {
     # (tests/test_sweep.py::test_bootstrap_includes_the_grid_resolution)
     "$.families[].best[].log2_std", "$.families[].transfer.slope_boot_std", "$.families[].transfer.slope_err",
     "$.other_metric.families[].transfer.slope_boot_std", "$.other_metric.families[].transfer.slope_err",
+    # coord: the verdict counts a term's aligned excess (Wdh_xs_l) in place of its raw value where it is resolved
+    # (tests/test_coord_excess.py)
+    "$.counted[]",
 }
 
 

@@ -214,8 +214,8 @@ def plot_coord(res, path: str, title: str = "") -> str:
             ax.plot(res.widths, [row[t] for row in table], "o-", ms=3, lw=1,
                     color=cmap(t / max(steps - 1, 1)), label=f"step {t + 1}")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        if vals:
+        if vals:  # an all-zero panel (an unresolved aligned excess) stays linear: nothing to log-scale
+            ax.set_yscale("log")
             lo, hi = min(vals), max(vals)
             mid = math.sqrt(lo * hi)
             ax.set_ylim(min(lo / 2, mid / 10 ** 1.5), max(hi * 2, mid * 10 ** 1.5))
