@@ -155,3 +155,17 @@ class ModuleLayer(Layer):
 
     def grads(self, delta, a):
         raise ConfigError(f"model layer {self.name} has several tensors: use param_grads")
+
+    # ---------------------------------------------------------------- what a coordinate check reads
+    @property
+    def matrix_index(self) -> int:
+        """The index in ``tensors()`` of ``weight`` (the first matrix)."""
+        return next((i for i, t in enumerate(self.params) if t is self.weight), 0)
+
+    def own_change(self, a, start) -> torch.Tensor:
+        """g(a; theta) - g(a; theta_start): the change of the unit's output caused by its own tensors at input a."""
+        return self._all(self.params, a) - self._all(start, a)
+
+    def input_change(self, a, a_start, start) -> torch.Tensor:
+        """g(a; theta_start) - g(a_start; theta_start): the change caused by its input through the frozen unit."""
+        return self._all(start, a) - self._all(start, a_start)

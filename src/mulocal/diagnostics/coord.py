@@ -291,10 +291,19 @@ def aligned_excess(raw: torch.Tensor, ctrl: torch.Tensor, var0: torch.Tensor,
     return math.sqrt(max(d, 0.0)), math.sqrt(z * sigma0)
 
 
-def own_update(layer, inp: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None) -> torch.Tensor:
+def own_update(layer, inp: torch.Tensor, w0, b0: torch.Tensor | None) -> torch.Tensor:
     """(W(t) - W(0)) inp + b(t) - b(0): the layer's own update applied to ``inp``, as the layer applies it
-    (its multipliers, a residual branch's included)."""
+    (its multipliers, a residual branch's included). A general block (a user's module, ``adapter.ModuleLayer``;
+    ``w0`` its tensors at the start) is not linear in its weights: g(inp; theta(t)) - g(inp; theta(0))."""
+    if _block(layer):
+        return layer.own_change(inp, w0)
     return layer.forward(inp, layer.weight - w0, False if layer.bias is None else layer.bias - b0)
+
+
+def _block(layer) -> bool:
+    """A layer that is not linear in its input (a user's general module): W_l(0) Delta a is its change through the
+    frozen block, g(a(t); theta(0)) - g(a(0); theta(0)), with no random-matrix control (it has no single W)."""
+    return not getattr(layer, "linear_in_input", True)
 
 
 @torch.no_grad()
@@ -308,6 +317,13 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     for l in range(1, L + 1):
         layer = net.layers[l - 1]
         out[f"dWh_{l}"] = rms(own_update(layer, acts[l - 1], w0[l - 1], b0[l - 1]))
+        if _block(layer):  # the change through the frozen block; its first matrix for W_l and dW_l
+            start = w0[l - 1][layer.matrix_index]
+            if l >= 2:
+                out[f"Wdh_{l}"] = rms(layer.input_change(acts[l - 1], acts0[l - 1], w0[l - 1]))
+            out[f"W_{l}"] = rms(start) * layer.mults[layer.matrix_index]
+            out[f"dW_{l}"] = rms(layer.weight - start) * layer.mults[layer.matrix_index]
+            continue
         dw = layer.weight - w0[l - 1]
         if l >= 2:
             da = acts[l - 1] - acts0[l - 1]
@@ -320,8 +336,8 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     out["df"] = rms(us[-1] - f0)
     out["f"] = rms(us[-1])
     # the aligned excess over the random-matrix part, and its floor; df = dWh_L + Wdh_L has Wdh_L's random part
-    terms = [(f"Wdh_{l}", l) for l in range(2, L + 1)] + ([("df", L)] if L >= 2 else [])
-    if L >= 2:
+    terms = [(f"Wdh_{l}", l) for l in range(2, L + 1) if l in var0] + ([("df", L)] if L in var0 else [])
+    if L in var0:
         out["df_ctrl"] = out[f"Wdh_ctrl_{L}"]
     for name, l in terms:
         xs, floor = aligned_excess(out[name], out[_part(name, "ctrl")], var0[l])
@@ -379,8 +395,8 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         if axis == "depth" and not net.residual_net:
             raise ConfigError(f"a depth check needs a residual net (--arch resmlp or rescnn), got a {net.kind}")
         opt = LayerwiseOptimizer.for_net(net, lr, optimizer, momentum=momentum)
-        w0 = [layer.weight.clone() for layer in net.layers]
-        b0 = [None if layer.bias is None else layer.bias.clone() for layer in net.layers]
+        w0 = [[t.clone() for t in layer.tensors()] if _block(layer) else layer.weight.clone() for layer in net.layers]
+        b0 = [None if (_block(layer) or layer.bias is None) else layer.bias.clone() for layer in net.layers]
         us0, acts0 = net.forward(probe)
         per_step: dict[str, list[float]] = {}
         for x, y in batches:
