@@ -15,7 +15,7 @@ import sys
 from ..errors import ConfigError
 from .blocks import Residual
 from .net import ModuleNet
-from .read import read
+from . import read as _reader  # the module (not its function: mulocal.adapter.read stays the module)
 
 
 def load_factory(spec: str):
@@ -51,6 +51,6 @@ def structure(spec: str, input_shape: tuple, base_width: int, depth: int | None 
     """(has residual units, number of units, has a conv unit above the first: TP's feedback of it is a conv) of the
     model ``spec`` names, built at the base width: what a cell records about its net before any net exists."""
     from torch import nn
-    _, units, _ = read(load_factory(spec), base_width, tuple(input_shape), base_width, depth)
+    _, units, _ = _reader.read(load_factory(spec), base_width, tuple(input_shape), base_width, depth)
     conv = any(isinstance(u.core, nn.Conv2d) for u in units[1:])
     return any(u.residual for u in units), len(units), conv
