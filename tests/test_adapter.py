@@ -377,3 +377,32 @@ def test_dtp_on_general_residual_blocks_trains_the_stream_feedback_branch():
     from mulocal.algos.tp import ConvFeedbackBranch
     assert isinstance(rule.fb[2], ConvFeedbackBranch) and rule.fb[2].branch == pytest.approx(2 ** -0.5)
     assert losses[-1] < losses[0]
+
+
+def test_coordinate_check_terms_of_a_general_block_are_its_changes_written_with_the_users_module():
+    """What coord reads for a general block (the user's two-conv Block, branch multiplier 2^-1/2): its own update
+    g(a(t); theta(t)) - g(a(t); theta(0)) and W(0) Delta a generalised, g(a(t); theta(0)) - g(a(0); theta(0)), with
+    g(v) = 2^-1/2 (block(v) - v) written with copies of the user's module holding the start / current weights. Breaks
+    if either reads the wrong weights or input (the own update leaking into the input's term)."""
+    import copy
+    param = preset("mup", "sgd", base_width=2)
+    net = ModuleNet(U.resnet, (1, 28, 28), 4, param, K=1, seeds=[0], dtype=F64)
+    layer, unit = net.layers[1], net.units[1]
+    start = [t.clone() for t in layer.tensors()]
+    x, y = _data((1, 28, 28))
+    a0 = net.forward(x)[1][1]
+    grads, _ = make_algo("bp").step(net, x, y)
+    for t, g in zip(net.params(), grads):
+        t.sub_(0.5 * g)
+    a1 = net.forward(x)[1][1]
+
+    def block(tensors):
+        m = copy.deepcopy(unit.module).double()
+        with torch.no_grad():
+            for p, t in zip(m.parameters(), tensors):
+                p.copy_(t[0])
+        return lambda v: 2 ** -0.5 * (m(v[0]) - v[0])
+    with torch.no_grad():
+        g_now, g_start = block(layer.tensors()), block(start)
+        assert close(layer.own_change(a1, start)[0], g_now(a1) - g_start(a1))[0]
+        assert close(layer.input_change(a1, a0, start)[0], g_start(a1) - g_start(a0))[0]
