@@ -130,8 +130,8 @@ def test_the_readmes_own_model_example_runs(tmp_path):
     code = re.search(r"```python\n# mycnn.py\n(.*?)```", section, re.S).group(1)
     (tmp_path / "mycnn.py").write_text(code)
     bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
-    small = {"--widths 16,32,64": "--widths 4,8", "--log2-lrs=-5:0": "--log2-lrs=-2:-1",
-             "--train-subset 8192": "--train-subset 256 --test-subset 256", "--width 256": "--width 16",
+    small = {"--base-width 16 --widths 16,32,64": "--base-width 4 --widths 4,8", "--log2-lrs=-7:-2": "--log2-lrs=-3:-2",
+             "--train-subset 4096": "--train-subset 256 --test-subset 256", "--width 256": "--width 16",
              "--width 128 --epochs 1": "--width 8 --epochs 1 --max-steps 3 --train-subset 256 --test-subset 256"}
     for line in bash.strip().splitlines():
         cmd = line.split("#")[0].split()
