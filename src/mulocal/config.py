@@ -29,6 +29,7 @@ from .util import COMPILE_MODES, DEFAULT_LR  # noqa: F401 (the command line read
 
 DTYPES = ("float32", "float64", "tf32")  # tf32: float32 tensors, TensorFloat-32 products on a GPU (TrainConfig.tf32)
 GROUPS = ("learning rule", "parameterization", "model", "data", "training")
+ZOO_ARCHS = ("vgg5", "vgg7")  # zoo.py's nets (built through the adapter; kept here so config imports no torch)
 INPUT_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (32,)}
 
 
@@ -59,8 +60,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("gamma_bar_L", "float", 0.0, "PC output energy weight gamma_L = gamma'_L m^-gbar_L (muP with SGD shifts "
           "its LR exponents by it; 0 = SGD-like, -1 = Gauss-Newton-like)", "parameterization"),
     Field("base_width", "int", BASE_WIDTH, "width at which every preset equals SP", "parameterization"),
-    Field("arch", "str", "mlp", "mlp, cnn, resmlp or rescnn (residual MLP / CNN with depth-muP: docs/depth.md)",
-          "model"),
+    Field("arch", "str", "mlp", "mlp, cnn, resmlp, rescnn (residual MLP / CNN with depth-muP: docs/depth.md), vgg5 "
+          "or vgg7 (PCX's VGG nets, channels = multiples of the width, 128 = full; their depth is fixed: --depth does "
+          "not apply; docs/conv.md)", "model"),
     Field("depth", "int", 3, "number of weight layers", "model"),
     Field("model", "str?", None, "your own model: package.module:factory, a function make(width) -> nn.Sequential "
           "(make(width, depth=...) if it takes depth); replaces --arch (docs/api.md, \"Your own model\")", "model",
@@ -222,11 +224,16 @@ def resolved_algo(cell: dict) -> dict:
         residual, units, _ = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
                                        cell["depth"])
         out = resolve(out, residual, units, param_of(cell))
+    elif resolve is not None and cell["arch"] in ZOO_ARCHS:  # zoo.py's nets: plain, their own number of layers
+        from .zoo import weight_layers
+        out = resolve(out, False, weight_layers(cell["arch"]), param_of(cell))
     elif resolve is not None:
         from .nets import RESIDUAL_ARCHS
         out = resolve(out, cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], param_of(cell))
     facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
-    if facts is not None and not cell.get("model"):  # the native nets (``arch``)
+    if facts is not None and not cell.get("model") and cell["arch"] in ZOO_ARCHS:  # conv units above the first
+        out.update(facts(out, "cnn", 3))
+    elif facts is not None and not cell.get("model"):  # the native nets (``arch``)
         out.update(facts(out, cell["arch"], cell["depth"]))
     elif facts is not None:  # a user's model: conv feedback where a conv unit sits above the first
         from .adapter import structure
@@ -324,6 +331,18 @@ class Run:
         from .nets import build
         c = self.cell
         seeds = list(self.seeds if seeds is None else seeds)
+        if c["arch"] in ZOO_ARCHS and not c.get("model"):  # zoo.py's nets, run through the adapter
+            from . import zoo
+            from .adapter import ModuleNet
+            fixed = zoo.weight_layers(c["arch"])
+            for d in (c["depth"], depth):
+                if d is not None and d not in (FIELDS["depth"].default, fixed):
+                    raise ConfigError(f"--depth does not apply to {c['arch']} (its {fixed} weight layers are fixed), "
+                                      f"got depth {d}: leave it at its default")
+            make = zoo.factory(c["arch"], self.data.input_shape, c["activation"], self.data.n_classes,
+                               c["bias"] if bias is None else bias)
+            return ModuleNet(make, self.data.input_shape, width, param or self.param, K=K or len(seeds), seeds=seeds,
+                             dtype=torch_dtype(c["dtype"]), device=self.device, spec=f"mulocal.zoo:{c['arch']}")
         if c.get("model"):
             from .adapter import ModuleNet, load_factory
             return ModuleNet(load_factory(c["model"]), self.data.input_shape, width, param or self.param,

@@ -482,7 +482,7 @@ class ResCNN(_Residual, Net):
                     pool=self.pool, in_pool=self.in_pool)
 
 
-ARCHS = ("mlp", "cnn", "resmlp", "rescnn")
+ARCHS = ("mlp", "cnn", "resmlp", "rescnn", "vgg5", "vgg7")  # vgg5 / vgg7: zoo.py nets, built through the adapter
 RESIDUAL_ARCHS = ("resmlp", "rescnn")  # nets with residual blocks (``Net.residual_net`` from depth 3)
 
 
@@ -501,6 +501,9 @@ def cnn_plan(in_shape: Sequence[int], width: int, depth: int):
 def sizes(arch: str, input_shape: Sequence[int], out_dim: int, width: int, depth: int, kernel: int = KERNEL,
           bias: bool = True) -> tuple[int, int]:
     """(parameters, activations per sample) of one replica, without building it (memory planning)."""
+    if arch in ("vgg5", "vgg7"):  # zoo.py's nets: their own plan (depth, kernel do not apply)
+        from .zoo import sizes as zoo_sizes
+        return zoo_sizes(arch, input_shape, out_dim, width, bias)
     if arch == "cnn":
         convs, (c, h, w) = cnn_plan(input_shape, width, depth)
         params = sum(c_in * kernel * kernel * width + width * bias for _, c_in, _ in convs)

@@ -139,6 +139,15 @@ class ModuleNet(Net):
     def residual_net(self) -> bool:
         return any(self._res)
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``Net.prepare_input``; an input shared by the replicas goes through the input's modules once and is
+        then expanded over K (a view, as the native nets' flattened input: no K copies)."""
+        x = torch.as_tensor(x)
+        if x.dim() == len(self.input_shape) + 1 and tuple(x.shape[1:]) == self.input_shape:
+            a = self.post(0, x.to(self.device, self.dtype).unsqueeze(0))
+            return a.expand(self.K, *a.shape[1:])
+        return super().prepare_input(x)
+
     def post(self, l, u):
         mods = self._posts[l]
         if not mods:
