@@ -248,3 +248,63 @@ def emit(result: dict, as_json: bool, print_table) -> None:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
+
+
+# ------------------------------------------------------------------------------------ a peer in a child process
+class PCXSide:
+    """A peer library's side run as a child process (``script`` with the peer's ``python``, e.g. PCX's JAX):
+    started on an .npz of weights, batches and settings, then one JSON object per line on stdout for each command
+    on stdin (the protocol: the script's docstring). ``check()`` runs the check steps and returns (losses, the
+    weights the child wrote to ``out``); ``time(n)`` the seconds of n steps; ``close()`` ends it."""
+
+    def __init__(self, python: str, script, npz, out, extra_args=(), env=None):
+        from pathlib import Path
+        import subprocess
+        self.err_path, self.out = Path(npz).with_suffix(".stderr"), out
+        self._err = open(self.err_path, "w")
+        try:
+            self.proc = subprocess.Popen([python, str(script), "--npz", str(npz), "--out", str(out), *extra_args],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                         env=env)
+        except OSError as err:
+            raise RuntimeError(f"cannot start the PCX side with {python}: {err}") from None
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            self._err.flush()
+            tail = self.err_path.read_text()[-2000:].strip()
+            raise RuntimeError(f"the PCX side stopped (status {self.proc.returncode}): {tail}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"the PCX side: {msg['error']}")
+        return msg
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def check(self) -> tuple[list[float], list]:
+        import numpy as np
+        losses = self.ask("check")["losses"]
+        with np.load(self.out) as z:
+            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+        return losses, weights
+
+    def time(self, n: int) -> float:
+        return self.ask(f"time {n}")["seconds"]
+
+    def close(self) -> None:
+        import subprocess
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        finally:
+            self._err.close()

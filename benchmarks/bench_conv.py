@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from _common import PCXSide as _PCXChild
 from _common import (BUSY_HINT, emit, environment, load_average, make_parser, print_header, resolve_device)
 from mulocal import zoo
 from mulocal.adapter import ModuleNet
@@ -155,59 +156,14 @@ def agreement(ours, theirs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the PCX side
-class PCXSide:
+class PCXSide(_PCXChild):
     """The child process running ``_pcx_conv_side.py`` with PCX's Python (its protocol: that file's docstring)."""
 
     def __init__(self, python: str, npz: Path, out: Path, threads: int, x64: bool = False):
-        self.err_path, self.out = npz.with_suffix(".stderr"), out
-        self._err = open(self.err_path, "w")
         env = dict(os.environ)
         if threads == 1:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
-        try:
-            self.proc = subprocess.Popen([python, str(PCX_SIDE), "--npz", str(npz), "--out", str(out)]
-                                         + (["--x64"] if x64 else []),
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
-                                         env=env)
-        except OSError as err:
-            raise RuntimeError(f"cannot start the PCX side with {python}: {err}") from None
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        import json
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            self._err.flush()
-            tail = Path(self.err_path).read_text()[-2000:].strip()
-            raise RuntimeError(f"the PCX side stopped (status {self.proc.returncode}): {tail}")
-        msg = json.loads(line)
-        if "error" in msg:
-            raise RuntimeError(f"the PCX side: {msg['error']}")
-        return msg
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def check(self):
-        import numpy as np
-        losses = self.ask("check")["losses"]
-        with np.load(self.out) as z:
-            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-        return losses, weights
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-        finally:
-            self._err.close()
+        super().__init__(python, PCX_SIDE, npz, out, ["--x64"] if x64 else [], env=env)
 
 
 def start_pcx(args, data: Dataset, tmp: Path, init: list, x64: bool = False) -> PCXSide:

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import PCXSide as _PCXChild
 from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
                      resolve_device, shuffled_steps, KeptTrainer)
@@ -261,58 +262,11 @@ def mulocal_check(data: Dataset, width: int, h_lr: float, lr: float, steps: int,
     return init, losses, [p[0].detach().cpu().numpy() for p in net.params()]
 
 
-class PCXSide:
-    """The PCX child process (``_pcx_side.py`` run with ``python``): started on an .npz of weights, batches and
-    settings; ``check()`` and ``time(n)`` as its protocol says; ``close()`` ends it."""
+class PCXSide(_PCXChild):
+    """The PCX child process (``_pcx_side.py`` run with ``python``): ``_common.PCXSide``'s protocol."""
 
     def __init__(self, python: str, npz: Path, out: Path):
-        self.err_path = npz.with_suffix(".stderr")
-        self._err = open(self.err_path, "w")
-        self.out = out
-        try:
-            self.proc = subprocess.Popen([python, str(PCX_SIDE), "--npz", str(npz), "--out", str(out)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
-        except OSError as err:
-            raise RuntimeError(f"cannot start the PCX side with {python}: {err}") from None
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            self._err.flush()
-            tail = Path(self.err_path).read_text()[-2000:].strip()
-            raise RuntimeError(f"the PCX side stopped (status {self.proc.returncode}): {tail}")
-        msg = json.loads(line)
-        if "error" in msg:
-            raise RuntimeError(f"the PCX side: {msg['error']}")
-        return msg
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def check(self) -> tuple[list[float], list]:
-        import numpy as np
-        losses = self.ask("check")["losses"]
-        with np.load(self.out) as z:
-            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-        return losses, weights
-
-    def time(self, n: int) -> float:
-        return self.ask(f"time {n}")["seconds"]
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-        finally:
-            self._err.close()
+        super().__init__(python, PCX_SIDE, npz, out)
 
 
 def start_pcx(python: str, data: Dataset, tmp: Path, init: list, h_lr: float, lr: float, check_steps: int) -> PCXSide:
