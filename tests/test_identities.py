@@ -102,7 +102,9 @@ def test_optimizer_matches_torch(kind, lr, momentum, wd, steps, seed):
     ref = [p.clone().requires_grad_() for p in net.params()]
     # m = 4; W1, b1, W2, b2, W3, b3. SGD muP: c = (-1, 0, 1), biases (-1, 0); Adam: c = (0, 1, 1), biases 0
     scales = [4, 4, 1, 4, 0.25, 1] if kind == "sgd" else [1, 1, 0.25, 1, 0.25, 1]
-    groups = [{"params": [r], "lr": lr * s} for r, s in zip(ref, scales)]
+    # Adam's eps under muP: microsoft/mup's readout rule, eps * m on W3 (not its bias), eps elsewhere
+    eps = [1e-8 * e for e in ([1, 1, 1, 1, 4, 1] if kind == "adam" else [1] * 6)]
+    groups = [{"params": [r], "lr": lr * s, "eps": e} for r, s, e in zip(ref, scales, eps)]
     torch_opt = (torch.optim.SGD(groups, momentum=momentum, weight_decay=wd) if kind == "sgd"
                  else torch.optim.Adam(groups, weight_decay=wd))
     opt = LayerwiseOptimizer.for_net(net, lr, kind, momentum=momentum, weight_decay=wd)
