@@ -406,3 +406,18 @@ def test_coordinate_check_terms_of_a_general_block_are_its_changes_written_with_
         g_now, g_start = block(layer.tensors()), block(start)
         assert close(layer.own_change(a1, start)[0], g_now(a1) - g_start(a1))[0]
         assert close(layer.input_change(a1, a0, start)[0], g_start(a1) - g_start(a0))[0]
+
+
+def test_a_users_plain_mlp_takes_pcs_fused_parallel_step():
+    """The fused parallel PC step (algos/pc/fused.py) applies to a user's Linear/Tanh MLP as to nets.MLP (the same
+    numbers: the equivalence test above runs it), and not to a model with a LayerNorm unit or mixed activations."""
+    pc = make_algo("pc", inference="parallel", T=2)
+    param = preset("mup", "sgd", base_width=4)
+    net = ModuleNet(lambda w: U.mlp(w, 4), (1, 28, 28), 8, param)
+    pc._resolve(net, 4)
+    assert net.plain_mlp and pc.fused(net)
+    mixed = ModuleNet(lambda w: nn.Sequential(nn.Flatten(), nn.Linear(784, w), nn.Tanh(), nn.Linear(w, w), nn.ReLU(),
+                                              nn.Linear(w, 10)), (1, 28, 28), 8, param)
+    norm = ModuleNet(lambda w: nn.Sequential(nn.Linear(6, w), nn.Tanh(), _Norm(w), nn.Tanh(), nn.Linear(w, 10)), (6,),
+                     8, param)
+    assert not mixed.plain_mlp and not norm.plain_mlp

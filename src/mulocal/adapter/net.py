@@ -128,6 +128,15 @@ class ModuleNet(Net):
 
     # ---------------------------------------------------------------- structure
     @property
+    def plain_mlp(self) -> bool:
+        """Whether the model is an MLP as ``nets.MLP`` computes it: Linear units only, no residual one, the model's
+        one activation (tanh, relu, linear) alone between them (PC's fused parallel step applies: algos/pc/fused.py)."""
+        return (all(type(layer) is Dense for layer in self.layers) and not any(self._res)
+                and self.activation in ("tanh", "relu", "linear")
+                and all(kind == self.activation or (kind == "identity" and self.activation == "linear")
+                        for kind in self._lin[1:]))
+
+    @property
     def rule_depth(self) -> int:
         """The residual units plus the input and output layers: d = (number of residual units) / (H_0 - 2)."""
         return self.blocks + 2

@@ -20,9 +20,10 @@ from .steps import kappas
 
 def applies(pc, net: Net) -> bool:
     """Whether ``PC.step`` takes this path: parallel inference without FPA, guard, record, tol, momentum or
-    incremental updates, on a plain MLP (``MLP`` builds Dense layers only; ResMLP, a subclass, is excluded)."""
+    incremental updates, on a plain MLP (``MLP`` builds Dense layers only; ResMLP, a subclass, is excluded; a user's
+    model of Linear units with one elementwise activation between them: ``adapter.ModuleNet.plain_mlp``)."""
     return (pc.mode == "parallel" and not (pc.fpa or pc.guard or pc.record or pc.momentum or pc.incremental)
-            and pc.tol is None and type(net) is MLP)
+            and pc.tol is None and (type(net) is MLP or getattr(net, "plain_mlp", False)))
 
 
 def _top(pc, f: torch.Tensor, onehot: torch.Tensor, lab: torch.Tensor, need_loss: bool = True):
