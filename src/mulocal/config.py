@@ -219,10 +219,12 @@ def resolved_algo(cell: dict) -> dict:
     out = defaults_of(cell["algo"])
     out.update(given, loss=cell["loss"])
     resolve = getattr(check_algo(cell["algo"]), "resolve_options", None)  # what "auto" options become on this net
-    if resolve is not None and cell.get("model"):  # a user's model: its residual units, its number of units
+    facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
+    if cell.get("model") and (resolve or facts):  # a user's model: residual units, number of units, conv feedback
         from .adapter import structure
-        residual, units, _ = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
-                                       cell["depth"])
+        residual, units, conv = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
+                                          cell["depth"])
+    if resolve is not None and cell.get("model"):
         out = resolve(out, residual, units, param_of(cell))
     elif resolve is not None and cell["arch"] in ZOO_ARCHS:  # zoo.py's nets: plain, their own number of layers
         from .zoo import weight_layers
@@ -230,14 +232,11 @@ def resolved_algo(cell: dict) -> dict:
     elif resolve is not None:
         from .nets import RESIDUAL_ARCHS
         out = resolve(out, cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], param_of(cell))
-    facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
     if facts is not None and not cell.get("model") and cell["arch"] in ZOO_ARCHS:  # conv units above the first
         out.update(facts(out, "cnn", 3))
     elif facts is not None and not cell.get("model"):  # the native nets (``arch``)
         out.update(facts(out, cell["arch"], cell["depth"]))
     elif facts is not None:  # a user's model: conv feedback where a conv unit sits above the first
-        from .adapter import structure
-        conv = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width, cell["depth"])[2]
         out.update(facts(out, "cnn" if conv else "mlp", 3))
     keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed

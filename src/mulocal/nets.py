@@ -64,6 +64,14 @@ class Layer:
         gw, gb = self.grads(delta, a)
         return [gw] if gb is None else [gw, gb]
 
+    def draw(self, k: int, gen: torch.Generator) -> None:
+        """Replica k's start from ``gen`` (its seed's ``init`` stream): W ~ N(0, init_std^2) drawn in float64 on the
+        CPU, then cast; the bias at zero."""
+        w = torch.randn(self.weight.shape[1:], generator=gen, dtype=torch.float64) * self.rule.init_std
+        self.weight[k].copy_(w)
+        if self.bias is not None:
+            self.bias[k].zero_()
+
 
 class Dense(Layer):
     """u = mult * a W^T + b with W of shape (K, out, in)."""
@@ -119,12 +127,23 @@ class Branch(_Branch, Dense):
 
 
 class Conv(Layer):
-    """Same-padded 2-D convolution per replica, as one grouped convolution."""
+    """2-D convolution per replica, as one grouped convolution: same-padded k x k by default (the native nets'); a
+    user's ``nn.Conv2d`` (``adapter``) gives its kernel (kh, kw), stride, padding, dilation and input size ``in_hw``
+    (W^T delta's output padding puts back the rows a stride dropped)."""
 
-    def __init__(self, role, c_in, c_out, k, K, bias, rule, dtype, device):
-        self.role, self.fan_in, self.fan_out, self.rule, self.k = role, c_in * k * k, c_out, rule, k
+    def __init__(self, role, c_in, c_out, k, K, bias, rule, dtype, device, stride=1, padding=None, dilation=1,
+                 in_hw=None):
+        kh, kw = (k, k) if isinstance(k, int) else tuple(k)
+        self.role, self.fan_in, self.fan_out, self.rule, self.k = role, c_in * kh * kw, c_out, rule, kh
         self.c_in, self.c_out, self.K, self.mult = c_in, c_out, K, rule.multiplier
-        self.weight = torch.zeros(K, c_out, c_in, k, k, dtype=dtype, device=device)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = (kh // 2, kw // 2) if padding is None else _pair(padding)
+        self.out_padding = (0, 0)
+        if in_hw is not None:  # n_out = (n + 2 p - d (k - 1) - 1) // s + 1; the transpose maps back to n_out's span
+            self.out_padding = tuple(
+                n - (((n + 2 * p - d * (q - 1) - 1) // s) * s - 2 * p + d * (q - 1) + 1)
+                for n, s, p, d, q in zip(in_hw, self.stride, self.padding, self.dilation, (kh, kw)))
+        self.weight = torch.zeros(K, c_out, c_in, kh, kw, dtype=dtype, device=device)
         self.bias = torch.zeros(K, c_out, dtype=dtype, device=device) if bias else None
 
     def _group(self, a):  # (K, B, C, H, W) -> (B, K*C, H, W)
@@ -139,29 +158,35 @@ class Conv(Layer):
         """Apply the layer (``weight`` / ``bias`` override the layer's own; ``bias=False`` drops it)."""
         w = self.weight if weight is None else weight
         b = self.bias if bias is None else (None if bias is False else bias)
-        y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, padding=self.k // 2, groups=self.K)
+        y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, self.stride, self.padding, self.dilation,
+                     groups=self.K)
         y = self._ungroup(y)
         if self.mult != 1:
             y = y * self.mult
         return y if b is None else y + b[:, None, :, None, None]
 
     def backward_input(self, delta, a=None):
-        w = self.weight.reshape(-1, self.c_in, self.k, self.k)
-        g = F.conv_transpose2d(self._group(delta), w, padding=self.k // 2, groups=self.K)
+        w = self.weight.reshape(-1, *self.weight.shape[2:])
+        g = F.conv_transpose2d(self._group(delta), w, None, self.stride, self.padding, self.out_padding,
+                               groups=self.K, dilation=self.dilation)
         return self._ungroup(g) * self.mult
 
     def grads(self, delta, a):
         # One ungrouped weight-gradient call per replica: CPU kernels for grouped weight gradients
         # with few input channels per group are over 10x slower.
         B = delta.shape[1]
-        gw = torch.stack([conv2d_weight(a[k], self.weight.shape[1:], delta[k], padding=self.k // 2)
-                          for k in range(self.K)]).mul_(self.mult / B)
+        gw = torch.stack([conv2d_weight(a[k], self.weight.shape[1:], delta[k], self.stride, self.padding,
+                                        self.dilation) for k in range(self.K)]).mul_(self.mult / B)
         gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
         return gw, gb
 
 
 class ConvBranch(_Branch, Conv):
     """A convolutional residual branch a (mult conv(W, x) + b) (same padding: the stream keeps its shape)."""
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
 
 
 class Net:
@@ -212,10 +237,7 @@ class Net:
         for k, seed in enumerate(seeds):
             gen = generator("init", seed)
             for layer in self.layers:
-                w = torch.randn(layer.weight.shape[1:], generator=gen, dtype=torch.float64) * layer.rule.init_std
-                layer.weight[k].copy_(w)
-                if layer.bias is not None:
-                    layer.bias[k].zero_()
+                layer.draw(k, gen)
         return self
 
     def config(self) -> dict:

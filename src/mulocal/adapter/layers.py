@@ -12,60 +12,20 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.grad import conv2d_weight
 
 from ..errors import ConfigError, MulocalWarning
 from ..nets import Conv, Layer, _Branch
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
-
-
 class AffineConv(Conv):
-    """An ``nn.Conv2d`` (one group, zero padding; any kernel, stride, padding, dilation) per replica, as one grouped
-    convolution: u = mult * conv(W, a) + b, W of shape (K, c_out, c_in, kh, kw)."""
+    """A user's ``nn.Conv2d`` (one group, zero padding; any kernel, stride, padding, dilation) per replica: the native
+    ``nets.Conv`` with the module's hyperparameters, W of shape (K, c_out, c_in, kh, kw)."""
 
     def __init__(self, role, conv: nn.Conv2d, in_hw, K, rule, dtype, device):
-        kh, kw = conv.kernel_size
-        self.role, self.rule, self.K, self.mult = role, rule, K, rule.multiplier
-        self.c_in, self.c_out, self.ksize = conv.in_channels, conv.out_channels, (kh, kw)
-        self.k = kh
-        self.fan_in, self.fan_out = self.c_in * kh * kw, self.c_out
-        self.stride, self.padding, self.dilation = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
-        self.in_hw = tuple(int(s) for s in in_hw)
-        out_hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                  zip(self.in_hw, self.padding, self.dilation, self.ksize, self.stride)]
-        # conv_transpose2d maps back to the input size only with the rows a stride dropped put back
-        self.out_padding = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for n, o, s, p, d, k in
-                                 zip(self.in_hw, out_hw, self.stride, self.padding, self.dilation, self.ksize))
-        self.weight = torch.zeros(K, self.c_out, self.c_in, kh, kw, dtype=dtype, device=device)
-        self.bias = torch.zeros(K, self.c_out, dtype=dtype, device=device) if conv.bias is not None else None
-
-    def forward(self, a, weight=None, bias=None):
-        w = self.weight if weight is None else weight
-        b = self.bias if bias is None else (None if bias is False else bias)
-        y = F.conv2d(self._group(a), w.reshape(-1, *w.shape[2:]), None, self.stride, self.padding, self.dilation,
-                     groups=self.K)
-        y = self._ungroup(y)
-        if self.mult != 1:
-            y = y * self.mult
-        return y if b is None else y + b[:, None, :, None, None]
-
-    def backward_input(self, delta, a=None):
-        w = self.weight.reshape(-1, self.c_in, *self.ksize)
-        g = F.conv_transpose2d(self._group(delta), w, None, self.stride, self.padding, self.out_padding,
-                               groups=self.K, dilation=self.dilation)
-        return self._ungroup(g) * self.mult
-
-    def grads(self, delta, a):
-        B = delta.shape[1]  # one ungrouped weight-gradient call per replica, as nets.Conv (CPU kernels)
-        gw = torch.stack([conv2d_weight(a[k], self.weight.shape[1:], delta[k], self.stride, self.padding,
-                                        self.dilation) for k in range(self.K)]).mul_(self.mult / B)
-        gb = delta.sum((3, 4)).mean(1) if self.bias is not None else None
-        return gw, gb
+        super().__init__(role, conv.in_channels, conv.out_channels, conv.kernel_size, K, conv.bias is not None, rule,
+                         dtype, device, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                         in_hw=tuple(int(s) for s in in_hw))
 
 
 class AffineConvBranch(_Branch, AffineConv):
@@ -129,6 +89,18 @@ class ModuleLayer(Layer):
             self._all(self.params, a)
 
     # ---------------------------------------------------------------- the layer interface
+    def draw(self, k: int, gen: torch.Generator) -> None:
+        """Replica k's start from ``gen``: each matrix ~ N(0, its init_std^2) (float64, then cast), in the module's
+        parameter order; biases at zero; other vector-like tensors (norm gains) at the module's own values."""
+        start = dict(self.module.named_parameters())
+        for t, s, r in zip(self.params, self.specs, self.rules):
+            if s.matrix:
+                t[k].copy_(torch.randn(s.shape, generator=gen, dtype=torch.float64) * r.init_std)
+            elif s.bias:
+                t[k].zero_()
+            else:
+                t[k].copy_(start[s.name].detach())
+
     def tensors(self) -> list:
         return list(self.params)
 

@@ -23,7 +23,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..nets import Branch, Dense, Net
 from ..param import Parameterization, check_width
-from ..streams import generator
 from .layers import AffineConv, AffineConvBranch, ModuleLayer
 from .read import read
 
@@ -100,31 +99,6 @@ class ModuleNet(Net):
         if len(mods) == 1 and type(mods[0]) in ELEMENTWISE:
             return ELEMENTWISE[type(mods[0])]
         return None
-
-    # ---------------------------------------------------------------- weights
-    def init(self, seeds: Sequence[int]) -> "ModuleNet":
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != self.K:
-            raise ConfigError(f"need one seed per replica: got {len(seeds)} seeds for K = {self.K}")
-        self.seeds = seeds
-        for k, seed in enumerate(seeds):
-            gen = generator("init", seed)
-            for layer in self.layers:
-                if isinstance(layer, ModuleLayer):
-                    start = dict(layer.module.named_parameters())
-                    for t, s, r in zip(layer.params, layer.specs, layer.rules):
-                        if s.matrix:
-                            t[k].copy_(torch.randn(s.shape, generator=gen, dtype=torch.float64) * r.init_std)
-                        elif s.bias:
-                            t[k].zero_()
-                        else:
-                            t[k].copy_(start[s.name].detach())
-                    continue
-                w = torch.randn(layer.weight.shape[1:], generator=gen, dtype=torch.float64) * layer.rule.init_std
-                layer.weight[k].copy_(w)
-                if layer.bias is not None:
-                    layer.bias[k].zero_()
-        return self
 
     # ---------------------------------------------------------------- structure
     @property
