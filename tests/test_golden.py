@@ -73,6 +73,8 @@ ADDED = {
     "$.verdicts",  # report: muP vs its SP control by the verdict rule, by both metrics
     "$.replicas[].inference",  # train: PC inference status of the last epoch
     "$.axis",  # coord and report: the axis of the check / the transfer (width, or depth for residual nets)
+    # report: a family's values where every LR diverged and the control's slope bounded by them (test_verdict.py)
+    "$.families[].transfer.n_censored", "$.families[].transfer.slope_bound", "$.families[].transfer.slope_bound_err",
 }
 
 

@@ -307,7 +307,8 @@ def test_report_flags_cells_whose_inference_did_not_converge():
     """Hand-made cells: a final relative residual above RESIDUAL_CONVERGED (0.1) counts as not converged, at or
     below it as converged; the summary line says so, and a family with no such cell has no flag."""
     from mulocal.algos.pc import RESIDUAL_CONVERGED
-    from mulocal.sweep.transfer import _inference_line, inference_summary
+    from mulocal.sweep.table import _inference_line
+    from mulocal.sweep.transfer import inference_summary
 
     def cell(res, lr):
         return {"status": "done", "lr": lr, "history": [{"epoch": 1, "pc_energy_rose": 0.0, "pc_residual": res}]}

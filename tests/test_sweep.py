@@ -17,7 +17,8 @@ import torch
 
 from mulocal.cli.sweeps import register as register_cli
 from mulocal.config import config_hash
-from mulocal.sweep.transfer import analyze, best_of_curve, format_table, mean_curve
+from mulocal.sweep.table import format_table
+from mulocal.sweep.transfer import analyze, best_of_curve, mean_curve
 from mulocal.errors import ConfigError, MulocalError
 from mulocal.sweep.store import Store, StoreError
 from mulocal.sweep import expand, load_spec_file, plan, run_sweep
@@ -474,7 +475,7 @@ def test_verdict_rule_and_pairing():
     """The verdict rule of docs/REPRODUCTION.md on hand-made numbers (the H200 fig1 results): separation is a
     2-sigma gap of the slopes, transfer |slope| <= 0.25; each muP family is paired with the SP family of the
     same rule and options, whatever its gbar_L."""
-    from mulocal.sweep.transfer import verdict, verdicts
+    from mulocal.sweep.verdict import verdict, verdicts
     assert verdict({"slope": 0.09, "slope_err": 0.06}, {"slope": -0.38, "slope_err": 0.15})["verdict"] == "reproduced"
     v = verdict({"slope": -0.20, "slope_err": 0.11}, {"slope": -0.29, "slope_err": 0.10})
     assert v["verdict"] == "not separated" and abs(v["gap"] - 0.09) < 1e-12 and abs(v["gap_err"] - 0.1486607) < 1e-6

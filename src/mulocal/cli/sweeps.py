@@ -160,7 +160,8 @@ def cmd_sweep(args) -> dict:
     if not args.json:
         print(format_summary(summary))
         if summary.get("complete"):  # by training loss and by test accuracy (the paper's metric), as report does
-            from ..sweep.transfer import analyze, format_table
+            from ..sweep.table import format_table
+            from ..sweep.transfer import analyze
             with Store(store, create=False) as st:
                 rows = st.rows(hashes=[config_hash(c) for c in expand(spec)])
             rep, by_acc = analyze(rows), analyze(rows, metric="test_accuracy")
@@ -173,7 +174,9 @@ def cmd_sweep(args) -> dict:
 def _report_from_args(args) -> tuple[dict, dict]:
     """The report of the store by ``--metric``, and the report by the other metric."""
     from ..sweep import Store
-    from ..sweep.transfer import analyze, best_accuracy, learns, verdicts
+    from ..sweep.table import best_accuracy, learns
+    from ..sweep.transfer import analyze
+    from ..sweep.verdict import verdicts
     with Store(args.store, create=False, readonly=True) as st:
         rows = st.rows()
         rep = analyze(rows, metric=args.metric, axis=args.axis)
@@ -198,7 +201,7 @@ def _report_from_args(args) -> tuple[dict, dict]:
 
 
 def cmd_report(args) -> dict:
-    from ..sweep.transfer import format_table
+    from ..sweep.table import format_table
     rep, other = _report_from_args(args)
     if not args.json:
         if rep["families"] or not rep.get("results"):

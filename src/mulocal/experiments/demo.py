@@ -47,7 +47,9 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, data_dir=None, jso
     ``seed`` shifts the two seeds used; ``workers`` is passed to the sweep (default one process per core,
     0 = in this process).
     """
-    from ..sweep.transfer import analyze, format_table, verdicts
+    from ..sweep.table import format_table
+    from ..sweep.transfer import analyze
+    from ..sweep.verdict import verdicts
     from ..plots import plot_report
     from ..sweep import format_summary, run_sweep
     from .grids import sweep_until_bracketed

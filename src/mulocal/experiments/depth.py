@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0, "depth_gamma": 0.0}  # the control (sweep.transfer.is_depth_free)
+DEPTH_FREE = {"depth_alpha": 0.0, "depth_c": 0.0, "depth_gamma": 0.0}  # the control (sweep.verdict.is_depth_free)
 ALGOS = ("bp", "pc", "dtp")
 BUDGETS = {
     "small": dict(depths=[8, 16, 32, 64], widths=[128], lrs=[2.0 ** k for k in range(-5, 3)], seeds=[0, 1], epochs=1,
@@ -113,7 +113,9 @@ def run_depth(budget: str, out, how: dict, say) -> dict:
     """``mulocal reproduce depth`` (``how``: the sweeps' run options: device, data_dir, workers, compile, and cell
     fields set in every sweep under "cells", ``grids.run_and_read``)."""
     from ..plots import transfer_figure
-    from ..sweep.transfer import analyze, format_table, is_depth_free, verdicts
+    from ..sweep.table import format_table
+    from ..sweep.transfer import analyze
+    from ..sweep.verdict import is_depth_free, verdicts
     from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
     store = out / "results.sqlite"

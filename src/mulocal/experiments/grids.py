@@ -82,8 +82,8 @@ def sweep_until_bracketed(specs, store, how: dict, say) -> tuple[list, list[dict
 
 
 def transfer_summary(t: dict | None) -> dict:
-    keys = ("slope", "slope_err", "penalty", "penalty_relative", "base_best_lr", "value_at_base_lr",
-            "best_value_largest")
+    keys = ("slope", "slope_err", "slope_bound", "slope_bound_err", "n_censored", "penalty", "penalty_relative",
+            "base_best_lr", "value_at_base_lr", "best_value_largest")
     return {k: (t or {}).get(k) for k in keys}
 
 
@@ -91,7 +91,7 @@ def family_entry(f: dict, acc_transfer: dict) -> dict:
     """A family of a training-loss report as the experiments' JSON holds it: best LR and grid edge per value of the
     axis, the transfer by both metrics (``acc_transfer``: label -> the test-accuracy report's transfer) and the
     best seed-mean test accuracy."""
-    from ..sweep.transfer import best_accuracy
+    from ..sweep.table import best_accuracy
     best_lr, at_edge = best_per_value(f)
     return {"label": f["label"], "family": f["family"], "best_lr": best_lr, "at_edge": at_edge,
             "train_loss": transfer_summary(f["transfer"]), "test_accuracy": transfer_summary(acc_transfer.get(f["label"])),

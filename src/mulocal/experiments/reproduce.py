@@ -169,7 +169,9 @@ def _run_flags(compile: str, dtype: str | None) -> str:
 
 def _transfer(name, budget, out, how: dict, say) -> dict:
     from ..plots import transfer_figure
-    from ..sweep.transfer import analyze, best_accuracy, format_table, verdicts
+    from ..sweep.table import best_accuracy, format_table
+    from ..sweep.transfer import analyze
+    from ..sweep.verdict import verdicts
 
     store = out / "results.sqlite"
     rows, specs, notes = sweep_until_bracketed(_specs(name, budget), store, how, say)

@@ -15,7 +15,10 @@ seed). For each family and width:
   resamples of the seeds *and of the fit window*: each resample also draws the window's half-width
   (1, 2 or 3 grid points each side), and where the estimate falls back to the grid minimum it is
   spread uniformly over that grid cell (+- half a grid step: the optimum lies anywhere there). The
-  error thus includes the LR grid's resolution, not seed noise alone (None with a single seed).
+  error thus includes the LR grid's resolution, not seed noise alone (None with a single seed);
+* where the seed-mean metric is infinite at every learning rate (every LR diverged for some seed), there is no
+  best LR: the value is *censored* (``censored``, ``lr_min``), its optimum below the grid, and ``log2_bound``
+  (the grid point below the grid) bounds it from above.
 
 ``axis="depth"`` (depth transfer, residual nets): families differ in everything but depth, learning rate and
 seed, and every "width" of the report below is read as the depth H (the report says ``"axis": "depth"``; its
@@ -27,7 +30,9 @@ its regression standard error (3+ widths) and its bootstrap spread (seeds and fi
 ``slope_err`` is the larger of the two), and the *penalty*: the
 mean metric at the largest width when trained at the smallest width's best learning rate,
 minus the best mean metric at the largest width (read off the fitted quadratic where the
-learning rate is inside it, else interpolated linearly in log2(lr) between grid points).
+learning rate is inside it, else interpolated linearly in log2(lr) between grid points). With censored values
+at the large widths, ``slope_bound`` is the slope with them at their bounds (an upper bound on the slope; the
+verdict reads it for a control, ``sweep.verdict``).
 """
 from __future__ import annotations
 
@@ -274,6 +279,9 @@ def _family_report(fam: dict, rows: list[dict], metric: str, n_boot: int, rng, a
         if best is None:
             entry.update(best_lr=None, log2_best_lr=None, log2_std=None, method=None, at_edge=None, best_value=None,
                          grid_best_lr=None)
+            if len(x) and np.isinf(mean).all():  # every LR diverged (a seed at each): the optimum is below the grid
+                entry.update(censored=True, lr_min=lrs[0],
+                             log2_bound=float(x[0] - (x[1] - x[0] if len(x) > 1 else 1.0)))
         else:
             entry.update(best_lr=2.0 ** best["x"], log2_best_lr=best["x"],
                          log2_std=float(ok.std(ddof=1)) if len(ok) > 1 else None, method=best["method"],
@@ -320,21 +328,30 @@ def inference_summary(rows: Sequence[dict]) -> dict | None:
             "unconverged_cells": sum(v > RESIDUAL_CONVERGED for v in res), "converged_below": RESIDUAL_CONVERGED}
 
 
-def _inference_line(label: str, inf: dict) -> str:
-    text = f"  {label}: {inf['cells']} cells"
-    if inf["energy_rose_max"] is not None:
-        text += (f", energy rose in {inf['energy_rose_cells']} (up to {100 * inf['energy_rose_max']:.3g}% of steps)"
-                 if inf["energy_rose_cells"] else ", energy never rose")
-    if inf["residual_median"] is not None:
-        text += f", final relative residual median {inf['residual_median']:.3g} (max {inf['residual_max']:.3g})"
-    if inf.get("unconverged_cells"):
-        text += (f"  NOT CONVERGED in {inf['unconverged_cells']} cells (final relative residual > "
-                 f"{inf['converged_below']:g}: more steps T, or the error solver)")
-    if inf["warned_cells"]:
-        text += f"  WARNING: unstable inference in {inf['warned_cells']} cells"
-        if inf.get("warned_min_lr") is not None:
-            text += f" (learning rates >= {inf['warned_min_lr']:.3g})"
-    return text
+def _bounded_slope(per_width: list[dict], boots: dict) -> dict:
+    """The slope with the *censored* values (every LR diverged there) at their bound, the grid point below the
+    grid (the best LR there is lower: an upper bound), and its error (regression standard error or the bootstrap
+    spread with the bounds fixed, the larger). Only where every censored value lies above the mean log2 width
+    (depth) of the fitted values: lowering such a value lowers the least-squares slope, so the bounded slope is an
+    upper bound on the slope with the true optima. ``n_censored`` counts them; the slope is None otherwise."""
+    cens = [e for e in per_width if e.get("censored")]
+    pts = [e for e in per_width if e["_best"] is not None or e.get("censored")]
+    out = {"n_censored": len(cens), "slope_bound": None, "slope_bound_err": None}
+    if not cens or len(pts) < 2 or len(pts) == len(cens):
+        return out
+    lw = np.log2([e["width"] for e in pts])
+    if min(math.log2(e["width"]) for e in cens) <= lw.mean():
+        return out
+    fit = linear_fit(lw, [e["log2_bound"] if e.get("censored") else e["log2_best_lr"] for e in pts])
+    n_boot = min(len(boots[e["width"]]) for e in pts if not e.get("censored"))
+    slopes = []
+    for b in range(n_boot):
+        ys = [e["log2_bound"] if e.get("censored") else boots[e["width"]][b] for e in pts]
+        if all(np.isfinite(ys)):
+            slopes.append(linear_fit(lw, ys)["slope"])
+    errs = [v for v in (fit["se"], float(np.std(slopes, ddof=1)) if len(slopes) > 1 else None) if v is not None]
+    out.update(slope_bound=fit["slope"], slope_bound_err=max(errs) if errs else None)
+    return out
 
 
 def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
@@ -342,7 +359,8 @@ def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
     out = {"n_widths": len(ok), "slope": None, "slope_se": None, "slope_boot_std": None, "slope_err": None,
            "intercept": None, "base_width": None, "largest_width": None, "base_best_lr": None,
            "value_at_base_lr": None, "best_value_largest": None, "penalty": None, "penalty_relative": None,
-           "penalty_lookup": None}
+           "penalty_lookup": None,
+           **_bounded_slope(per_width, boots)}
     if len(ok) < 2:
         return out
     lw = np.log2([e["width"] for e in ok])
@@ -369,200 +387,5 @@ def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------- verdicts
-TRANSFER_BOUND = 0.25  # |d log2(best LR) / d log2(width)| within which an optimum "transfers" (2x over 8x widths)
-SEPARATION_SIGMAS = 2.0
 
-
-def verdict(mup: dict | None, sp: dict | None) -> dict:
-    """The verdict rule of docs/REPRODUCTION.md, on one metric: the ``transfer`` dicts of a muP family and
-    of its SP control (same rule and options).
-
-        separated  <=>  slope_muP - slope_SP > SEPARATION_SIGMAS * sqrt(err_muP^2 + err_SP^2)
-        transfers  <=>  |slope_muP| <= TRANSFER_BOUND
-        "reproduced" iff both; else "not separated" (SP's optimum does not drift measurably more) or
-        "muP slope beyond bound"; "no estimate" without slopes and errors.
-
-    Returns {"verdict", "separated", "transfers", "gap" (slope_muP - slope_SP), "gap_err"}."""
-    out = {"verdict": "no estimate", "separated": None, "transfers": None, "gap": None, "gap_err": None}
-    if not mup or not sp or mup.get("slope") is None or sp.get("slope") is None:
-        return out
-    e1, e2 = mup.get("slope_err"), sp.get("slope_err")
-    if e1 is None or e2 is None:
-        return out
-    gap, err = mup["slope"] - sp["slope"], math.hypot(e1, e2)
-    separated, transfers = gap > SEPARATION_SIGMAS * err, abs(mup["slope"]) <= TRANSFER_BOUND
-    out.update(separated=bool(separated), transfers=bool(transfers), gap=float(gap), gap_err=float(err),
-               verdict="reproduced" if separated and transfers else ("muP slope beyond bound" if not transfers
-                                                                    else "not separated"))
-    return out
-
-
-PAIRING_FREE = ("param", "gamma_bar_L", "param_options", "param_resolved", "algo_resolved")
-
-
-def is_sp(fam: dict) -> bool:
-    return fam.get("param") == "sp"
-
-
-def is_depth_free(fam: dict) -> bool:
-    """The depth control: no depth scaling (``depth_alpha = 0``, ``depth_c = 0``, docs/depth.md)."""
-    opts = fam.get("param_options") or {}
-    return opts.get("depth_alpha") == 0.0 and opts.get("depth_c") == 0.0
-
-
-# per transfer axis: which family is the control, and the keys in which a family and its control may differ
-CONTROLS = {"width": (is_sp, PAIRING_FREE), "depth": (is_depth_free, ("param_options", "param_resolved", "algo_resolved"))}
-
-
-def _pair_key(fam: dict, free=PAIRING_FREE) -> str:
-    return canonical_json({k: v for k, v in fam.items() if k not in free})
-
-
-def verdicts(report: dict, other: dict | None = None) -> list[dict]:
-    """Every family of ``report`` that is not a control paired with its control family (``CONTROLS`` of the
-    report's axis: across width SP, with the same rule and options, the parameterization and gbar_L free; across
-    depth the depth-free version of the same configuration), judged by ``verdict`` by the report's metric and,
-    with ``other``, by the other metric too. One entry per pair: {"label", "control", <metric>: verdict(...)}."""
-    control, free = CONTROLS[report.get("axis", "width")]
-    fams = report["families"]
-    controls = {_pair_key(f["family"], free): f for f in fams if control(f["family"])}
-    others = {f["label"]: f["transfer"] for f in (other or {}).get("families", [])}
-    out = []
-    for f in fams:
-        c = controls.get(_pair_key(f["family"], free))
-        if control(f["family"]) or c is None:
-            continue
-        entry = {"label": f["label"], "control": c["label"], report["metric"]: verdict(f["transfer"], c["transfer"])}
-        if other is not None:
-            entry[other["metric"]] = verdict(others.get(f["label"]), others.get(c["label"]))
-        out.append(entry)
-    return out
-
-
-# ------------------------------------------------------------------------------------- text
-def _fmt_lr(e: dict) -> str:
-    if e is None or e.get("best_lr") is None:
-        return "-"
-    s = f"{e['best_lr']:.3g}"
-    if e["at_edge"]:
-        s += "!"
-    elif e["method"] == "argmin":
-        s += "~"
-    return s
-
-
-LEARN_FLOOR = 0.5  # a family whose best test accuracy stays below this at every width is flagged "does not learn"
-
-
-def best_accuracy(fam: dict) -> dict[int, float | None]:
-    """Per width, the best seed-mean test accuracy over the learning-rate grid."""
-    out = {}
-    for c in fam["curves"]:
-        accs = [p["test_accuracy_mean"] for p in c["points"] if p["test_accuracy_mean"] is not None]
-        out[c["width"]] = max(accs) if accs else None
-    return out
-
-
-def learns(fam: dict, floor: float = LEARN_FLOOR) -> bool:
-    return any(a is not None and a >= floor for a in best_accuracy(fam).values())
-
-
-def _slope_text(t: dict) -> str:
-    if t["slope"] is None:
-        return "-"
-    return f"{t['slope']:+.2f}" + (f" ± {t['slope_err']:.2f}" if t["slope_err"] is not None else "")
-
-
-def _pen_text(t: dict) -> str:
-    if t["penalty"] is None:
-        return "-"
-    return "diverges" if not math.isfinite(t["penalty"]) else f"{t['penalty']:.4f}"
-
-
-OTHER_NAMES = {"test_accuracy": "acc", "train_loss": "loss", "test_loss": "test loss"}  # the other metric's columns
-
-
-def format_table(report: dict, other: dict | None = None, floor: float = LEARN_FLOOR) -> str:
-    """The best learning rate per width and the transfer metrics of every family, as a text table.
-
-    With ``other`` (the report of the other metric, e.g. test accuracy), its penalty and slope are shown
-    too; the best test accuracy at the largest width is always shown, and a family that never reaches
-    ``floor`` is flagged (its transfer numbers say nothing about training)."""
-    fams = report["families"]
-    if not fams:
-        c = report.get("cells", {})
-        return f"no finished cells (store: {sum(c.values())} cells: " + \
-            ", ".join(f"{v} {k}" for k, v in c.items() if v) + ")"
-    widths = sorted({w for f in fams for w in f["widths"]})
-    lw = max(14, max(len(f["label"]) for f in fams) + 2)
-    what = "1 - test accuracy" if report["metric"] == "test_accuracy" else report["metric"].replace("_", " ")
-    others = {canonical_json(f["family"]): f for f in (other or {}).get("families", [])}
-    o_what = "" if other is None else OTHER_NAMES[other["metric"]]
-    ow = 3 + max(14, len(f"penalty({o_what})"))  # the other metric's penalty column: its header never touches slope's
-    head = f"{'config':<{lw}}" + "".join(f"{w:>10}" for w in widths) + f"{'penalty':>11}{'slope':>17}"
-    if other is not None:
-        head += f"{'penalty(' + o_what + ')':>{ow}}{'slope(' + o_what + ')':>17}"
-    head += f"{'best acc':>10}"
-    ax = report.get("axis", "width")
-    lines = [f"best learning rate per {ax} ({what}, mean over seeds; quadratic vertex in log2 LR)", head]
-    quiet = []
-    for f in fams:
-        by_w = {e["width"]: e for e in f["best"]}
-        t = f["transfer"]
-        row = f"{f['label']:<{lw}}" + "".join(f"{_fmt_lr(by_w.get(w)):>10}" for w in widths)
-        row += f"{_pen_text(t):>11}{_slope_text(t):>17}"
-        if other is not None:
-            o = others.get(canonical_json(f["family"]))
-            pen, slope = (_pen_text(o["transfer"]), _slope_text(o["transfer"])) if o else ("-", "-")
-            row += f"{pen:>{ow}}{slope:>17}"
-        acc = best_accuracy(f).get(max(f["widths"])) if f["widths"] else None
-        row += f"{'-' if acc is None else f'{acc:.3f}':>10}"
-        if not learns(f, floor):
-            row += "  does not learn"
-            quiet.append(f["label"])
-        if f.get("inference", {}).get("warned_cells"):
-            row += "  inference!"
-        if f.get("inference", {}).get("unconverged_cells"):
-            row += "  unconverged"
-        lines.append(row)
-    lines.append("penalty: extra "
-                 f"{'error' if report['metric'] == 'test_accuracy' else 'loss'} at the largest {ax} with the "
-                 f"smallest {ax}'s best LR (what muTransfer promises: 0). slope: d log2(best LR) / d log2({ax}) "
-                 f"(0: the optimum transfers). best acc: best seed-mean test accuracy at the largest {ax}.")
-    if quiet:
-        lines.append(f"does not learn: best test accuracy below {floor:g} at every {ax}; its transfer numbers "
-                     "say nothing about training")
-    if any(e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
-        lines.append("!: the minimum is at the edge of the LR grid (the optimum may lie outside it)")
-    if any(e["method"] == "argmin" and not e["at_edge"] for f in fams for e in f["best"] if e["best_lr"] is not None):
-        lines.append("~: grid minimum (no quadratic vertex inside the fitted points)")
-    pairs = verdicts(report, other)
-    if pairs:
-        lines.append(f"verdict (muP vs its SP control; separated: slope gap > {SEPARATION_SIGMAS:g} sigma, transfers: "
-                     f"|slope| <= {TRANSFER_BOUND:g}; the paper's metric is test accuracy):")
-        for v in pairs:
-            parts = []
-            for m in ("test_accuracy", "train_loss"):
-                if m in v:
-                    d = v[m]
-                    gap = "" if d["gap"] is None else f" (gap {d['gap']:+.2f} ± {d['gap_err']:.2f})"
-                    parts.append(f"by {'test accuracy' if m == 'test_accuracy' else 'training loss'}: "
-                                 f"{d['verdict']}{gap}")
-            lines.append(f"  {v['label']} vs {v['control']}: " + "; ".join(parts))
-    inferring = [f for f in fams if f.get("inference") and (f["inference"]["energy_rose_max"] is not None
-                                                          or f["inference"]["residual_median"] is not None)]
-    if inferring:
-        lines.append("PC inference over the last epoch of each finished cell (energy rise at any inference step; "
-                     "||dF/dv|| at the end over the start):")
-        lines += [_inference_line(f["label"], f["inference"]) for f in inferring]
-    c = report.get("cells", {})
-    if c.get("pending") or c.get("running") or c.get("failed"):
-        lines.append(f"unfinished cells left out: {c.get('pending', 0)} pending, {c.get('running', 0)} running, "
-                     f"{c.get('failed', 0)} failed")
-    return "\n".join(lines)
-
-
-__all__ = ["LEARN_FLOOR", "METRICS", "SEPARATION_SIGMAS", "TRANSFER_BOUND", "analyze", "best_accuracy",
-           "best_of_curve", "format_table", "inference_summary", "learns", "linear_fit", "mean_curve", "value_at",
-           "verdict", "verdicts"]
+__all__ = ["METRICS", "analyze", "best_of_curve", "inference_summary", "linear_fit", "mean_curve", "value_at"]
