@@ -19,7 +19,7 @@ from ..util import rule_label
 from .commands import DEPTH_CHECK_WIDTH  # layers: the default width, as the depth checks'
 from .flags import add_algo_options, algo_options_from_args, given_algo_options, ints, list_of, lr_value
 from .paths import out_file
-from .progress import Work, net_cost
+from ..progress import Work, net_cost
 
 WIDTHS_ANALYZE = [64, 128, 256, 512, 1024, 2048]
 

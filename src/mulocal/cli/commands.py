@@ -14,7 +14,7 @@ from ..loggers import run_name
 from .flags import add_algo_options, add_compile_flag, add_fields, cell_from_args, ints, list_of, lr_value, per_algo
 from .models import add_log_flag, make_loggers
 from .paths import out_file
-from .progress import Work, net_cost
+from ..progress import Work, net_cost
 
 # coord / derive measure a few steps (without weight decay, with Adam's default eps)
 NOT_FOR_CHECKS = ("epochs", "batch_size", "max_steps", "weight_decay", "weight_decay_mode", "adam_eps")

@@ -263,7 +263,7 @@ def _fig3(budget, out, data_dir, say) -> dict:
               "tiny": [16, 32]}[budget]
     data = load_dataset("fashion-mnist", data_dir, train_subset=1000, seed=0)
     x, y = data.x_train[:32].double().flatten(1), data.y_train[:32]
-    from ..cli.progress import Work, net_cost
+    from ..progress import Work, net_cost
     panels = {}
     plan = [(act, g, widths if act == "linear" or budget != "small" else widths[:-1])
             for act in ("linear", "tanh") for g in (0.0, -1.0)]
@@ -295,7 +295,7 @@ def _fig8(budget, out, data_dir, say) -> dict:
     widths = ANALYSIS_WIDTHS[budget]
     steps = {"small": 20, "paper": 100, "tiny": 2}[budget]
     data = load_dataset("fashion-mnist", data_dir)
-    from ..cli.progress import Work
+    from ..progress import Work
     runs = {}
     with Work("reproduce fig8", [1.0] * 3) as work:
         for seed in (0, 1, 2):
@@ -329,7 +329,7 @@ def _table1(budget, out, data_dir, say) -> dict:
     widths = ANALYSIS_WIDTHS[budget]
     data = load_dataset("fashion-mnist", data_dir)
     batches, probe = coord_batches(data, 1, 64, seed=0)
-    from ..cli.progress import Work
+    from ..progress import Work
     rows = []
     configs = TABLE1[:1] if budget == "tiny" else TABLE1
     with Work("reproduce table1", [1.0] * len(configs)) as work:
