@@ -42,6 +42,8 @@ import os
 import sys
 import time
 
+from _pcx_side import _version  # the installed version of a distribution (both sides run from benchmarks/)
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -247,14 +249,6 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - one line back to the parent, not a hang
             send(dict(error=f"{type(err).__name__}: {err}"))
     return 0
-
-
-def _version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":
