@@ -266,6 +266,18 @@ class Net:
         """
         raise NotImplementedError
 
+    def post_lin(self, l: int, u: torch.Tensor):
+        """(a_l = post(l, u), linearize(l, u, a_l)): where the map needs the post's own evaluation (a pooled post,
+        built by a vjp), both come from one (``_post_vjp``); the same numbers as the two calls."""
+        a = self.post(l, u)
+        return a, self.linearize(l, u, a)
+
+    def _post_vjp(self, l: int, u: torch.Tensor):
+        """(post(l, u), g -> (d a_l / d u_l)^T g) from one evaluation of the post: ``torch.func.vjp`` returns its
+        primal output with the pullback."""
+        a, vjp = torch.func.vjp(lambda w: self.post(l, w), u)
+        return a, lambda g: vjp(g)[0]
+
     def _pool(self, a):
         """2 x 2 pooling (``self.pool``: max or avg) of (K, B, C, H, W) images, per replica and sample."""
         K, B = a.shape[:2]
@@ -291,17 +303,22 @@ class Net:
         u = self.layers[l - 1].forward(a_prev)
         return u + u_prev if self.residual(l) else u
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Feed-forward pass: ``us`` (u_1..u_L, with us[0] = a_0) and ``acts`` (a_0..a_{L-1})."""
+    def forward(self, x: torch.Tensor, lin_from: int | None = None):
+        """Feed-forward pass: ``us`` (u_1..u_L, with us[0] = a_0) and ``acts`` (a_0..a_{L-1}); with ``lin_from``,
+        also ``jacs``: jacs[l] = linearize(l, u_l) for lin_from <= l < L (None elsewhere), each built with its
+        activity (``post_lin``)."""
         a = self.prepare_input(x)
-        us, acts = [a], [a]
+        us, acts, jacs = [a], [a], [None] * self.depth
         for l in range(1, len(self.layers) + 1):
             u = self.predict(l, a, us[l - 1])
             us.append(u)
             if l < self.depth:
-                a = self.post(l, u)
+                if lin_from is not None and l >= lin_from:
+                    a, jacs[l] = self.post_lin(l, u)
+                else:
+                    a = self.post(l, u)
                 acts.append(a)
-        return us, acts
+        return (us, acts) if lin_from is None else (us, acts, jacs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Output f of shape (K, B, C)."""
@@ -428,8 +445,10 @@ class CNN(Net):
         return a.flatten(2) if l == self.depth - 1 else a
 
     def linearize(self, l, u, a=None):
-        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
-        return lambda g: vjp(g)[0]
+        return self._post_vjp(l, u)[1]
+
+    def post_lin(self, l, u):
+        return self._post_vjp(l, u)
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,
@@ -495,8 +514,10 @@ class ResCNN(_Residual, Net):
     def linearize(self, l, u, a=None):
         if l < self.depth - 1:
             return self._dphi(u, a).mul
-        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
-        return lambda g: vjp(g)[0]
+        return self._post_vjp(l, u)[1]
+
+    def post_lin(self, l, u):
+        return super().post_lin(l, u) if l < self.depth - 1 else self._post_vjp(l, u)
 
     def config(self) -> dict:
         return dict(kind=self.kind, in_shape=list(self.input_shape), width=self.width, out_dim=self.out_dim,

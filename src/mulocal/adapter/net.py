@@ -149,8 +149,12 @@ class ModuleNet(Net):
             return ((1 - a * a) if a is not None else (1 - torch.tanh(u) ** 2)).mul
         if kind == "relu":
             return (u > 0).to(u.dtype).mul
-        _, vjp = torch.func.vjp(lambda v: self.post(l, v), u)
-        return lambda g: vjp(g)[0]
+        return self._post_vjp(l, u)[1]
+
+    def post_lin(self, l, u):
+        """(post(l, u), its linearization): a post of other modules than one elementwise activation (a pooled one)
+        is evaluated once, by the vjp that builds the map."""
+        return super().post_lin(l, u) if self._lin[l] is not None else self._post_vjp(l, u)
 
     def unflattened_shapes(self) -> dict:
         """{l: the shape of a_l before the model's Flatten} for the units whose activity is flattened (TP's conv

@@ -26,9 +26,10 @@ def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def errors(v, mu, e_top, L) -> list:
-    """[None, e_1, ..., e_{L-1}, e_L]: e_l = v_l - mu_l below the top, e_L given."""
-    return [None] + [v[l] - mu[l] for l in range(1, L)] + [e_top]
+def errors(v, mu, e_top, L, lo: int = 1) -> list:
+    """[None, e_1, ..., e_{L-1}, e_L]: e_l = v_l - mu_l below the top, e_L given; e_l for l < ``lo`` is known to be
+    exactly 0 (v_l = mu_l, PC's parallel wavefront from F-ini) and left None."""
+    return [None] * lo + [v[l] - mu[l] for l in range(lo, L)] + [e_top]
 
 
 def weight_grads(net: Net, errs, acts, gam) -> list:
@@ -47,19 +48,30 @@ def weight_grads(net: Net, errs, acts, gam) -> list:
 
 def grad_sq(net: Net, errs, v, a, gam, jacs=None) -> torch.Tensor:
     """sum_l ||dF/dv_l||^2 over the hidden layers and the batch, per replica (K,), at the state (v, a) whose
-    errors are ``errs`` (``jacs``: the frozen J_l of FPA; else J_l linearized at v_l)."""
+    errors are ``errs`` (None entries: exactly 0) (``jacs[l]``: J_l at v_l, the frozen one of FPA; where None or
+    not given, J_l linearized at v_l)."""
     tot = 0
     for l in range(1, net.depth):
-        jac = jacs[l] if jacs is not None else net.linearize(l, v[l], a[l])
-        g = gam[l - 1] * errs[l] - gam[l] * back(net, l, jac, errs[l + 1], a[l])
+        if errs[l + 1] is None:
+            if errs[l] is not None:
+                tot = tot + (gam[l - 1] * errs[l]).flatten(1).pow(2).sum(1)
+            continue
+        jac = jacs[l] if jacs is not None and jacs[l] is not None else net.linearize(l, v[l], a[l])
+        b = back(net, l, jac, errs[l + 1], a[l])
+        g = b.mul(-gam[l]) if errs[l] is None else gam[l - 1] * errs[l] - gam[l] * b
         tot = tot + g.flatten(1).pow(2).sum(1)
     return tot
 
 
 def energy_parts(v, mu, errs, loss, L, start: bool = False) -> list:
-    """[||e_1||, ..., ||e_{L-1}||, loss] per replica ((K,) each; norms over the batch and features)."""
+    """[||e_1||, ..., ||e_{L-1}||, loss] per replica ((K,) each; norms over the batch and features; ``errs``: the
+    errors, None entries exactly 0, or None: v - mu)."""
     if start:  # F-ini: every hidden error is exactly 0
         return [torch.zeros_like(loss)] * (L - 1) + [loss]
+    if errs is not None and any(errs[l] is None for l in range(1, L)):
+        zero = torch.zeros_like(loss)
+        return [zero if errs[l] is None else torch.linalg.vector_norm(errs[l].flatten(1), dim=1)
+                for l in range(1, L)] + [loss]
     return [torch.linalg.vector_norm((errs[l] if errs is not None else v[l] - mu[l]).flatten(1), dim=1)
             for l in range(1, L)] + [loss]
 
@@ -82,6 +94,8 @@ def total_energy(v, mu, errs, loss, gam, L, start: bool = False) -> torch.Tensor
     B = v[1].shape[1]
     for l in range(1, L):
         e = errs[l] if errs is not None else v[l] - mu[l]
+        if e is None:  # exactly 0
+            continue
         out = out + torch.linalg.vector_norm(e.flatten(1), dim=1).double().square() * (0.5 * gam[l - 1] / B)
     return out
 
