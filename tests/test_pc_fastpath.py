@@ -208,3 +208,21 @@ def test_the_shortcuts_are_taken(monkeypatch):
     assert _counts(monkeypatch, False, 7) == {"post": 64, "predict": 33, "back": 32}
     # T = 1 without the status: the forward, one move of the top hidden layer, no J_l kept past it
     assert _counts(monkeypatch, True, 1, status=False) == {"post": 5, "predict": 6, "back": 1}
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_bp_with_the_forward_linearizations_equals_bp_linearizing_in_its_backward(name):
+    """BP takes each post's linearization from the forward (``Net.forward(x, lin_from=1)``, one evaluation of a
+    pooled post): its gradients equal, bitwise, the backward that linearizes at (u_l, a_l) itself (BP.step against
+    autograd: tests/test_identities.py, test_contracts.py, test_depth_rules.py, test_adapter.py)."""
+    from mulocal.algos.bp import BP, backprop
+    from mulocal.losses import loss_and_grad
+    net, x, y = _net(name)
+    grads, loss = BP(loss="ce").step(net, x, y)
+    us, acts = net.forward(x)
+    ref_loss, delta = loss_and_grad(us[-1], y, "ce")
+    assert torch.equal(loss, ref_loss)
+    ref = backprop(net, us, acts, delta)
+    assert len(grads) == len(ref)
+    for p, q in zip(grads, ref):
+        assert torch.equal(p, q)

@@ -42,22 +42,28 @@ class BP:
     @torch.no_grad()
     def step(self, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(gradients aligned with ``net.params()``, batch loss per replica (K,))."""
-        us, acts = net.forward(x)
-        loss, delta = loss_and_grad(us[-1], y, self.loss)
         if self.readout_only:
+            us, acts = net.forward(x)
+            loss, delta = loss_and_grad(us[-1], y, self.loss)
             top = net.layers[-1].param_grads(delta, acts[-1])  # acts: a_0..a_{L-1}
             hidden = [torch.zeros_like(p) for p in net.params()[:-len(top)]]
             return hidden + top, loss
-        return backprop(net, us, acts, delta), loss
+        us, acts, jacs = net.forward(x, lin_from=1)  # each post's linearization from its own evaluation
+        loss, delta = loss_and_grad(us[-1], y, self.loss)
+        return backprop(net, us, acts, delta, jacs), loss
 
 
-def backprop(net: Net, us, acts, delta) -> list[torch.Tensor]:
-    """Gradients of sum(delta * f) / B for an output-side signal ``delta`` (K, B, C)."""
+def backprop(net: Net, us, acts, delta, jacs=None) -> list[torch.Tensor]:
+    """Gradients of sum(delta * f) / B for an output-side signal ``delta`` (K, B, C); ``jacs[l]``: the post's
+    linearization at u_l where the forward built it (``Net.forward(x, lin_from=1)``: a pooled post is then not
+    evaluated again), else built here."""
     grads: list = []
     for l in range(net.depth, 0, -1):
         layer = net.layers[l - 1]
         grads[:0] = layer.param_grads(delta, acts[l - 1])
         if l > 1:
-            back = net.linearize(l - 1, us[l - 1], acts[l - 1])(layer.backward_input(delta, acts[l - 1]))
+            jac = jacs[l - 1] if jacs is not None and jacs[l - 1] is not None else \
+                net.linearize(l - 1, us[l - 1], acts[l - 1])
+            back = jac(layer.backward_input(delta, acts[l - 1]))
             delta = back + delta if net.residual(l) else back
     return grads
