@@ -1,4 +1,5 @@
-"""compile="cuda-graph": the eager training step recorded once per batch shape and replayed (``train.capture_step``).
+"""compile="cuda-graph": the eager training step recorded once per batch shape and replayed
+(``train_compile.capture_step``).
 
 A CUDA graph replays the kernels it recorded on the same memory, with every Python number frozen at its recorded
 value, and recording runs nothing. On the CPU, ``FakeGraph`` below keeps that contract operation by operation: it
@@ -23,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 import weakref
 
-import mulocal.train as T
+import mulocal.train_compile as TC  # the Trainer's compiled step looks its helpers up here
 from test_compile import CONFIGS, _assert_close, _numbers, _train
 
 
@@ -97,7 +98,7 @@ def fake_capture(fn, args):
         with graph:
             graph.result = fn(*args)
     except RuntimeError as err:
-        raise T.CaptureError(str(err)) from None
+        raise TC.CaptureError(str(err)) from None
     graph.outside = []
     return graph.replay
 
@@ -110,7 +111,7 @@ def fake_graphs(monkeypatch):
     def capture(fn, args):
         calls.append(tuple(args[2].shape))
         return fake_capture(fn, args)
-    monkeypatch.setattr(T, "capture_step", capture)
+    monkeypatch.setattr(TC, "capture_step", capture)
     return calls
 
 
@@ -131,9 +132,9 @@ def test_the_fake_graph_freezes_python_numbers_and_records_without_running():
     assert out == [3.0, 6.0, 9.0] and state["t"] == 1  # eager would give 3, 9, 18 (t = 2, 3, 4)
     x.fill_(2.0)  # inputs are read in place at each replay
     assert float(replay()) == 15.0
-    with pytest.raises(T.CaptureError, match="host read"):
+    with pytest.raises(TC.CaptureError, match="host read"):
         fake_capture(lambda v: v * float(v.sum()), (x,))
-    with pytest.raises(T.CaptureError, match="nonzero"):
+    with pytest.raises(TC.CaptureError, match="nonzero"):
         fake_capture(lambda v: v[v > 1], (x,))  # an output size that depends on the data: a device sync
     buf = {"b": torch.ones(3, dtype=torch.float64)}
     replay = fake_capture(lambda v: buf["b"].mul_(v).sum(), (x,))

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-import mulocal.train as T
+import mulocal.train_compile as TC  # the Trainer's compiled step looks its helpers up here
 from mulocal.config import assemble
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.streams import counter_bits, counter_keys, counter_normal
@@ -34,7 +34,7 @@ def aot_eager(monkeypatch):
     def compile_step(fn, mode):
         calls.append(mode)
         return torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
-    monkeypatch.setattr(T, "compile_step", compile_step)
+    monkeypatch.setattr(TC, "compile_step", compile_step)
     return calls
 
 
@@ -87,9 +87,9 @@ CONFIGS = [
 @pytest.mark.parametrize("algo,opts,optimizer,arch", CONFIGS)
 def test_compiled_training_equals_eager(aot_eager, algo, opts, optimizer, arch):
     lrs = (0.1, 0.05) if optimizer == "sgd" else (1e-3, 3e-3)
-    g0 = T._compile_counts()[0]
+    g0 = TC._compile_counts()[0]
     _, eager = _train(algo, opts, optimizer, "off", lrs, arch=arch)
-    assert T._compile_counts()[0] == g0 and not aot_eager and eager["compile"]["used"] is False
+    assert TC._compile_counts()[0] == g0 and not aot_eager and eager["compile"]["used"] is False
     tr, comp = _train(algo, opts, optimizer, "default", lrs, arch=arch)
     assert aot_eager == ["default"]
     info = comp["compile"]
@@ -212,11 +212,11 @@ def test_each_trainer_compiles_its_own_step(aot_eager):
         assert res["compile"]["used"] and res["compile"]["graphs"] == 1, res["compile"]
     # two trainers alternating epochs keep their graphs (no retrace), and each trains its own numbers
     a, b = runs[0], runs[1]
-    g0 = T._compile_counts()[0]
+    g0 = TC._compile_counts()[0]
     for tr in (a, b, a, b):
         tr.cfg.epochs += 1
         tr.run()
-    assert T._compile_counts()[0] == g0
+    assert TC._compile_counts()[0] == g0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,4 @@
-"""Exact oracles for the target rules of ``algos/tp.py`` (TP, DTP, their feedback) and ``algos/gnt.py``.
+"""Exact oracles for the target rules of ``algos/tp/`` (TP, DTP, their feedback) and ``algos/gnt.py``.
 
 Every expected value is computed here from the raw weights, independently of the rule under test:
 

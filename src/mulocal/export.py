@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checkpoint import read_checkpoint
 from .errors import CheckpointError, ConfigError
 from .nets import CNN, MLP, Net, ResCNN, ResMLP
 from .param import Parameterization
-from .train import evaluate, read_checkpoint
+from .train import evaluate
 from .util import EXPORT_FORMATS
 
 FORMATS = EXPORT_FORMATS

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import check_device, config_hash, group_of, load_data, validate
 from ..errors import ConfigError, MulocalError
-from ..train import check_compile
+from ..train_compile import check_compile
 from .executors import EXECUTORS, check_reachable, make_executor
 from .plan import data_key, device_budget, gpu_count, plan
 from .spec import expand
