@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mulocal.algos import make_algo
-from mulocal.diagnostics.coord import (CoordResult, aligned_excess, coord_batches, coord_check, null_variance,
-                                       random_matrix_rms, rms)
+from mulocal.diagnostics.coord import CoordResult, coord_batches, coord_check
+from mulocal.diagnostics.excess import aligned_excess, null_variance, random_matrix_rms, rms
 from mulocal.nets import Conv, Dense, build
 from mulocal.param import LayerRule, preset
 
@@ -132,16 +132,16 @@ def _table(slope: float, widths=(32, 64, 128), steps: int = 2, at: float = 1.0):
 
 
 @pytest.mark.parametrize("xs_slope,ctrl_slope,floor,read,why", [
-    (0.0, -0.5, 0.1, "Wdh_xs_2", "aligned"),             # resolved, leads: the excess
-    (-0.3, 0.0, 0.1, "Wdh_2", "random-matrix led"),      # resolved, but the control leads at large width
+    (0.0, -0.5, 0.1, "Wdh_xs_2", "aligned"),              # resolved, leads: the excess
+    (-0.3, 0.0, 0.1, "Wdh_2", "random-matrix led"),       # resolved, but the control leads at large width
     (0.0, 0.0, 5.0, "Wdh_2", "random-matrix dominated"),  # below the floor everywhere
-    (-1.0, -0.5, 0.5, "Wdh_2", "partly resolved"),       # resolved at the small widths only
 ])
 def test_verdict_reads_the_excess_only_where_resolved_and_leading(xs_slope, ctrl_slope, floor, read, why):
-    """The rule of CoordResult._read_excess on planted tables: the counted term is replaced by its excess only
-    when the excess clears its floor at every width and step and grows at least as fast as the control; the
-    verdict (max_abs_slope) reads the replacement and max_abs_slope_raw the raw term. If it fails, a noise-level
-    excess (or a vanishing one hidden by a leading random part) decides the verdict."""
+    """The rule of CoordResult._read_excess on tables written by hand (no replicas' cells: D = xs^2 and
+    sigma_0 = floor^2 / 3 per cell): the counted term is replaced by its excess only when the aligned part is
+    resolved over the cells and grows at least as fast as the control; the verdict (max_abs_slope) reads the
+    replacement and max_abs_slope_raw the raw term (tests/test_coord_fit.py: the fit itself, on cells). If it fails,
+    a noise-level excess (or a vanishing one hidden by a leading random part) decides the verdict."""
     widths = [32, 64, 128]
     xs, ctrl = _table(xs_slope), _table(ctrl_slope)
     raw = [[math.hypot(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(xs, ctrl)]
@@ -150,6 +150,8 @@ def test_verdict_reads_the_excess_only_where_resolved_and_leading(xs_slope, ctrl
     assert res.counted == [read] and res.excess["Wdh_2"]["read"] == read and why in res.excess["Wdh_2"]["why"]
     assert res.max_abs_slope == pytest.approx(abs(res.slopes[read]))
     assert res.max_abs_slope_raw == pytest.approx(abs(res.slopes["Wdh_2"]))
+    if read == "Wdh_xs_2":
+        assert res.slopes["Wdh_xs_2"] == pytest.approx(xs_slope, abs=1e-3)
     d = res.to_dict()
     assert d["excess"]["Wdh_2"]["read"] == read and d["counted"] == [read]
 
@@ -167,9 +169,10 @@ def _mlp_check(data, param, algo="bp"):
 def test_mlp_from_base_width_32_passes_by_the_excess_and_fails_by_the_raw_term(fmnist):
     """muP keeps the aligned part of W_L(0) Delta a_{L-1} Theta(1); its random-matrix part is mult s sqrt(M)
     rms(Delta a) ~ M^-1 M^1/2 = M^-1/2 (b_L = 1), as large as the aligned part at width 32. Over widths 32-256
-    (base 32, BP, 3 SGD steps) the raw readout term mixes the two and fails the 0.15 bound; its excess is
-    resolved at every width and passes, and the control falls as M^-1/2. If the first part fails, the control or
-    the rule removes the wrong thing; if the raw verdict passes, this no longer tests the excess."""
+    (base 32, BP, 3 SGD steps) the raw readout term mixes the two and fails the 0.15 bound; its aligned part is
+    resolved (fitted over all cells) and its exponent passes, and the control falls as M^-1/2. If the first part
+    fails, the control or the rule removes the wrong thing; if the raw verdict passes, this no longer tests the
+    excess."""
     res = _mlp_check(fmnist, preset("mup", "sgd").with_(base_width=32))
     assert res.excess["Wdh_3"]["read"] == "Wdh_xs_3" and res.excess["df"]["read"] == "df_xs", res.table()
     assert res.max_abs_slope <= 0.15, res.table()

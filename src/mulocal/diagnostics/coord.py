@@ -24,21 +24,11 @@ name             quantity                                      muP keeps it Thet
 ``df_floor``     its floor                                     no
 ===============  ============================================  ===========================
 
-Random-matrix control. W_l(0) Delta a_{l-1} is an aligned part (the part that muP keeps Theta(1): Delta a
-correlated with W_l(0), e.g. through backprop's W_l^T) plus the random-matrix part that any weight of the
-same entry rms s gives: a W drawn independently of Delta a gives rms^2 = ``Wdh_ctrl_l``^2 = mult^2 s^2
-fan_in rms(Delta a)^2 in expectation (:func:`random_matrix_rms`; a conv's fan-in c_in k^2, less at the
-zero-padded borders). Under muP it is Theta(1) in hidden layers but ~ M^-1/2 at the readout (b_L = 1),
-so at small widths (e.g. from a base width of 32, or on a CNN whose readout fan-in is spatial size x
-channels) the raw ``Wdh_L`` mixes a flat part and a falling one and its slope is no exponent. The aligned
-excess ``Wdh_xs_l`` subtracts the control in squares (pooled over replicas, :func:`aligned_excess`); it is
-*resolved* where it exceeds ``Wdh_floor_l``, the excess that a term with no aligned part reaches at Z_RESOLVE = 3
-standard deviations of its exact (dense) or bounded (conv) spread over the probe (:func:`null_variance`).
-The verdict reads ``Wdh_xs_l`` (and ``df_xs``) in place of the raw term where the excess is resolved at
-every width and step and its slope is at least the control's (it leads at large width); elsewhere the raw
-term (random-matrix dominated, e.g. TP's independent readout, whose random part *is* the Theta(1)
-contribution): see :meth:`CoordResult._read_excess`; ``CoordResult.excess`` records each choice and
-``max_abs_slope_raw`` the verdict with every raw term.
+Random-matrix control (``diagnostics.excess``): ``Wdh_l`` mixes an aligned part with the random-matrix part any
+weight of its entry rms gives (M^-1/2 at the readout under muP); the check stores each cell's signed excess and
+fits the aligned part's width exponent from all cells; the verdict reads that exponent where it is resolved and
+leads (:meth:`CoordResult._read_excess`; ``CoordResult.excess`` records each choice and why, and
+``max_abs_slope_raw`` the verdict with every raw term).
 
 Across depth (``axis="depth"``, residual nets; ``make_net(depth)``): the layers differ from depth to depth, so
 the quantities are read at fixed *positions*: ``in`` (layer 1), ``first`` (the first block, layer 2), ``mid``
@@ -70,11 +60,8 @@ from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
 from ..streams import generator
-
-
-def rms(t: torch.Tensor) -> torch.Tensor:
-    """Root mean square per replica: (K, ...) -> (K,)."""
-    return t.detach().flatten(1).double().pow(2).mean(1).sqrt()
+from .excess import (S_GRID, Z_LEAD, Z_RESOLVE, aligned_excess, cell_stats, fit_aligned, null_variance,
+                     random_matrix_rms, rms)
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
@@ -105,9 +92,13 @@ class CoordResult:
     slopes: dict[str, float] = field(default_factory=dict)
     slopes_per_step: dict[str, list[float]] = field(default_factory=dict)
     axis: str = "width"
-    # counted term with a random-matrix part -> {"read": the name the verdict reads, "resolved": the share of
-    # (width, step) cells whose excess clears its floor, "why"}: see :meth:`_read_excess`
+    # counted term with a random-matrix part -> {"read": the name the verdict reads, "why", "resolved": the fit's
+    # amplitude is significant, "slope" / "se" / "z" / "z_crit" (and per step) of the aligned part's fit, the cells'
+    # "D" / "sd" / "sd0" and the replicas' "d", "cells_resolved": the share of cells with D > Z_RESOLVE sd0}:
+    # see :meth:`_read_excess`
     excess: dict[str, dict] = field(default_factory=dict)
+    # term -> {"d": [width][step][replica] raw_k^2 - ctrl_k^2, "var0": [width][step][replica] its null variance}
+    cells: dict[str, dict[str, list]] = field(default_factory=dict)
 
     def __post_init__(self):
         for name, table in self.rms.items():
@@ -117,39 +108,76 @@ class CoordResult:
                 self.slopes[name] = fit_slope(self.widths, np.exp(np.log(arr).mean(1)))
         self.counted = [self._read_excess(n) for n in self.counted]
 
+    def _cells(self, name: str):
+        """Per (width, step) cell of the term ``name``: D, its null sd sigma_0 and the sd the fit uses, and the same
+        for the step-averaged D (the pooled fit). From ``cells`` (the replicas' values); a result without them (a
+        table written by hand) takes D = xs^2 and sigma_0 = floor^2 / Z_RESOLVE from its rows, as one replica."""
+        if name in self.cells:
+            d = np.asarray(self.cells[name]["d"], float)  # (widths, steps, K)
+            var0 = np.asarray(self.cells[name]["var0"], float)
+        else:
+            d = np.asarray(self.rms[_part(name, "xs")], float)[..., None] ** 2
+            var0 = (np.asarray(self.rms[_part(name, "floor")], float)[..., None] ** 2 / Z_RESOLVE) ** 2
+        return cell_stats(d, var0)
+
     def _read_excess(self, name: str) -> str:
-        """The name the verdict reads for the counted term ``name``: its aligned excess ``<name>_xs`` where that
-        is resolved and leads, else the raw term.
+        """The name the verdict reads for the counted term ``name``: its aligned excess ``<name>_xs`` (whose slope is
+        the fitted exponent of the aligned part) where that part is resolved and leads, else the raw term.
 
         A term Q with a random-matrix part (``Wdh_l`` = W_l(0) Delta a_{l-1}, and ``df`` = dWh_L + Wdh_L) is a
-        sum of two power laws, Q^2 ~ xs^2 + ctrl^2 (the aligned excess and the random-matrix control, see
-        :func:`aligned_excess`); their sum is not a power law at widths where both count (BP's readout under
-        muP: xs ~ M^0, ctrl ~ M^-1/2 at fixed fan-in scaling, equal at 32), so the raw slope mixes them, and
-        the large-width exponent of Q is max(slope(xs), slope(ctrl)). The verdict reads
+        sum of two power laws, Q^2 ~ A^2 + ctrl^2 (the aligned part and the random-matrix control); their sum is
+        not a power law at widths where both count (BP's readout under muP: A ~ M^0, ctrl ~ M^-1/2, equal at
+        ~32), so the raw slope mixes them, and the large-width exponent of Q is max(s, slope(ctrl)). Per cell,
+        D = mean_k (raw_k^2 - ctrl_k^2) estimates A^2 with sd max(sigma_0, the replicas' spread / sqrt(K))
+        (:meth:`_cells`). :func:`fit_aligned` fits D = c_t M^(2 s) across the widths, per step t (the slopes per
+        step of ``<name>_xs``) and on the step-averaged D (its slope; the shared exponent, c = mean_t c_t: a
+        model with one exponent for all steps, fitted on the average because the steps' noise is correlated).
+        The verdict reads
 
-        * ``<name>_xs`` when the excess clears its floor (excess > floor: more than Z_RESOLVE null standard
-          deviations) at every width and step, and slope(xs) >= slope(ctrl): the aligned part is measured and
-          it is the part that leads at large width;
-        * the raw term otherwise: where the excess is unresolved everywhere ("random-matrix dominated", e.g.
-          TP's readout, whose W_L(0) is independent of Delta a_{L-1} by design, so the random-matrix part *is*
-          the contribution, Theta(1) with b_L = 1/2); where it is resolved only at some widths or steps
-          ("partly resolved": no subtraction can be trusted everywhere); and where the control grows faster
-          ("random-matrix led": the raw term tends to the control's exponent).
+        * ``<name>_xs`` (slope s-hat) when the pooled fit is resolved (its amplitude's significance z clears
+          z_crit, the level a term with no aligned part reaches with probability <= Phi-bar(Z_RESOLVE) =
+          0.00135, the search over s included) and s-hat + Z_LEAD se >= slope(ctrl): the aligned part is
+          measured and it leads at large width;
+        * the raw term otherwise: "random-matrix dominated" where the aligned part is not resolved (e.g. TP's
+          readout, whose W_L(0) is independent of Delta a_{L-1} by design, so the random-matrix part *is* the
+          contribution, Theta(1) with b_L = 1/2), or its exponent is not determined (the fit's maximum at the
+          edge of ``S_GRID``); "random-matrix led" where the control grows faster (the raw term tends to the
+          control's exponent).
         """
         xs, floor, ctrl = (_part(name, p) for p in ("xs", "floor", "ctrl"))
-        if xs not in self.rms or floor not in self.rms or ctrl not in self.rms:
+        if ctrl not in self.rms or (name not in self.cells and (xs not in self.rms or floor not in self.rms)):
             return name
-        ok = np.asarray(self.rms[xs], float) > np.asarray(self.rms[floor], float)  # (widths, steps)
-        share = float(ok.mean())
-        if ok.all() and self.slopes[xs] >= self.slopes[ctrl]:
-            read, why = xs, "aligned excess resolved at every width and step"
-        elif ok.all():
-            read, why = name, "random-matrix led (its control's slope is larger)"
-        elif ok.any():
-            read, why = name, "partly resolved"
+        D, sd0, sd, D_bar, sd_bar = self._cells(name)
+        if not (np.all(np.isfinite(D)) and np.all(np.isfinite(sd)) and np.all(sd > 0)):
+            self.slopes[xs], self.slopes_per_step[xs] = float("nan"), [float("nan")] * D.shape[1]
+            self.excess[name] = {"read": name, "why": "not measured (a non-finite or zero-noise cell: diverged?)",
+                                 "resolved": False, "slope": float("nan"), "se": float("nan"), "z": float("nan"),
+                                 "z_crit": float("nan"), "slope_per_step": self.slopes_per_step[xs],
+                                 "se_per_step": [float("nan")] * D.shape[1], "z_per_step": [float("nan")] * D.shape[1],
+                                 "cells_resolved": 0.0, "D": D.tolist(), "sd": sd.tolist(), "sd0": sd0.tolist()}
+            return name
+        per = fit_aligned(self.widths, D.T, sd.T)  # one fit per step
+        fit = {k: v.item() for k, v in fit_aligned(self.widths, D_bar, sd_bar).items()}
+        self.slopes[xs] = fit["s"]
+        self.slopes_per_step[xs] = [float(v) for v in per["s"]]
+        c_slope = self.slopes[ctrl]
+        if not fit["resolved"]:
+            read, why = name, ("random-matrix dominated (" + (
+                f"aligned part not resolved: z = {fit['z']:.1f} < {fit['z_crit']:.1f})" if fit["z"] < fit["z_crit"]
+                else f"the aligned exponent is not determined within +-{S_GRID[-1]:g})"))
+        elif fit["s"] + Z_LEAD * fit["se"] >= c_slope:
+            read, why = xs, (f"aligned part resolved (z = {fit['z']:.1f} >= {fit['z_crit']:.1f}) and leading "
+                             f"(the control's slope {c_slope:+.3f})")
         else:
-            read, why = name, "random-matrix dominated"
-        self.excess[name] = {"read": read, "resolved": share, "why": why}
+            read, why = name, (f"random-matrix led (the control's slope {c_slope:+.3f} exceeds the aligned exponent "
+                               f"by more than {Z_LEAD:g} se)")
+        self.excess[name] = {
+            "read": read, "why": why, "resolved": bool(fit["resolved"]),
+            "slope": fit["s"], "se": fit["se"], "z": fit["z"], "z_crit": fit["z_crit"],
+            "slope_per_step": per["s"].tolist(), "se_per_step": per["se"].tolist(), "z_per_step": per["z"].tolist(),
+            "cells_resolved": float((D > Z_RESOLVE * sd0).mean()),
+            "D": D.tolist(), "sd": sd.tolist(), "sd0": sd0.tolist(),
+            **({"d": self.cells[name]["d"]} if name in self.cells else {})}
         return read
 
     def alignment(self, l: int, kind: str = "omega", step: int | None = None) -> float:
@@ -185,13 +213,17 @@ class CoordResult:
 
     def to_dict(self) -> dict:
         def clean(x):
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
             return None if isinstance(x, float) and not math.isfinite(x) else x
         return {"axis": self.axis, ("widths" if self.axis == "width" else "depths"): self.widths, "steps": self.steps,
                 "slopes": {k: clean(v) for k, v in self.slopes.items()},
                 "slopes_per_step": {k: [clean(x) for x in v] for k, v in self.slopes_per_step.items()},
                 "counted": self.counted, "max_abs_slope": clean(self.max_abs_slope),
                 "rms": self.rms,
-                **({"excess": self.excess, "max_abs_slope_raw": clean(self.max_abs_slope_raw)} if self.excess else {})}
+                **({"excess": clean(self.excess), "max_abs_slope_raw": clean(self.max_abs_slope_raw)} if self.excess else {})}
 
     def table(self) -> str:
         head = f"{'quantity':<12}{'counted':>8}" + "".join(f"{w:>11}" for w in self.widths) + f"{'slope':>9}"
@@ -202,8 +234,9 @@ class CoordResult:
             row = "".join(f"{table[i][-1]:>11.3g}" for i in range(len(self.widths)))
             lines.append(f"{name:<12}{('yes' if name in self.counted else 'no'):>8}{row}{self.slopes[name]:>9.3f}")
         for name, e in self.excess.items():
-            lines.append(f"{name}: the verdict reads {e['read']} ({e['why']}; excess above its floor in "
-                         f"{e['resolved']:.0%} of the width x step cells)")
+            lines.append(f"{name}: the verdict reads {e['read']} ({e['why']}; aligned exponent {e['slope']:+.3f} +- "
+                         f"{e['se']:.3f}, per step " + ", ".join(f"{v:+.2f}" for v in e["slope_per_step"])
+                         + f"; D above {Z_RESOLVE:g} sd in {e['cells_resolved']:.0%} of the width x step cells)")
         lines.append(f"max |slope| over counted quantities: {self.max_abs_slope:.3f}"
                      + (f" (raw terms in place of their excess: {self.max_abs_slope_raw:.3f})" if self.excess else ""))
         return "\n".join(lines)
@@ -211,84 +244,6 @@ class CoordResult:
     def plot(self, path: str, title: str = "") -> str:
         from ..plots import plot_coord
         return plot_coord(self, path, title)
-
-
-def receptive_energy(layer, x: torch.Tensor) -> torch.Tensor:
-    """E_l(x) = mean over output coordinates (batch, positions) of sum_{j in RF(o)} x_j^2, per replica: (K,).
-
-    RF(o) is the set of input coordinates that output o reads: all ``fan_in`` of a dense layer's input, so
-    E = fan_in * rms(x)^2; for a same-padded conv the c_in * k * k entries of the patch around o's position,
-    fewer at the borders (zero padding), so E <= c_in k^2 rms(x)^2 with equality on the interior. Computed as
-    the layer's own map with an all-ones filter of one output unit applied to x^2 (divided by its multiplier),
-    so it pads exactly as the layer does."""
-    x2 = x.detach().double().pow(2)
-    ones = torch.ones(x.shape[0], 1, *layer.weight.shape[2:], dtype=torch.float64, device=x.device)
-    return layer.forward(x2, ones, False).flatten(1).mean(1) / layer.mult
-
-
-def random_matrix_rms(layer, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The random-matrix control of rms(mult W x): the rms that a weight W' with W's entry rms s = rms(W),
-    drawn independently of x (zero mean, i.i.d. entries), gives in expectation, per replica (K,):
-
-        control^2 = E_W' rms(mult W' x)^2 = mult^2 s^2 E_l(x)        (E_l: :func:`receptive_energy`)
-
-    = (mult s sqrt(fan_in) rms(x))^2 for a dense layer (and a conv away from its borders). Exact for every x:
-    each output is mult sum_{j in RF(o)} W'_oj x_j, whose square has mean mult^2 s^2 sum_{j in RF(o)} x_j^2.
-    For Gaussian W' it holds given ||W'|| too (W' / ||W'|| is uniform on the sphere), so with s the drawn
-    W's own rms, rms(mult W x)^2 - control^2 has mean 0 whenever W is independent of x."""
-    return (rms(w) * abs(layer.mult)) * receptive_energy(layer, x).sqrt()
-
-
-Z_RESOLVE = 3.0  # null standard deviations an aligned excess must clear to count as resolved (``aligned_excess``)
-
-
-def null_variance(layer, x: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
-    """Var(rms(mult W x)^2) for W drawn independently of x (Gaussian, entry rms s), per replica (K,): the
-    spread of a random-matrix part around its control ``ctrl`` (:func:`random_matrix_rms`).
-
-    Output unit o of the layer gives sum_r (w_o . z_r)^2 over the N rows r (samples, and positions of a
-    conv) of the patch matrix Z (the unit's inputs, zero-padded), i.e. w_o^T G w_o with G = Z^T Z; the n_out
-    units are independent and Var(w^T G w) = 2 s^4 tr(G^2), so with ctrl^2 = mult^2 s^2 tr(G) / N
-
-        Var(rms^2) = 2 ctrl^4 tr(G^2) / (n_out tr(G)^2)                                       (<= 2 ctrl^4 / n_out)
-
-    (given ||W||, with W / ||W|| uniform on the sphere of the d = n_out fan_in entries, the variance is
-    2 s^4 (d / (d + 2)) (tr(A^2) - tr(A)^2 / d) <= 2 s^4 tr(A^2), A = I_{n_out} x G, so the formula bounds it with
-    s = the drawn W's own rms, as ``ctrl`` uses). A dense layer's tr(G^2) =
-    ||X X^T||_F^2 is computed exactly from the probe's N x N Gram matrix; a conv's would need its
-    (c_in k^2)^2 patch Gram matrix (N = batch x positions rows), so it takes the bound tr(G^2) <= tr(G)^2
-    (G >= 0; equality when x has rank one): conservative, it can only leave an excess unresolved."""
-    from ..nets import Dense
-    ctrl4 = ctrl.double().pow(4)
-    if not isinstance(layer, Dense):
-        return 2 * ctrl4 / layer.fan_out
-    xd = x.detach().double()
-    gram = torch.bmm(xd, xd.transpose(1, 2))  # (K, N, N)
-    tr = gram.diagonal(dim1=1, dim2=2).sum(1)
-    ratio = torch.where(tr > 0, gram.pow(2).sum((1, 2)) / tr.clamp_min(1e-300).pow(2), torch.zeros_like(tr))
-    return 2 * ctrl4 * ratio / layer.fan_out
-
-
-def aligned_excess(raw: torch.Tensor, ctrl: torch.Tensor, var0: torch.Tensor,
-                   z: float = Z_RESOLVE) -> tuple[float, float]:
-    """The aligned excess of a term over its random-matrix part, pooled over the K replicas, and its floor.
-
-    ``raw``: rms(Q) per replica of a term Q = A + mult W(0) Delta a (A = 0 for ``Wdh_l``; dWh_L for ``df``),
-    ``ctrl``: the control of its random-matrix part (:func:`random_matrix_rms`), ``var0``: that part's
-    variance (:func:`null_variance`). With D = mean_k (raw_k^2 - ctrl_k^2),
-
-        excess = sqrt(max(D, 0)),        floor = sqrt(z sigma_0),        sigma_0^2 = sum_k var0_k / K^2,
-
-    the rms of Q without its random-matrix part (exact in expectation when that part is uncorrelated with the
-    rest) and the excess that the null (A = 0 and W(0) independent of Delta a: D has mean 0, sd sigma_0)
-    reaches at z standard deviations. The excess is *resolved* when excess > floor (D > z sigma_0); z = 3
-    (``Z_RESOLVE``): a null term passes one (width, step) cell with probability <= 1 / (1 + z^2) = 0.1 whatever
-    D's distribution (Cantelli), ~0.0013 for its near-Gaussian sum of n_out K quadratic forms, and it must pass
-    every cell. Returns (excess, floor)."""
-    K = raw.shape[0]
-    d = float((raw.double().pow(2) - ctrl.double().pow(2)).mean())
-    sigma0 = math.sqrt(float(var0.double().sum())) / K
-    return math.sqrt(max(d, 0.0)), math.sqrt(z * sigma0)
 
 
 def own_update(layer, inp: torch.Tensor, w0, b0: torch.Tensor | None) -> torch.Tensor:
@@ -307,7 +262,9 @@ def _block(layer) -> bool:
 
 
 @torch.no_grad()
-def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
+def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> tuple[dict[str, torch.Tensor], dict]:
+    """The width check's quantities per replica, and per term with a random-matrix part its cells' ingredients:
+    {"d": raw_k^2 - ctrl_k^2, "var0": the null variance} (K,) each."""
     us, acts = net.forward(probe_x)
     out, var0 = {}, {}
     L = net.depth
@@ -339,10 +296,13 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> dict[str, torch.Tensor]:
     terms = [(f"Wdh_{l}", l) for l in range(2, L + 1) if l in var0] + ([("df", L)] if L in var0 else [])
     if L in var0:
         out["df_ctrl"] = out[f"Wdh_ctrl_{L}"]
+    cells = {}
     for name, l in terms:
-        xs, floor = aligned_excess(out[name], out[_part(name, "ctrl")], var0[l])
+        raw, ctrl = out[name], out[_part(name, "ctrl")]
+        xs, floor = aligned_excess(raw, ctrl, var0[l])
         out[_part(name, "xs")], out[_part(name, "floor")] = torch.tensor(xs), torch.tensor(floor)
-    return out
+        cells[name] = {"d": raw.double().pow(2) - ctrl.double().pow(2), "var0": var0[l].double()}
+    return out, cells
 
 
 # shown but not counted across depth: f (as across width), and a single block's own update (~ 1/(H - 2) by design)
@@ -389,6 +349,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
     if not batches:
         raise ConfigError("a coordinate check needs at least one step")
     rec: dict[str, list[list[float]]] = {}
+    cells: dict[str, dict[str, list]] = {}
     counted: list[str] = []
     for w in widths:
         net = make_net(w)
@@ -399,17 +360,24 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         b0 = [None if (_block(layer) or layer.bias is None) else layer.bias.clone() for layer in net.layers]
         us0, acts0 = net.forward(probe)
         per_step: dict[str, list[float]] = {}
+        per_cell: dict[str, dict[str, list]] = {}
         for x, y in batches:
             grads, _ = algo.step(net, x, y, opt=opt)
             opt.step(grads)
-            meas = (_measure(net, w0, b0, acts0, us0[-1], probe) if axis == "width"
-                    else _measure_depth(net, w0, b0, acts0, us0[-1], probe, us0))
+            meas, cell = (_measure(net, w0, b0, acts0, us0[-1], probe) if axis == "width"
+                          else (_measure_depth(net, w0, b0, acts0, us0[-1], probe, us0), {}))
+            for term, parts in cell.items():
+                for part, v in parts.items():
+                    per_cell.setdefault(term, {}).setdefault(part, []).append(v.tolist())
             if hasattr(algo, "coord_observables") and axis == "width":  # per-layer names: not comparable in depth
                 meas.update(algo.coord_observables(net, x, y))
             for name, v in meas.items():
                 per_step.setdefault(name, []).append(float(v.mean()))
         for name, v in per_step.items():
             rec.setdefault(name, []).append(v)
+        for term, parts in per_cell.items():
+            for part, v in parts.items():
+                cells.setdefault(term, {}).setdefault(part, []).append(v)
         if not counted and axis == "depth":
             counted = [n for n in per_step if n not in NOT_COUNTED_DEPTH]
         elif not counted:
@@ -417,7 +385,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
             counted = ([f"h_{l}" for l in range(1, L)] + [f"dh_{l}" for l in range(1, L)]
                        + [f"dWh_{l}" for l in range(1, L + 1)] + [f"Wdh_{l}" for l in range(2, L + 1)] + ["df"]
                        + sorted(getattr(algo, "coord_counted", ())))
-    return CoordResult(widths, len(batches), rec, counted, axis=axis)
+    return CoordResult(widths, len(batches), rec, counted, axis=axis, cells=cells)
 
 
 def coord_batches(data, steps: int, batch_size: int = 64, probe_size: int = 256, seed: int = 0):
