@@ -359,8 +359,8 @@ def test_target_propagation_refuses_units_without_a_feedback_map_in_one_line():
     with pytest.raises(ConfigError) as err:
         make_algo("dtp").step(net, x, y)
     assert "model layer 2 (_Norm)" in str(err.value) and "\n" not in str(err.value)
-    _, loss = make_algo("dtp", feedback="ridge").step(net, x, y)
-    assert torch.isfinite(loss).all()
+    grads, _ = make_algo("dtp", feedback="ridge").step(net, x, y)  # ridge feedback runs: every tensor gets a signal
+    assert all(torch.isfinite(g).all() and g.abs().amax() > 0 for g in grads)
 
 
 def test_dtp_on_general_residual_blocks_trains_the_stream_feedback_branch():

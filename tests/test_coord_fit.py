@@ -169,3 +169,25 @@ def test_a_diverged_cell_is_not_fitted():
     e = res.excess["Wdh_2"]
     assert e["read"] == "Wdh_2" and "not measured" in e["why"] and math.isnan(res.slopes["Wdh_xs_2"])
     json.dumps(res.to_dict()["excess"], allow_nan=False)
+
+
+def test_cell_stats_take_the_replicas_spread_where_it_exceeds_the_null_sd():
+    """``cell_stats`` on hand-made replica values (widths, steps, K) that differ across the K replicas: D is their
+    mean; each cell's sd is sqrt(max(sigma_0^2, var_k(d) / K)) with sigma_0 = sqrt(sum_k var0) / K; the pooled
+    (step-averaged) D is D's mean over the steps, with sd sqrt(max(mean_t sigma_0^2..., var_k(mean_t d) / K))
+    (numpy written out)."""
+    from mulocal.diagnostics.excess import cell_stats
+    rng = np.random.default_rng(3)
+    d = rng.normal(1.0, 0.5, size=(3, 2, 5))  # (widths, steps, K): replicas differ
+    var0 = np.full_like(d, 1e-6)  # a tiny null variance: the replicas' spread decides
+    var0[0, 0] = 4.0  # ... except in one cell, where the null sd decides
+    D, sd0, sd, D_bar, sd_bar = cell_stats(d, var0)
+    K = d.shape[-1]
+    assert np.allclose(D, d.mean(-1), rtol=1e-14, atol=0)
+    assert np.allclose(sd0, np.sqrt(var0.sum(-1)) / K, rtol=1e-14, atol=0)
+    expect = np.sqrt(np.maximum(sd0 ** 2, d.var(-1, ddof=1) / K))
+    assert np.allclose(sd, expect, rtol=1e-14, atol=0)
+    assert sd[0, 0] == sd0[0, 0] and sd[1, 0] > sd0[1, 0]  # both branches taken
+    assert np.allclose(D_bar, d.mean(-1).mean(1), rtol=1e-14, atol=0)
+    expect_bar = np.sqrt(np.maximum(sd0.mean(1) ** 2, d.mean(1).var(-1, ddof=1) / K))
+    assert np.allclose(sd_bar, expect_bar, rtol=1e-14, atol=0)

@@ -47,22 +47,23 @@ def _cnn(shape=(1, 16, 12), depth=4, bias=True, K=2):
     h_1 (C, 8, 6), h_2 (C, 4, 3), h_3 (C, 2, 1) flattened: conv feedback g_2 (P = 48) and g_3 (P = 12), dense g_4."""
     p = preset("mup", "sgd", algo="dtp", base_width=BASE, a=(-0.5, 0.5, 1.0))
     net = build("cnn", shape, 3, 6, p, depth=depth, K=K, bias=bias, seeds=[1, 2][:K], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in net.layers if bias else []:
-            layer.bias.copy_(0.3 * torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
-    return net, gen
+    return net, _random_biases(net, bias, 7)
 
 
 def _rescnn(shape=(2, 8, 12), depth=5, bias=True, K=2):
     """A float64 residual CNN (stream (C, 4, 6): P = 24 for the blocks' conv feedback), multipliers != 1."""
     p = preset("mup", "sgd", algo="dtp", base_width=BASE).with_(a=(0.0, 0.25, 0.5), depth_alpha=0.5)
     net = build("rescnn", shape, 4, 6, p, depth=depth, K=K, bias=bias, seeds=[3, 4][:K], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(11)
+    return net, _random_biases(net, bias, 11)
+
+
+def _random_biases(net, bias: bool, seed: int) -> torch.Generator:
+    """Random (non-zero) forward biases, drawn from a generator seeded ``seed``, which is returned for further draws."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in net.layers if bias else []:
             layer.bias.copy_(0.3 * torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
-    return net, gen
+    return gen
 
 
 def _record(algo, net, x, apply=False):

@@ -112,8 +112,8 @@ def format_table(report: dict, other: dict | None = None, floor: float = LEARN_F
                      f"with those values at the grid point below the grid, an upper bound (the verdict's for a control)")
     pairs = verdicts(report, other)
     if pairs:
-        lines.append(f"verdict (muP vs its SP control; separated: slope gap > {SEPARATION_SIGMAS:g} sigma, transfers: "
-                     f"|slope| <= {TRANSFER_BOUND:g}; the paper's metric is test accuracy):")
+        lines.append(f"verdict (muP vs its SP control; separated: |slope gap| > {SEPARATION_SIGMAS:g} sigma, one-sided on "
+                     f"a bound; transfers: |slope| <= {TRANSFER_BOUND:g}; the paper's metric is test accuracy):")
         for v in pairs:
             parts = []
             for m in ("test_accuracy", "train_loss"):

@@ -342,16 +342,27 @@ def _bounded_slope(per_width: list[dict], boots: dict) -> dict:
     lw = np.log2([e["width"] for e in pts])
     if min(math.log2(e["width"]) for e in cens) <= lw.mean():
         return out
-    fit = linear_fit(lw, [e["log2_bound"] if e.get("censored") else e["log2_best_lr"] for e in pts])
-    n_boot = min(len(boots[e["width"]]) for e in pts if not e.get("censored"))
-    slopes = []
-    for b in range(n_boot):
-        ys = [e["log2_bound"] if e.get("censored") else boots[e["width"]][b] for e in pts]
-        if all(np.isfinite(ys)):
-            slopes.append(linear_fit(lw, ys)["slope"])
-    errs = [v for v in (fit["se"], float(np.std(slopes, ddof=1)) if len(slopes) > 1 else None) if v is not None]
-    out.update(slope_bound=fit["slope"], slope_bound_err=max(errs) if errs else None)
+    fit, _, err = _slope_fit(lw, pts, boots)
+    out.update(slope_bound=fit["slope"], slope_bound_err=err)
     return out
+
+
+def _slope_fit(lw, pts: list[dict], boots: dict) -> tuple[dict, float | None, float | None]:
+    """The least-squares line of log2(best LR) (a censored value: its bound, fixed in every resample) against
+    ``lw``, the bootstrap spread of its slope (None below 2 finite resamples) and the slope's error, the larger of
+    the regression's standard error and that spread."""
+    def ys(b=None):
+        return [e["log2_bound"] if e.get("censored") else (e["log2_best_lr"] if b is None else boots[e["width"]][b])
+                for e in pts]
+    fit = linear_fit(lw, ys())
+    slopes = []
+    for b in range(min(len(boots[e["width"]]) for e in pts if not e.get("censored"))):
+        y = ys(b)
+        if all(np.isfinite(y)):
+            slopes.append(linear_fit(lw, y)["slope"])
+    boot_std = float(np.std(slopes, ddof=1)) if len(slopes) > 1 else None
+    errs = [v for v in (fit["se"], boot_std) if v is not None]
+    return fit, boot_std, max(errs) if errs else None
 
 
 def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
@@ -364,21 +375,13 @@ def _transfer(per_width: list[dict], boots: dict, metric: str) -> dict:
     if len(ok) < 2:
         return out
     lw = np.log2([e["width"] for e in ok])
-    fit = linear_fit(lw, [e["log2_best_lr"] for e in ok])
-    slopes = []
-    n_boot = min(len(boots[e["width"]]) for e in ok)
-    for b in range(n_boot):
-        ys = [boots[e["width"]][b] for e in ok]
-        if all(np.isfinite(ys)):
-            slopes.append(linear_fit(lw, ys)["slope"])
-    boot_std = float(np.std(slopes, ddof=1)) if len(slopes) > 1 else None
-    errs = [v for v in (fit["se"], boot_std) if v is not None]
+    fit, boot_std, err = _slope_fit(lw, ok, boots)
     base, big = ok[0], ok[-1]
     v, how = value_at(big["_x"], big["_mean"], big["_best"], base["_best"]["x"])
     best_big = big["_best"]["value"]
     penalty = max(0.0, v - best_big) if math.isfinite(v) else math.inf
     out.update(slope=fit["slope"], intercept=fit["intercept"], slope_se=fit["se"], slope_boot_std=boot_std,
-               slope_err=max(errs) if errs else None, base_width=base["width"], largest_width=big["width"],
+               slope_err=err, base_width=base["width"], largest_width=big["width"],
                base_best_lr=base["best_lr"], value_at_base_lr=_to_metric(metric, v),
                best_value_largest=_to_metric(metric, best_big), penalty=penalty,
                penalty_relative=(penalty / abs(best_big) if best_big and math.isfinite(penalty) else

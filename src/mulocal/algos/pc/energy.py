@@ -46,20 +46,31 @@ def weight_grads(net: Net, errs, acts, gam) -> list:
     return grads
 
 
+def jac_at(net: Net, jacs, l: int, v, a):
+    """J_l at v_l: ``jacs[l]`` where built (with a_l by ``Net.post_lin``, or FPA's frozen one), else linearized now."""
+    return jacs[l] if jacs is not None and jacs[l] is not None else net.linearize(l, v[l], a[l])
+
+
+def dF_dv(e, b, g_own, g_above) -> torch.Tensor:
+    """dF/dv_l = gamma_l e_l - gamma_{l+1} b (a new tensor), b = (d mu_{l+1}/d v_l)^T e_{l+1}; e None: e_l = 0 exactly
+    (up to the sign of a zero, what 0 * gamma_l - gamma_{l+1} b gives); gamma_l = 1: no multiplication by it."""
+    if e is None:
+        return b.mul(-g_above)
+    if g_own == 1:
+        return torch.sub(e, b, alpha=g_above)
+    return e.mul(g_own).sub_(b, alpha=g_above)
+
+
 def grad_sq(net: Net, errs, v, a, gam, jacs=None) -> torch.Tensor:
     """sum_l ||dF/dv_l||^2 over the hidden layers and the batch, per replica (K,), at the state (v, a) whose
-    errors are ``errs`` (None entries: exactly 0) (``jacs[l]``: J_l at v_l, the frozen one of FPA; where None or
-    not given, J_l linearized at v_l)."""
+    errors are ``errs`` (None entries: exactly 0, a leading run as ``errors`` leaves them) (``jacs``: see
+    :func:`jac_at`)."""
     tot = 0
     for l in range(1, net.depth):
-        if errs[l + 1] is None:
-            if errs[l] is not None:
-                tot = tot + (gam[l - 1] * errs[l]).flatten(1).pow(2).sum(1)
+        if errs[l + 1] is None:  # then e_l = 0 too (a leading run): dF/dv_l = 0
             continue
-        jac = jacs[l] if jacs is not None and jacs[l] is not None else net.linearize(l, v[l], a[l])
-        b = back(net, l, jac, errs[l + 1], a[l])
-        g = b.mul(-gam[l]) if errs[l] is None else gam[l - 1] * errs[l] - gam[l] * b
-        tot = tot + g.flatten(1).pow(2).sum(1)
+        b = back(net, l, jac_at(net, jacs, l, v, a), errs[l + 1], a[l])
+        tot = tot + dF_dv(errs[l], b, gam[l - 1], gam[l]).flatten(1).pow(2).sum(1)
     return tot
 
 
@@ -68,12 +79,8 @@ def energy_parts(v, mu, errs, loss, L, start: bool = False) -> list:
     errors, None entries exactly 0, or None: v - mu)."""
     if start:  # F-ini: every hidden error is exactly 0
         return [torch.zeros_like(loss)] * (L - 1) + [loss]
-    if errs is not None and any(errs[l] is None for l in range(1, L)):
-        zero = torch.zeros_like(loss)
-        return [zero if errs[l] is None else torch.linalg.vector_norm(errs[l].flatten(1), dim=1)
-                for l in range(1, L)] + [loss]
-    return [torch.linalg.vector_norm((errs[l] if errs is not None else v[l] - mu[l]).flatten(1), dim=1)
-            for l in range(1, L)] + [loss]
+    es = [errs[l] if errs is not None else v[l] - mu[l] for l in range(1, L)]
+    return [torch.zeros_like(loss) if e is None else torch.linalg.vector_norm(e.flatten(1), dim=1) for e in es] + [loss]
 
 
 def energy_from_parts(parts: list, gam, L, B) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 from ...errors import ConfigError
 from ...losses import loss_and_grad
 from ...nets import Net
-from .energy import (back, bcast, energy_from_parts, energy_parts, errors, grad_sq, state_energy,
-                     weight_grads)
+from .energy import (back, bcast, dF_dv, energy_from_parts, energy_parts, errors, grad_sq, jac_at,
+                     state_energy, weight_grads)
 from .observers import restore
 from .steps import kappas
 
@@ -109,8 +109,8 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
         if pc.mode == "sequential":
             for l in range(L - 1, 0, -1):
                 e_above = e_top if l + 1 == L else v[l + 1] - mu[l + 1]
-                grad = (v[l] - mu[l]).mul_(gam[l - 1]).sub_(back(net, l, _jac(net, jacs, l, v, a), e_above, a[l]),
-                                                              alpha=gam[l])
+                b = back(net, l, jac_at(net, jacs, l, v, a), e_above, a[l])
+                grad = dF_dv(v[l] - mu[l], b, gam[l - 1], gam[l])
                 if residual and t == 0 and l == L - 1 and g0 is None:  # F-ini: every other dF/dv_l is 0 here
                     g0 = grad.flatten(1).pow(2).sum(1)
                 v[l] = _move(pc, v[l], grad, k_eff[l - 1], vel, l)
@@ -124,8 +124,8 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
             if errs is None:
                 errs = errors(v, mu, e_top, L, low(t))
             for l in range(m, L):  # below m: e_l = e_{l+1} = 0, no move
-                b = back(net, l, _jac(net, jacs, l, v, a), errs[l + 1], a[l])
-                grad = _grad(errs[l], b, gam[l - 1], gam[l])
+                b = back(net, l, jac_at(net, jacs, l, v, a), errs[l + 1], a[l])
+                grad = dF_dv(errs[l], b, gam[l - 1], gam[l])
                 if residual and t == 0:
                     sq = grad.flatten(1).pow(2).sum(1)
                     g0 = sq if l == m else g0 + sq
@@ -195,21 +195,6 @@ def step(pc, net: Net, x: torch.Tensor, y: torch.Tensor, opt=None):
     elif pc.tol is not None:
         pc.stats = {"steps": steps}
     return grads, ff_loss
-
-
-def _jac(net, jacs, l, v, a):
-    """J_l at v_l: the one built with a_l (or FPA's frozen one), else linearized now."""
-    return jacs[l] if jacs[l] is not None else net.linearize(l, v[l], a[l])
-
-
-def _grad(e, b, g_own, g_above):
-    """dF/dv_l = gamma_l e_l - gamma_{l+1} b (a new tensor), b = (d mu_{l+1}/d v_l)^T e_{l+1}; e None: e_l = 0 exactly
-    (up to the sign of a zero, what 0 * gamma_l - gamma_{l+1} b gives); gamma_l = 1: no multiplication by it."""
-    if e is None:
-        return b.mul(-g_above)
-    if g_own == 1 and SHORTCUTS:
-        return torch.sub(e, b, alpha=g_above)
-    return e.mul(g_own).sub_(b, alpha=g_above)
 
 
 def _move(pc, v, grad, kappa, vel, l):
