@@ -3,7 +3,7 @@
 An exported replica k is a ``torch.nn.Sequential`` of ``torch.nn`` modules (``Flatten``, ``Linear``, ``Conv2d``,
 ``Tanh`` / ``ReLU`` / ``Identity``, ``MaxPool2d`` / ``AvgPool2d``) with the muP multipliers folded into its
 weights: a layer computing ``u = mult * W a + b`` becomes ``Linear`` / ``Conv2d`` with weight ``mult * W`` and bias
-``b``; a residual block ``h + a_l (mult W phi(h) + b)`` (``nets.Branch``: ``mult`` already carries a_l) becomes
+``b``; a residual block ``h + a_l (mult W phi(h) + b)`` (``layers.Branch``: ``mult`` already carries a_l) becomes
 ``Residual(Sequential(phi, Linear))`` with weight ``mult * W`` and bias ``a_l b``, where ``Residual`` is the
 four-line module ``x + inner(x)`` (its source is in :func:`module_source`, which builds the whole model with
 ``torch.nn`` alone). Two formats:

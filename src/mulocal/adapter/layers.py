@@ -1,7 +1,7 @@
 """The layers a user's model runs as: a general convolution (``AffineConv``) and any module with parameters
-(``ModuleLayer``), each with a leading replica dimension K like the native layers (``nets.Dense`` / ``nets.Conv``).
+(``ModuleLayer``), each with a leading replica dimension K like the native layers (``layers.Dense`` / ``layers.Conv``).
 
-Both give the learning rules the native layer interface (``nets.Layer``): ``forward``, ``backward_input(delta, a)``
+Both give the learning rules the native layer interface (``layers.Layer``): ``forward``, ``backward_input(delta, a)``
 = (d layer / d a)^T delta, ``param_grads(delta, a)`` = d sum(delta * layer(a)) / d theta / B, ``tensors``, ``kinds``.
 ``ModuleLayer`` computes the last two by local autograd inside the module (``torch.func.vjp`` at its own input):
 never through another layer.
@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MulocalWarning
-from ..nets import Conv, Layer, _Branch
+from ..layers import Conv, Layer, _Branch
 
 
 class AffineConv(Conv):
     """A user's ``nn.Conv2d`` (one group, zero padding; any kernel, stride, padding, dilation) per replica: the native
-    ``nets.Conv`` with the module's hyperparameters, W of shape (K, c_out, c_in, kh, kw)."""
+    ``layers.Conv`` with the module's hyperparameters, W of shape (K, c_out, c_in, kh, kw)."""
 
     def __init__(self, role, conv: nn.Conv2d, in_hw, K, rule, dtype, device):
         super().__init__(role, conv.in_channels, conv.out_channels, conv.kernel_size, K, conv.bias is not None, rule,

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..nets import Branch, Dense, Net
+from ..layers import Branch, Dense
+from ..nets import Net
 from ..param import Parameterization, check_width
 from .layers import AffineConv, AffineConvBranch, ModuleLayer
 from .read import read
@@ -141,6 +142,9 @@ class ModuleNet(Net):
             y = m(y)
         return y.reshape(K, B, *y.shape[1:])
 
+    def _needs_vjp(self, l):
+        return self._lin[l] is None  # other modules than one elementwise activation (a pooled post)
+
     def linearize(self, l, u, a=None):
         kind = self._lin[l]
         if kind == "identity" or kind == "linear":
@@ -150,11 +154,6 @@ class ModuleNet(Net):
         if kind == "relu":
             return (u > 0).to(u.dtype).mul
         return self._post_vjp(l, u)[1]
-
-    def post_lin(self, l, u):
-        """(post(l, u), its linearization): a post of other modules than one elementwise activation (a pooled one)
-        is evaluated once, by the vjp that builds the map."""
-        return super().post_lin(l, u) if self._lin[l] is not None else self._post_vjp(l, u)
 
     def unflattened_shapes(self) -> dict:
         """{l: the shape of a_l before the model's Flatten} for the units whose activity is flattened (TP's conv

@@ -14,7 +14,7 @@ it are its ``post`` (u_l -> a_l, the activity the next unit reads); those before
   every parameter of the module set to zero its output equals its input exactly (a residual block's branch then
   vanishes) -- and it does not with its parameters as built. ``adapter.Residual(*modules)`` is such a module whose
   branch is known (``.branch``); a branch made of parameter-free modules and one Linear / Conv2d becomes the native
-  residual layer (``nets.Branch`` / ``ConvBranch``), its parameter-free prefix the ``post`` of the unit below.
+  residual layer (``layers.Branch`` / ``ConvBranch``), its parameter-free prefix the ``post`` of the unit below.
 
 Roles, from two builds of the factory (widths ``w1`` < ``w2``): a dimension is infinite when its size differs
 between them (it must grow exactly like the width: ``size(w2) / size(w1) = w2 / w1``). A parameter with two or

@@ -202,7 +202,7 @@ def null_variance(layer, x: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
     ||X X^T||_F^2 is computed exactly from the probe's N x N Gram matrix; a conv's would need its
     (c_in k^2)^2 patch Gram matrix (N = batch x positions rows), so it takes the bound tr(G^2) <= tr(G)^2
     (G >= 0; equality when x has rank one): conservative, it can only leave an excess unresolved."""
-    from ..nets import Dense
+    from ..layers import Dense
     ctrl4 = ctrl.double().pow(4)
     if not isinstance(layer, Dense):
         return 2 * ctrl4 / layer.fan_out

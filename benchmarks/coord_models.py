@@ -1,0 +1,111 @@
+"""The coordinate checks of docs/api.md (a user's models) and docs/REPRODUCTION.md (the native CNN) at the settings
+two CPU cores afford, one command per table row.
+
+What it runs: ``mulocal.diagnostics.coord.coord_check`` on FashionMNIST, ``--steps`` SGD steps of ``--batch`` images
+(the first training images, the same at every width), a probe of the last ``--probe`` of the first 2048 training
+images, ``--seeds`` replicas per width (seeds 0..n-1, one batched model), for each parameterization in ``--param``.
+A user's model (``--model tests/models_user.py:vgg``) is built at ``--side`` x ``--side`` images (the factory's
+``side`` argument; the images are averaged down to it); a native net (``--arch cnn``) at 28 x 28 with a
+``--batch``-image step. It prints max |slope| (the verdict, each ``Wdh`` term read by its aligned part where that is
+resolved) and the raw one, the leading terms, and each excess' reading, and writes the JSON of each check to
+``--out`` when given.
+
+Run (the rows of docs/api.md, 2 CPU cores, one thread; ~10 min each at 16 seeds and 64-512 channels):
+
+    python benchmarks/coord_models.py --model tests/models_user.py:vgg --algo bp --param mup,sp --seeds 16
+    python benchmarks/coord_models.py --arch cnn --algo pc --param mup --base-width 32 --batch 64 --seeds 16
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+from mulocal.adapter import ModuleNet
+from mulocal.algos import make_algo
+from mulocal.data import load_dataset
+from mulocal.diagnostics.coord import coord_batches, coord_check
+from mulocal.nets import build
+from mulocal.param import preset
+
+
+def _factory(spec: str, side: int):
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        sys.exit(f"error: --model takes FILE.py:FACTORY, got '{spec}'")
+    mod_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if mod_spec is None or not pathlib.Path(path).is_file():
+        sys.exit(f"error: no such model file '{path}'")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        sys.exit(f"error: '{path}' has no factory '{name}'")
+    return functools.partial(getattr(module, name), side=side)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="FILE.py:FACTORY, a factory make(width, side=...) -> nn.Module")
+    what.add_argument("--arch", choices=["cnn", "mlp", "rescnn", "resmlp"], help="a native net")
+    ap.add_argument("--algo", default="bp")
+    ap.add_argument("--param", default="mup,sp", help="comma-separated presets (default mup,sp)")
+    ap.add_argument("--widths", default="64,128,256,512")
+    ap.add_argument("--seeds", type=int, default=16, help="replicas per width (default 16)")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    ap.add_argument("--probe", type=int, default=128, help="probe images (default 128)")
+    ap.add_argument("--side", type=int, default=14, help="image side for --model (default 14)")
+    ap.add_argument("--base-width", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="a folder for each check's JSON")
+    args = ap.parse_args(argv)
+    widths = [int(w) for w in args.widths.split(",")]
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    data = load_dataset("fashion-mnist", download=False, train_subset=None if args.arch else 2048)
+    if args.model:
+        make = _factory(args.model, args.side)
+        x = data.x_train
+        if args.side != x.shape[-1]:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, args.side)
+        batches = [(x[i * args.batch:(i + 1) * args.batch], data.y_train[i * args.batch:(i + 1) * args.batch])
+                   for i in range(args.steps)]
+        probe, shape = x[-args.probe:], (1, args.side, args.side)
+        name = args.model.rpartition(":")[2]
+    else:
+        batches, probe = coord_batches(data, args.steps, args.batch, probe_size=args.probe, seed=0)
+        name = args.arch
+    for pname in args.param.split(","):
+        t0 = time.time()
+        param = preset(pname, "sgd", algo=args.algo).with_(base_width=args.base_width)
+        if args.model:
+            def make_net(w):
+                return ModuleNet(make, shape, w, param, K=args.seeds, seeds=range(args.seeds))
+        else:
+            def make_net(w):
+                return build(args.arch, data.input_shape, 10, w, param, K=args.seeds, seeds=range(args.seeds))
+        res = coord_check(make_net, make_algo(args.algo), widths, batches, probe, lr=args.lr)
+        worst = sorted(res.counted, key=lambda n: -abs(res.slopes[n]))[:4]
+        print(f"{name} {args.algo} {pname} widths {args.widths} seeds {args.seeds}: max|slope| "
+              f"{res.max_abs_slope:.3f} (raw {res.max_abs_slope_raw:.3f}); leading "
+              + ", ".join(f"{n} {res.slopes[n]:+.3f}" for n in worst) + f"  [{time.time() - t0:.0f} s]", flush=True)
+        for term, e in res.excess.items():
+            print(f"  {term}: reads {e['read']}, {e['why']}; aligned exponent {e['slope']:+.3f} +- {e['se']:.3f}")
+        if args.out:
+            path = out / f"{name}_{args.algo}_{pname}_{args.widths.replace(',', '-')}_K{args.seeds}.json"
+            path.write_text(json.dumps(res.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
