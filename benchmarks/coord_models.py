@@ -7,7 +7,8 @@ images, ``--seeds`` replicas per width (seeds 0..n-1, one batched model), for ea
 A user's model (``--model tests/models_user.py:vgg``) is built at ``--side`` x ``--side`` images (the factory's
 ``side`` argument; the images are averaged down to it); a native net (``--arch cnn``) at 28 x 28 with a
 ``--batch``-image step. It prints max |slope| (the verdict, each ``Wdh`` term read by its aligned part where that is
-resolved) and the raw one, the leading terms, and each excess' reading, and writes the JSON of each check to
+resolved) with its standard error over the replicas (a jackknife; ``CoordResult.max_abs_slope_se``) and the raw
+one, the leading terms, and each excess' reading, and writes the JSON of each check to
 ``--out`` when given.
 
 Run (the rows of docs/api.md, 2 CPU cores, one thread; ~10 min each at 16 seeds and 64-512 channels):
@@ -97,8 +98,9 @@ def main(argv=None) -> int:
         res = coord_check(make_net, make_algo(args.algo), widths, batches, probe, lr=args.lr)
         worst = sorted(res.counted, key=lambda n: -abs(res.slopes[n]))[:4]
         print(f"{name} {args.algo} {pname} widths {args.widths} seeds {args.seeds}: max|slope| "
-              f"{res.max_abs_slope:.3f} (raw {res.max_abs_slope_raw:.3f}); leading "
-              + ", ".join(f"{n} {res.slopes[n]:+.3f}" for n in worst) + f"  [{time.time() - t0:.0f} s]", flush=True)
+              f"{res.max_abs_slope:.3f} +- {res.max_abs_slope_se:.3f} (raw {res.max_abs_slope_raw:.3f}); leading "
+              + ", ".join(f"{n} {res.slopes[n]:+.3f} +- {res.slope_se.get(n, float('nan')):.3f}" for n in worst)
+              + f"  [{time.time() - t0:.0f} s]", flush=True)
         for term, e in res.excess.items():
             print(f"  {term}: reads {e['read']}, {e['why']}; aligned exponent {e['slope']:+.3f} +- {e['se']:.3f}")
         if args.out:

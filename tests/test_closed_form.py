@@ -84,7 +84,7 @@ def test_linear_pc_cosine_with_bp_vs_width(fmnist):
 def test_preconditioner_norm_scaling():
     """||C|| at init: ~ M^-1 for gbar_L = 0, M^-2 for gbar_L = 1, ~ constant for gbar_L = -1."""
     from mulocal.diagnostics.align import preconditioner_vs_width
-    from mulocal.diagnostics.coord import fit_slope
+    from mulocal.diagnostics.slopes import fit_slope
     widths = [128, 256, 512, 1024]
     res = preconditioner_vs_width(widths, (-1.0, 0.0, 1.0), seeds=(0, 1))
     assert fit_slope(widths, res["norms"]["0.0"]) == pytest.approx(-1.0, abs=0.15)

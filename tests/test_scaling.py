@@ -2,7 +2,8 @@
 import pytest
 
 from mulocal.algos import make_algo
-from mulocal.diagnostics.coord import coord_batches, coord_check, fit_slope
+from mulocal.diagnostics.coord import coord_batches, coord_check
+from mulocal.diagnostics.slopes import fit_slope
 from mulocal.nets import build
 from mulocal.param import preset
 

@@ -60,27 +60,11 @@ from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
 from ..streams import generator
-from .excess import (S_GRID, Z_LEAD, Z_RESOLVE, aligned_excess, cell_stats, fit_aligned, null_variance,
-                     random_matrix_rms, rms)
+from .excess import S_GRID, Z_LEAD, Z_RESOLVE, cell_stats, fit_aligned, rms
+from .measure import NOT_COUNTED_DEPTH, _block, _measure, _measure_depth, _part
+from .slopes import fit_slope, jackknife_slope_se
 
-
-def norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm per replica: (K, ...) -> (K,), float64."""
-    return t.detach().flatten(1).double().pow(2).sum(1).sqrt()
-
-
-def _part(name: str, part: str) -> str:
-    """The name of a term's part: ``Wdh_3`` -> ``Wdh_xs_3``, ``df`` -> ``df_xs``."""
-    head, _, tail = name.rpartition("_")
-    return f"{head}_{part}_{tail}" if head and tail.isdigit() else f"{name}_{part}"
-
-
-def fit_slope(widths: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope of log(value) against log(width); nan if any value is not positive."""
-    v = np.asarray(values, dtype=float)
-    if not np.all(np.isfinite(v)) or np.any(v <= 0):
-        return float("nan")
-    return float(np.polyfit(np.log(np.asarray(widths, float)), np.log(v), 1)[0])
+FLAT = 0.15  # the |slope| per doubling below which the docs call a term flat (the issues' floor; plots' band)
 
 
 @dataclass
@@ -99,6 +83,9 @@ class CoordResult:
     excess: dict[str, dict] = field(default_factory=dict)
     # term -> {"d": [width][step][replica] raw_k^2 - ctrl_k^2, "var0": [width][step][replica] its null variance}
     cells: dict[str, dict[str, list]] = field(default_factory=dict)
+    replicas: dict[str, list] = field(default_factory=dict)  # name -> [width][step][replica] RMS (rms: their mean)
+    # name -> the slope's standard error over the replicas (``seeds.jackknife_slope_se``; an excess: its fit's se)
+    slope_se: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         for name, table in self.rms.items():
@@ -106,6 +93,8 @@ class CoordResult:
             self.slopes_per_step[name] = [fit_slope(self.widths, arr[:, t]) for t in range(arr.shape[1])]
             with np.errstate(divide="ignore", invalid="ignore"):
                 self.slopes[name] = fit_slope(self.widths, np.exp(np.log(arr).mean(1)))
+        for name, reps in self.replicas.items():
+            self.slope_se[name] = jackknife_slope_se(self.widths, reps)
         self.counted = [self._read_excess(n) for n in self.counted]
 
     def _cells(self, name: str):
@@ -158,7 +147,7 @@ class CoordResult:
             return name
         per = fit_aligned(self.widths, D.T, sd.T)  # one fit per step
         fit = {k: v.item() for k, v in fit_aligned(self.widths, D_bar, sd_bar).items()}
-        self.slopes[xs] = fit["s"]
+        self.slopes[xs], self.slope_se[xs] = fit["s"], fit["se"]
         self.slopes_per_step[xs] = [float(v) for v in per["s"]]
         c_slope = self.slopes[ctrl]
         if not fit["resolved"]:
@@ -206,6 +195,19 @@ class CoordResult:
         return self._max_abs(self.counted)
 
     @property
+    def leading(self) -> str | None:
+        """The counted quantity whose |slope| is the verdict (None without counted quantities)."""
+        named = [n for n in self.counted if n in self.slopes]
+        return max(named, key=lambda n: abs(self.slopes[n]) if math.isfinite(self.slopes[n]) else math.inf,
+                   default=None)
+
+    @property
+    def max_abs_slope_se(self) -> float:
+        """The standard error of the verdict's term (nan where not measured, e.g. one replica): the verdict is the
+        largest of some twenty noisy slopes, so a value within ~2 se of a floor does not decide it."""
+        return self.slope_se.get(self.leading, float("nan")) if self.leading else float("nan")
+
+    @property
     def max_abs_slope_raw(self) -> float:
         """The same with every raw term in place of its excess (the check before the random-matrix control)."""
         raw = {e["read"]: name for name, e in self.excess.items()}
@@ -222,7 +224,9 @@ class CoordResult:
                 "slopes": {k: clean(v) for k, v in self.slopes.items()},
                 "slopes_per_step": {k: [clean(x) for x in v] for k, v in self.slopes_per_step.items()},
                 "counted": self.counted, "max_abs_slope": clean(self.max_abs_slope),
-                "rms": self.rms,
+                "leading": self.leading, "max_abs_slope_se": clean(self.max_abs_slope_se),
+                "slope_se": clean(self.slope_se), "rms": self.rms,
+                **({"replicas": self.replicas} if self.replicas else {}),
                 **({"excess": clean(self.excess), "max_abs_slope_raw": clean(self.max_abs_slope_raw)} if self.excess else {})}
 
     def table(self) -> str:
@@ -237,96 +241,22 @@ class CoordResult:
             lines.append(f"{name}: the verdict reads {e['read']} ({e['why']}; aligned exponent {e['slope']:+.3f} +- "
                          f"{e['se']:.3f}, per step " + ", ".join(f"{v:+.2f}" for v in e["slope_per_step"])
                          + f"; D above {Z_RESOLVE:g} sd in {e['cells_resolved']:.0%} of the width x step cells)")
-        lines.append(f"max |slope| over counted quantities: {self.max_abs_slope:.3f}"
-                     + (f" (raw terms in place of their excess: {self.max_abs_slope_raw:.3f})" if self.excess else ""))
+        verdict, se = f"max |slope| over counted quantities: {self.max_abs_slope:.3f}", self.max_abs_slope_se
+        if self.leading:
+            K = len(self.replicas[self.leading][0][0]) if self.leading in self.replicas else 0
+            verdict += f" ({self.leading}" + (f", +- {se:.3f}" if math.isfinite(se) else "") + (
+                f" by a jackknife over {K} replicas)" if K else ")")
+        if self.excess:
+            verdict += f"; raw terms in place of their excess: {self.max_abs_slope_raw:.3f}"
+        lines.append(verdict)
+        if math.isfinite(se) and abs(self.max_abs_slope - FLAT) < 2 * se:
+            lines.append(f"within 2 se of {FLAT:g}: the replicas' noise decides this verdict; the se falls as "
+                         f"1 / sqrt(replicas) (--replicas)")
         return "\n".join(lines)
 
     def plot(self, path: str, title: str = "") -> str:
         from ..plots import plot_coord
         return plot_coord(self, path, title)
-
-
-def own_update(layer, inp: torch.Tensor, w0, b0: torch.Tensor | None) -> torch.Tensor:
-    """(W(t) - W(0)) inp + b(t) - b(0): the layer's own update applied to ``inp``, as the layer applies it
-    (its multipliers, a residual branch's included). A general block (a user's module, ``adapter.ModuleLayer``;
-    ``w0`` its tensors at the start) is not linear in its weights: g(inp; theta(t)) - g(inp; theta(0))."""
-    if _block(layer):
-        return layer.own_change(inp, w0)
-    return layer.forward(inp, layer.weight - w0, False if layer.bias is None else layer.bias - b0)
-
-
-def _block(layer) -> bool:
-    """A layer that is not linear in its input (a user's general module): W_l(0) Delta a is its change through the
-    frozen block, g(a(t); theta(0)) - g(a(0); theta(0)), with no random-matrix control (it has no single W)."""
-    return not getattr(layer, "linear_in_input", True)
-
-
-@torch.no_grad()
-def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> tuple[dict[str, torch.Tensor], dict]:
-    """The width check's quantities per replica, and per term with a random-matrix part its cells' ingredients:
-    {"d": raw_k^2 - ctrl_k^2, "var0": the null variance} (K,) each."""
-    us, acts = net.forward(probe_x)
-    out, var0 = {}, {}
-    L = net.depth
-    for l in range(1, L):
-        out[f"h_{l}"] = rms(acts[l])
-        out[f"dh_{l}"] = rms(acts[l] - acts0[l])
-    for l in range(1, L + 1):
-        layer = net.layers[l - 1]
-        out[f"dWh_{l}"] = rms(own_update(layer, acts[l - 1], w0[l - 1], b0[l - 1]))
-        if _block(layer):  # the change through the frozen block; its first matrix for W_l and dW_l
-            start = w0[l - 1][layer.matrix_index]
-            if l >= 2:
-                out[f"Wdh_{l}"] = rms(layer.input_change(acts[l - 1], acts0[l - 1], w0[l - 1]))
-            out[f"W_{l}"] = rms(start) * layer.mults[layer.matrix_index]
-            out[f"dW_{l}"] = rms(layer.weight - start) * layer.mults[layer.matrix_index]
-            continue
-        dw = layer.weight - w0[l - 1]
-        if l >= 2:
-            da = acts[l - 1] - acts0[l - 1]
-            out[f"Wdh_{l}"] = rms(layer.forward(da, w0[l - 1], False))
-            out[f"Wdh_ctrl_{l}"] = random_matrix_rms(layer, w0[l - 1], da)
-            var0[l] = null_variance(layer, da, out[f"Wdh_ctrl_{l}"])
-            out[f"dWdh_{l}"] = rms(layer.forward(da, dw, False))
-        out[f"W_{l}"] = rms(w0[l - 1]) * layer.mult
-        out[f"dW_{l}"] = rms(dw) * layer.mult
-    out["df"] = rms(us[-1] - f0)
-    out["f"] = rms(us[-1])
-    # the aligned excess over the random-matrix part, and its floor; df = dWh_L + Wdh_L has Wdh_L's random part
-    terms = [(f"Wdh_{l}", l) for l in range(2, L + 1) if l in var0] + ([("df", L)] if L in var0 else [])
-    if L in var0:
-        out["df_ctrl"] = out[f"Wdh_ctrl_{L}"]
-    cells = {}
-    for name, l in terms:
-        raw, ctrl = out[name], out[_part(name, "ctrl")]
-        xs, floor = aligned_excess(raw, ctrl, var0[l])
-        out[_part(name, "xs")], out[_part(name, "floor")] = torch.tensor(xs), torch.tensor(floor)
-        cells[name] = {"d": raw.double().pow(2) - ctrl.double().pow(2), "var0": var0[l].double()}
-    return out, cells
-
-
-# shown but not counted across depth: f (as across width), and a single block's own update (~ 1/(H - 2) by design)
-NOT_COUNTED_DEPTH = ("f", "dWh_first", "dWh_mid", "dWh_last")
-
-
-def positions(depth: int) -> dict[str, int]:
-    """The layers a depth check reads: the input layer, the first, middle and last residual block."""
-    return {"in": 1, "first": 2, "mid": max(2, depth // 2), "last": depth - 1}
-
-
-@torch.no_grad()
-def _measure_depth(net: Net, w0, b0, acts0, f0, probe_x, us0) -> dict[str, torch.Tensor]:
-    us, acts = net.forward(probe_x)
-    own = {l: own_update(net.layers[l - 1], acts[l - 1], w0[l - 1], b0[l - 1]) for l in range(1, net.depth)}
-    out = {}
-    for name, l in positions(net.depth).items():
-        out[f"h_{name}"] = rms(us[l])
-        out[f"dh_{name}"] = rms(us[l] - us0[l])
-        out[f"dWh_{name}"] = rms(own[l])
-    out["dWh_blocks"] = rms(sum(own[l] for l in range(2, net.depth)))
-    out["df"] = rms(us[-1] - f0)
-    out["f"] = rms(us[-1])
-    return out
 
 
 def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], batches: Sequence[tuple],
@@ -349,6 +279,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
     if not batches:
         raise ConfigError("a coordinate check needs at least one step")
     rec: dict[str, list[list[float]]] = {}
+    reps: dict[str, list] = {}
     cells: dict[str, dict[str, list]] = {}
     counted: list[str] = []
     for w in widths:
@@ -360,6 +291,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
         b0 = [None if (_block(layer) or layer.bias is None) else layer.bias.clone() for layer in net.layers]
         us0, acts0 = net.forward(probe)
         per_step: dict[str, list[float]] = {}
+        per_rep: dict[str, list[list[float]]] = {}
         per_cell: dict[str, dict[str, list]] = {}
         for x, y in batches:
             grads, _ = algo.step(net, x, y, opt=opt)
@@ -373,8 +305,10 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
                 meas.update(algo.coord_observables(net, x, y))
             for name, v in meas.items():
                 per_step.setdefault(name, []).append(float(v.mean()))
+                per_rep.setdefault(name, []).append(v.double().reshape(-1).tolist())
         for name, v in per_step.items():
             rec.setdefault(name, []).append(v)
+            reps.setdefault(name, []).append(per_rep[name])
         for term, parts in per_cell.items():
             for part, v in parts.items():
                 cells.setdefault(term, {}).setdefault(part, []).append(v)
@@ -385,7 +319,7 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
             counted = ([f"h_{l}" for l in range(1, L)] + [f"dh_{l}" for l in range(1, L)]
                        + [f"dWh_{l}" for l in range(1, L + 1)] + [f"Wdh_{l}" for l in range(2, L + 1)] + ["df"]
                        + sorted(getattr(algo, "coord_counted", ())))
-    return CoordResult(widths, len(batches), rec, counted, axis=axis, cells=cells)
+    return CoordResult(widths, len(batches), rec, counted, axis=axis, cells=cells, replicas=reps)
 
 
 def coord_batches(data, steps: int, batch_size: int = 64, probe_size: int = 256, seed: int = 0):

@@ -31,7 +31,8 @@ import torch
 
 from ..errors import ConfigError
 from ..param import Parameterization
-from .coord import CoordResult, coord_check, fit_slope, rms
+from .coord import CoordResult, coord_check, rms
+from .slopes import fit_slope
 
 
 PERTURBATION = "pert_"  # prefix of the inference-perturbation observables (PC's coord_observables)

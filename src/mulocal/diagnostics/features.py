@@ -55,7 +55,9 @@ import torch
 from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
-from .coord import fit_slope, norm, own_update, rms
+from .excess import rms
+from .measure import norm, own_update
+from .slopes import fit_slope
 
 
 @dataclass

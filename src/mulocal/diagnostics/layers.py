@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..nets import Net
 from ..optim import LayerwiseOptimizer
-from .coord import norm
+from .measure import norm
 
 WITHIN = 0.1  # a block "learns" when its relative update is at least this fraction of the top block's
 
