@@ -4,7 +4,7 @@ expected numbers come from torch.optim or from the update rule written out here 
 states the rules: eps_l = eps m^-e[role], decoupled wd_l = wd m^-w[role], default w = -c).
 
 Tolerance: float64 updates of O(steps) elementwise operations; the two sides round differently (torch's denominator
-sqrt(v) / sqrt(1 - b2^t) against ours sqrt(v / (1 - b2^t)); Adam on g / s for eps * s), ~1e-16 relative per
+sqrt(v) / sqrt(1 - b2^t) against ours sqrt(v / (1 - b2^t))), ~1e-16 relative per
 operation, so 1e-10 relative (``oracles.RTOL``) leaves orders of margin while a wrong scale (a factor m = 4) fails.
 """
 from __future__ import annotations
@@ -103,6 +103,35 @@ def test_each_layers_update_at_another_width_is_the_hand_computation(kind, wd_ex
     for i, (p, e) in enumerate(zip(net.params(), expect)):
         ok, err = close(p, e)
         assert ok, f"tensor {i} ({net.param_info()[i]}): rel err {err:.2e}"
+    if kind == "adam":  # the moment buffers are Adam's moments of g itself (torch.optim.Adam's state), any eps
+        for i in range(len(m1)):
+            assert close(opt.bufs[i], m1[i])[0] and close(opt.sq[i], m2[i])[0], f"tensor {i}'s moments"
+
+
+def test_adam_state_saved_with_moments_of_g_over_s_resumes_the_same_run():
+    """A state written by earlier versions (no ``moments_of`` mark: a tensor with eps_l = eps s kept the moments of
+    g / s) loads as the moments of g, m s and v s^2, so the resumed run takes the uninterrupted run's steps."""
+    net = _net(64, preset("mup", "adam", base_width=BASE, eps_exponents=(1, 1, 0)))
+    twin = _net(64, preset("mup", "adam", base_width=BASE, eps_exponents=(1, 1, 0)))
+    kw = dict(betas=(0.9, 0.99), eps=1e-2)
+    opt = LayerwiseOptimizer.for_net(net, 0.01, "adam", **kw)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        opt.step(_grads(net, gen, scale=1e-2))
+    old = opt.state_dict()
+    del old["moments_of"]
+    old["bufs"] = [b / s for b, s in zip(old["bufs"], EPS_110)]
+    old["sq"] = [v / s ** 2 for v, s in zip(old["sq"], EPS_110)]
+    for p, q in zip(twin.params(), net.params()):
+        p.copy_(q)
+    resumed = LayerwiseOptimizer.for_net(twin, 0.01, "adam", **kw)
+    resumed.load_state_dict(old)
+    grads = _grads(net, gen, scale=1e-2)
+    opt.step(grads)
+    resumed.step([g.clone() for g in grads])
+    for i, (p, q) in enumerate(zip(twin.params(), net.params())):
+        ok, err = close(p, q)
+        assert ok, f"tensor {i}: rel err {err:.2e}"
 
 
 def test_width_scaled_eps_is_the_rule_resolved_per_role():

@@ -75,6 +75,9 @@ ADDED = {
     "$.axis",  # coord and report: the axis of the check / the transfer (width, or depth for residual nets)
     # report: a family's values where every LR diverged and the control's slope bounded by them (test_verdict.py)
     "$.families[].transfer.n_censored", "$.families[].transfer.slope_bound", "$.families[].transfer.slope_bound_err",
+    # coord: each slope's se over the replicas, the verdict's term and its se, every replica's values
+    # (tests/test_coord_seeds.py)
+    "$.slope_se", "$.leading", "$.max_abs_slope_se", "$.replicas",
 }
 
 

@@ -57,9 +57,8 @@ class LayerwiseOptimizer:
     (``weight_decay_mode="l2"``) or decoupled (``"decoupled"``; with Adam: AdamW).
 
     ``eps_scales`` (Adam's eps of each tensor: eps * scale) and ``wd_scales`` (decoupled decay: wd * scale) are
-    one per tensor (default 1); ``for_net`` reads them from the layers' ``LayerRule``. Adam with eps_l = eps s on
-    the gradient g is computed as Adam with eps on g / s: the same update in exact arithmetic (m / (sqrt(v) + eps
-    s) = (m / s) / (sqrt(v / s^2) + eps)), so the moment buffers of such a tensor hold the moments of g / s."""
+    one per tensor (default 1); ``for_net`` reads them from the layers' ``LayerRule``: the Adam denominator of
+    such a tensor is sqrt(v_hat) + eps s, and its moment buffers hold the moments of g itself (torch.optim.Adam's)."""
 
     def __init__(self, params: Sequence[torch.Tensor], scales: Sequence[float], lr, kind: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -176,23 +175,22 @@ class LayerwiseOptimizer:
                 p.addcmul_(lr, g, value=-1.0)
             else:
                 b1, b2 = self.betas
-                if self.eps_scales[i] != 1.0:  # eps_l = eps s: Adam on g / s with eps (the class docstring)
-                    g = g / self.eps_scales[i]
+                eps = self.eps * self.eps_scales[i]  # eps_l = eps s
                 m, v = self.bufs[i], self.sq[i]
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 if self.graph_safe:
                     c2_t, neg_inv_c1 = by_dtype[p.dtype]
-                    denom = (v / c2_t).sqrt_().add_(self.eps)
+                    denom = (v / c2_t).sqrt_().add_(eps)
                     p.addcmul_(lr * neg_inv_c1, m / denom)
                 else:
-                    denom = (v / c2).sqrt_().add_(self.eps)
+                    denom = (v / c2).sqrt_().add_(eps)
                     p.addcmul_(lr, m / denom, value=-1.0 / c1)
 
     def state_dict(self) -> dict:
         return dict(kind=self.kind, t=self.steps, base_lr=self.base_lr.clone(), active=self.active.clone(),
                     bufs=[b.cpu().clone() for b in self.bufs] if self.bufs else None,
-                    sq=[b.cpu().clone() for b in self.sq] if self.sq else None)
+                    sq=[b.cpu().clone() for b in self.sq] if self.sq else None, moments_of="g")
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
@@ -200,10 +198,12 @@ class LayerwiseOptimizer:
         self.t, self.base_lr, self.active = state["t"], state["base_lr"], state["active"]
         if self.graph_safe:
             self.t_dev.fill_(float(self.t))
-        for mine, theirs in ((self.bufs, state["bufs"]), (self.sq, state["sq"])):
+        for power, mine, theirs in ((1, self.bufs, state["bufs"]), (2, self.sq, state["sq"])):
             if mine is not None and theirs is not None:
-                for b, s in zip(mine, theirs):
-                    b.copy_(s)
+                for b, saved, scale in zip(mine, theirs, self.eps_scales):
+                    b.copy_(saved)
+                    if self.kind == "adam" and state.get("moments_of") != "g" and scale != 1.0:
+                        b.mul_(scale ** power)  # a state saved without the mark (earlier versions) held the moments of g / s
         self._set_lrs()
 
 
