@@ -3,62 +3,52 @@ two CPU cores afford, one command per table row.
 
 What it runs: ``mulocal.diagnostics.coord.coord_check`` on FashionMNIST, ``--steps`` SGD steps of ``--batch`` images
 (the first training images, the same at every width), a probe of the last ``--probe`` of the first 2048 training
-images, ``--seeds`` replicas per width (seeds 0..n-1, one batched model), for each parameterization in ``--param``.
-A user's model (``--model tests/models_user.py:vgg``) is built at ``--side`` x ``--side`` images (the factory's
-``side`` argument; the images are averaged down to it); a native net (``--arch cnn``) at 28 x 28 with a
-``--batch``-image step. It prints max |slope| (the verdict, each ``Wdh`` term read by its aligned part where that is
-resolved) with its standard error over the replicas (a jackknife; ``CoordResult.max_abs_slope_se``) and the raw
-one, the leading terms, and each excess' reading, and writes the JSON of each check to
-``--out`` when given.
+images, ``--seeds`` replicas per width (seeds 0..n-1, one batched model; ``--chunk c``: c at a time, the checks'
+replicas joined after, for memory), for each parameterization in ``--param``. A user's model
+(``--model models_user:vgg``, ``tests`` on ``PYTHONPATH``) is built at ``--side`` x ``--side`` images (the factory's
+``side`` argument; the images are averaged down to it); a native net (``--arch cnn``) at 28 x 28, its probe and
+batches drawn by ``coord_batches``. It prints max |slope| (the verdict, each ``Wdh`` term read by its aligned part
+where that is resolved) with its standard error over the replicas (``CoordResult.max_abs_slope_se``) and the raw
+one, the leading terms, and each excess' reading, and writes the JSON of each check to ``--out`` when given.
 
-Run (the rows of docs/api.md, 2 CPU cores, one thread; ~10 min each at 16 seeds and 64-512 channels):
+Run (the rows of docs/api.md and REPRODUCTION.md, 2 CPU cores, one thread; ~10 min each at 16 seeds and 64-512
+channels; the CNN at 16 seeds and 512 channels needs ``--chunk 8`` within 24 GB):
 
-    python benchmarks/coord_models.py --model tests/models_user.py:vgg --algo bp --param mup,sp --seeds 16
-    python benchmarks/coord_models.py --arch cnn --algo pc --param mup --base-width 32 --batch 64 --seeds 16
+    PYTHONPATH=tests python benchmarks/coord_models.py --model models_user:vgg --algo bp --param mup,sp --seeds 16
+    python benchmarks/coord_models.py --arch cnn --algo pc --param mup --base-width 32 --batch 64 --seeds 16 --chunk 8
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
+import math
 import pathlib
 import sys
 import time
 
 import torch
 
-from mulocal.adapter import ModuleNet
+from mulocal.adapter import ModuleNet, load_factory
+from mulocal.errors import ConfigError
 from mulocal.algos import make_algo
 from mulocal.data import load_dataset
-from mulocal.diagnostics.coord import coord_batches, coord_check
+from mulocal.diagnostics.coord import coord_batches, coord_check, join
 from mulocal.nets import build
 from mulocal.param import preset
-
-
-def _factory(spec: str, side: int):
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        sys.exit(f"error: --model takes FILE.py:FACTORY, got '{spec}'")
-    mod_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    if mod_spec is None or not pathlib.Path(path).is_file():
-        sys.exit(f"error: no such model file '{path}'")
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        sys.exit(f"error: '{path}' has no factory '{name}'")
-    return functools.partial(getattr(module, name), side=side)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="FILE.py:FACTORY, a factory make(width, side=...) -> nn.Module")
+    what.add_argument("--model", help="package.module:factory, a factory make(width, side=...) -> nn.Module "
+                                       "(from the working directory or PYTHONPATH, as mulocal's --model)")
     what.add_argument("--arch", choices=["cnn", "mlp", "rescnn", "resmlp"], help="a native net")
     ap.add_argument("--algo", default="bp")
     ap.add_argument("--param", default="mup,sp", help="comma-separated presets (default mup,sp)")
     ap.add_argument("--widths", default="64,128,256,512")
     ap.add_argument("--seeds", type=int, default=16, help="replicas per width (default 16)")
+    ap.add_argument("--chunk", type=int, default=None, help="replicas per batched model (default: all)")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
@@ -75,7 +65,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", download=False, train_subset=None if args.arch else 2048)
     if args.model:
-        make = _factory(args.model, args.side)
+        try:
+            make = functools.partial(load_factory(args.model), side=args.side)
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
         x = data.x_train
         if args.side != x.shape[-1]:
             x = torch.nn.functional.adaptive_avg_pool2d(x, args.side)
@@ -89,14 +82,17 @@ def main(argv=None) -> int:
     for pname in args.param.split(","):
         t0 = time.time()
         param = preset(pname, "sgd", algo=args.algo).with_(base_width=args.base_width)
-        if args.model:
-            def make_net(w):
-                return ModuleNet(make, shape, w, param, K=args.seeds, seeds=range(args.seeds))
-        else:
-            def make_net(w):
-                return build(args.arch, data.input_shape, 10, w, param, K=args.seeds, seeds=range(args.seeds))
-        res = coord_check(make_net, make_algo(args.algo), widths, batches, probe, lr=args.lr)
-        worst = sorted(res.counted, key=lambda n: -abs(res.slopes[n]))[:4]
+        def make_net(w, seeds):
+            if args.model:
+                return ModuleNet(make, shape, w, param, K=len(seeds), seeds=seeds)
+            return build(args.arch, data.input_shape, 10, w, param, K=len(seeds), seeds=seeds)
+
+        chunk = args.chunk or args.seeds
+        res = join([coord_check(functools.partial(make_net, seeds=list(range(a, min(a + chunk, args.seeds)))),
+                                make_algo(args.algo), widths, batches, probe, lr=args.lr)
+                    for a in range(0, args.seeds, chunk)])
+        worst = sorted(res.counted, key=lambda n: -abs(res.slopes[n]) if math.isfinite(res.slopes[n]) else -math.inf)
+        worst = worst[:4]
         print(f"{name} {args.algo} {pname} widths {args.widths} seeds {args.seeds}: max|slope| "
               f"{res.max_abs_slope:.3f} +- {res.max_abs_slope_se:.3f} (raw {res.max_abs_slope_raw:.3f}); leading "
               + ", ".join(f"{n} {res.slopes[n]:+.3f} +- {res.slope_se.get(n, float('nan')):.3f}" for n in worst)

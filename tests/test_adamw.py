@@ -116,12 +116,17 @@ def test_adam_state_saved_with_moments_of_g_over_s_resumes_the_same_run():
     kw = dict(betas=(0.9, 0.99), eps=1e-2)
     opt = LayerwiseOptimizer.for_net(net, 0.01, "adam", **kw)
     gen = torch.Generator().manual_seed(2)
+    m_old = [torch.zeros_like(p) for p in net.params()]  # the earlier versions' buffers, written out: Adam on g / s
+    v_old = [torch.zeros_like(p) for p in net.params()]
     for _ in range(3):
-        opt.step(_grads(net, gen, scale=1e-2))
+        grads = _grads(net, gen, scale=1e-2)
+        opt.step(grads)
+        for i, (g, s) in enumerate(zip(grads, EPS_110)):
+            m_old[i] = 0.9 * m_old[i] + 0.1 * (g / s)
+            v_old[i] = 0.99 * v_old[i] + 0.01 * (g / s) ** 2
     old = opt.state_dict()
     del old["moments_of"]
-    old["bufs"] = [b / s for b, s in zip(old["bufs"], EPS_110)]
-    old["sq"] = [v / s ** 2 for v, s in zip(old["sq"], EPS_110)]
+    old["bufs"], old["sq"] = m_old, v_old
     for p, q in zip(twin.params(), net.params()):
         p.copy_(q)
     resumed = LayerwiseOptimizer.for_net(twin, 0.01, "adam", **kw)

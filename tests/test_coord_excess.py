@@ -16,7 +16,8 @@ import torch
 from mulocal.algos import make_algo
 from mulocal.diagnostics.coord import CoordResult, coord_batches, coord_check
 from mulocal.diagnostics.excess import aligned_excess, null_variance, random_matrix_rms, rms
-from mulocal.nets import Conv, Dense, build
+from mulocal.layers import Conv, Dense
+from mulocal.nets import build
 from mulocal.param import LayerRule, preset
 
 DRAWS = 4000  # independent weights per oracle

@@ -203,7 +203,7 @@ class LayerwiseOptimizer:
                 for b, saved, scale in zip(mine, theirs, self.eps_scales):
                     b.copy_(saved)
                     if self.kind == "adam" and state.get("moments_of") != "g" and scale != 1.0:
-                        b.mul_(scale ** power)  # a state saved without the mark (earlier versions) held the moments of g / s
+                        b.mul_(scale ** power)  # saved without the mark (earlier versions): the moments of g / s
         self._set_lrs()
 
 

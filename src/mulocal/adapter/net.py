@@ -153,7 +153,7 @@ class ModuleNet(Net):
             return ((1 - a * a) if a is not None else (1 - torch.tanh(u) ** 2)).mul
         if kind == "relu":
             return (u > 0).to(u.dtype).mul
-        return self._post_vjp(l, u)[1]
+        return super().linearize(l, u, a)  # a pooled post: the vjp (_needs_vjp)
 
     def unflattened_shapes(self) -> dict:
         """{l: the shape of a_l before the model's Flatten} for the units whose activity is flattened (TP's conv

@@ -268,7 +268,9 @@ def _check_flags(p, steps: int, steps_help: str) -> None:
     p.add_argument("--lr", type=lr_value, default=None, help="base learning rate (default: 0.1 SGD, 1e-3 Adam)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per training step (default 64)")
     p.add_argument("--seeds", type=ints, default=None, help="seeds averaged at every width (default 0,1,2,3)")
-    p.add_argument("--replicas", type=int, default=4, help="or: this many seeds from --seed (default 4)")
+    p.add_argument("--replicas", type=int, default=4,
+                   help="or: this many seeds from --seed (default 4; the verdict's standard error, printed with it, "
+                        "falls as 1/sqrt(replicas))")
     p.add_argument("--seed", type=int, default=0, help="first seed with --replicas; also the data order")
     p.add_argument("--plot", type=out_file, default=None, help="write a PNG here (after the table is printed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

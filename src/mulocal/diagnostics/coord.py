@@ -84,7 +84,7 @@ class CoordResult:
     # term -> {"d": [width][step][replica] raw_k^2 - ctrl_k^2, "var0": [width][step][replica] its null variance}
     cells: dict[str, dict[str, list]] = field(default_factory=dict)
     replicas: dict[str, list] = field(default_factory=dict)  # name -> [width][step][replica] RMS (rms: their mean)
-    # name -> the slope's standard error over the replicas (``seeds.jackknife_slope_se``; an excess: its fit's se)
+    # name -> the slope's standard error over the replicas (``slopes.jackknife_slope_se``; an excess: its fit's se)
     slope_se: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -243,9 +243,11 @@ class CoordResult:
                          + f"; D above {Z_RESOLVE:g} sd in {e['cells_resolved']:.0%} of the width x step cells)")
         verdict, se = f"max |slope| over counted quantities: {self.max_abs_slope:.3f}", self.max_abs_slope_se
         if self.leading:
-            K = len(self.replicas[self.leading][0][0]) if self.leading in self.replicas else 0
-            verdict += f" ({self.leading}" + (f", +- {se:.3f}" if math.isfinite(se) else "") + (
-                f" by a jackknife over {K} replicas)" if K else ")")
+            pooled = {e["read"] for e in self.excess.values()}  # an aligned excess: one value per cell, its fit's se
+            K = max((len(r[0][0]) for r in self.replicas.values()), default=0)
+            how = " (the aligned part's fit)" if self.leading in pooled else (
+                f" by a jackknife over {K} replicas" if K > 1 else "")
+            verdict += f" ({self.leading}" + (f", +- {se:.3f}{how}" if math.isfinite(se) else "") + ")"
         if self.excess:
             verdict += f"; raw terms in place of their excess: {self.max_abs_slope_raw:.3f}"
         lines.append(verdict)
@@ -257,6 +259,28 @@ class CoordResult:
     def plot(self, path: str, title: str = "") -> str:
         from ..plots import plot_coord
         return plot_coord(self, path, title)
+
+
+def join(parts: Sequence[CoordResult]) -> CoordResult:
+    """One check from checks of the same nets, batches and probe over disjoint sets of replicas (seeds), e.g. run a
+    few replicas at a time to fit in memory: every per-replica value and cell kept, the tables their means, each
+    aligned excess and its floor per cell recomputed from the joined cells (``excess.aligned_excess``'s formulas);
+    the same result as one check of all the replicas (tests/test_coord_seeds.py)."""
+    first = parts[0]
+    if any(p.widths != first.widths or p.steps != first.steps or p.axis != first.axis or set(p.replicas)
+           != set(first.replicas) for p in parts):
+        raise ConfigError("joined coordinate checks must share their widths, steps, axis and quantities")
+    reps = {n: np.concatenate([np.asarray(p.replicas[n], float) for p in parts], -1) for n in first.replicas}
+    cells = {n: {k: np.concatenate([np.asarray(p.cells[n][k], float) for p in parts], -1).tolist()
+                 for k in first.cells[n]} for n in first.cells}
+    rms_ = {n: v.mean(-1).tolist() for n, v in reps.items()}
+    for name, c in cells.items():
+        D, sd0 = cell_stats(np.asarray(c["d"]), np.asarray(c["var0"]))[:2]
+        rms_[_part(name, "xs")] = np.sqrt(np.maximum(D, 0.0)).tolist()
+        rms_[_part(name, "floor")] = np.sqrt(Z_RESOLVE * sd0).tolist()
+    raw = {e["read"]: name for name, e in first.excess.items()}
+    return CoordResult(first.widths, first.steps, rms_, [raw.get(n, n) for n in first.counted], axis=first.axis,
+                       cells=cells, replicas={n: v.tolist() for n, v in reps.items()})
 
 
 def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], batches: Sequence[tuple],
@@ -305,10 +329,12 @@ def coord_check(make_net: Callable[[int], Net], algo, widths: Sequence[int], bat
                 meas.update(algo.coord_observables(net, x, y))
             for name, v in meas.items():
                 per_step.setdefault(name, []).append(float(v.mean()))
-                per_rep.setdefault(name, []).append(v.double().reshape(-1).tolist())
+                if v.numel() == net.K:  # per replica (an aligned excess is one pooled value per cell)
+                    per_rep.setdefault(name, []).append(v.double().reshape(-1).tolist())
         for name, v in per_step.items():
             rec.setdefault(name, []).append(v)
-            reps.setdefault(name, []).append(per_rep[name])
+            if name in per_rep:
+                reps.setdefault(name, []).append(per_rep[name])
         for term, parts in per_cell.items():
             for part, v in parts.items():
                 cells.setdefault(term, {}).setdefault(part, []).append(v)

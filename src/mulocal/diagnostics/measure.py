@@ -75,7 +75,7 @@ def _measure(net: Net, w0, b0, acts0, f0, probe_x) -> tuple[dict[str, torch.Tens
     for name, l in terms:
         raw, ctrl = out[name], out[_part(name, "ctrl")]
         xs, floor = aligned_excess(raw, ctrl, var0[l])
-        out[_part(name, "xs")], out[_part(name, "floor")] = torch.tensor(xs), torch.tensor(floor)
+        out[_part(name, "xs")], out[_part(name, "floor")] = (torch.tensor(v, dtype=torch.float64) for v in (xs, floor))
         cells[name] = {"d": raw.double().pow(2) - ctrl.double().pow(2), "var0": var0[l].double()}
     return out, cells
 

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ...nets import Branch, Conv, ConvBranch, Dense, Net
+from ...layers import Branch, Conv, ConvBranch, Dense
+from ...nets import Net
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 from ...errors import CheckpointError, ConfigError
-from ...nets import Dense, Net
+from ...layers import Dense
+from ...nets import Net
 from ...optim import LayerwiseOptimizer
 from ...streams import generator
 from ..declared import FB_LOSSES, FEEDBACK, NOISE_RNGS, TP_OPTIONS
