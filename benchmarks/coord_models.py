@@ -38,6 +38,38 @@ from mulocal.nets import build
 from mulocal.param import preset
 
 
+def setup(data, model: str | None, steps: int = 3, batch: int = 32, probe: int = 128, side: int = 14):
+    """(factory or None, input shape, batches, probe): a user's model at side x side images (the first ``steps``
+    batches of the data, the probe its last images); a native net's from ``coord_batches``."""
+    if model:
+        make = functools.partial(load_factory(model), side=side)
+        x = data.x_train
+        if side != x.shape[-1]:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, side)
+        batches = [(x[i * batch:(i + 1) * batch], data.y_train[i * batch:(i + 1) * batch]) for i in range(steps)]
+        return make, (1, side, side), batches, x[-probe:]
+    batches, probe_x = coord_batches(data, steps, batch, probe_size=probe, seed=0)
+    return None, data.input_shape, batches, probe_x
+
+
+def check(data, algo: str, pname: str, *, model: str | None = None, arch: str | None = None,
+          widths=(64, 128, 256, 512), seeds: int = 16, chunk: int | None = None, lr: float = 0.1, steps: int = 3,
+          batch: int = 32, probe: int = 128, side: int = 14, base_width: int = 64):
+    """The coordinate check of one table row: ``seeds`` replicas, ``chunk`` at a time (``coord.join``)."""
+    make, shape, batches, probe_x = setup(data, model, steps, batch, probe, side)
+    param = preset(pname, "sgd", algo=algo).with_(base_width=base_width)
+
+    def make_net(w, seeds):
+        if make is not None:
+            return ModuleNet(make, shape, w, param, K=len(seeds), seeds=seeds)
+        return build(arch, shape, 10, w, param, K=len(seeds), seeds=seeds)
+
+    chunk = chunk or seeds
+    return join([coord_check(functools.partial(make_net, seeds=list(range(a, min(a + chunk, seeds)))),
+                             make_algo(algo), list(widths), batches, probe_x, lr=lr)
+                 for a in range(0, seeds, chunk)])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = ap.add_mutually_exclusive_group(required=True)
@@ -64,33 +96,15 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", download=False, train_subset=None if args.arch else 2048)
-    if args.model:
-        try:
-            make = functools.partial(load_factory(args.model), side=args.side)
-        except ConfigError as err:
-            sys.exit(f"error: {err}")
-        x = data.x_train
-        if args.side != x.shape[-1]:
-            x = torch.nn.functional.adaptive_avg_pool2d(x, args.side)
-        batches = [(x[i * args.batch:(i + 1) * args.batch], data.y_train[i * args.batch:(i + 1) * args.batch])
-                   for i in range(args.steps)]
-        probe, shape = x[-args.probe:], (1, args.side, args.side)
-        name = args.model.rpartition(":")[2]
-    else:
-        batches, probe = coord_batches(data, args.steps, args.batch, probe_size=args.probe, seed=0)
-        name = args.arch
+    name = args.model.rpartition(":")[2] if args.model else args.arch
     for pname in args.param.split(","):
         t0 = time.time()
-        param = preset(pname, "sgd", algo=args.algo).with_(base_width=args.base_width)
-        def make_net(w, seeds):
-            if args.model:
-                return ModuleNet(make, shape, w, param, K=len(seeds), seeds=seeds)
-            return build(args.arch, data.input_shape, 10, w, param, K=len(seeds), seeds=seeds)
-
-        chunk = args.chunk or args.seeds
-        res = join([coord_check(functools.partial(make_net, seeds=list(range(a, min(a + chunk, args.seeds)))),
-                                make_algo(args.algo), widths, batches, probe, lr=args.lr)
-                    for a in range(0, args.seeds, chunk)])
+        try:
+            res = check(data, args.algo, pname, model=args.model, arch=args.arch, widths=widths, seeds=args.seeds,
+                        chunk=args.chunk, lr=args.lr, steps=args.steps, batch=args.batch, probe=args.probe,
+                        side=args.side, base_width=args.base_width)
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
         worst = sorted(res.counted, key=lambda n: -abs(res.slopes[n]) if math.isfinite(res.slopes[n]) else -math.inf)
         worst = worst[:4]
         print(f"{name} {args.algo} {pname} widths {args.widths} seeds {args.seeds}: max|slope| "
