@@ -5,33 +5,21 @@
 * ``--device``: every benchmark takes it (``./run.sh bench --device cuda`` passes the same flags to each), and
   a device that is not available ends the script with one line on stderr and status 2, not a traceback.
 """
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchscripts import BENCH, load
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))  # the scripts import their helpers as ``from _common import ...``
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def bench_pc():
-    return _load("bench_pc")
+    return load("bench_pc")
 
 
 def test_agreement_measures_the_largest_difference_relative_to_the_reference_scale(bench_pc):
@@ -90,7 +78,7 @@ def test_run_sh_passes_the_same_flags_to_every_benchmark():
 def test_every_benchmark_takes_device_and_rejects_an_unusable_one_in_one_line(script, capsys):
     """Run in this process (``main(argv)``): exit status 2, no traceback, the reason on stderr; one line for the
     scripts that use ``_common.resolve_device`` (bench_tp reports through argparse: usage line + error line)."""
-    mod = _load(script[:-3])
+    mod = load(script[:-3])
     devices = [("tpu", "unknown device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")])
     for device, why in devices:
         with pytest.raises(SystemExit) as exc:

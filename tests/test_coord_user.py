@@ -8,26 +8,15 @@ layers are unstable at 0.1 under muP and SP alike). Marked slow: about 10 minute
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchscripts import load
 
 
 @pytest.fixture(scope="module")
 def coord_models():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("coord_models", BENCH / "coord_models.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load("coord_models")
 
 
 @pytest.fixture(scope="module")
