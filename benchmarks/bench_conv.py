@@ -37,10 +37,16 @@ show in the load averages printed.
 
 ``--profile`` adds a ``torch.profiler`` table of one mulocal PC step (top operators by self CPU time).
 
+``--compare-posts`` only times mulocal (no training, no PCX): one PC step and one BP step of the same net on one
+batch, with the pooled posts written out (``mulocal.posts.FAST``, the default) and through ``torch.func.vjp`` (the
+plain path), interleaved in one process, ``--repeats`` rounds after an untimed one (median per kind); it first checks
+that every gradient and the loss are bitwise equal both ways (else status 1).
+
 Run (about 4 minutes on 2 shared CPU cores with PCX, width 32, 4096 samples, 1 epoch):
 
     python benchmarks/bench_conv.py --pcx-python pcx-venv/bin/python
     python benchmarks/bench_conv.py --pcx-python pcx-venv/bin/python --epochs 2 --profile
+    python benchmarks/bench_conv.py --compare-posts          # written-out pooled posts vs torch.func.vjp
     python benchmarks/bench_conv.py --width 128 --train-subset 0 --epochs 5 --device cuda --threads 0 \\
         --pcx-python PATH   # the full net on a GPU (PCX then needs a CUDA JAX)
     python benchmarks/bench_conv.py --dataset cifar10 ...          # where CIFAR-10 is on disk
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,8 +64,8 @@ from pathlib import Path
 import torch
 
 from _common import PCXSide as _PCXChild
-from _common import (BUSY_HINT, emit, environment, load_average, make_parser, print_header, resolve_device)
-from mulocal import zoo
+from _common import (BUSY_HINT, emit, environment, load_average, make_parser, print_header, resolve_device, sync)
+from mulocal import posts, zoo
 from mulocal.adapter import ModuleNet
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
@@ -197,6 +204,68 @@ def profile_step(args, data: Dataset, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+# ------------------------------------------------------------------------------------------- posts
+def compare_posts(args, data: Dataset) -> dict:
+    """One PC step and one BP step (gradients only, no weight update: every step computes the same numbers) with the
+    pooled posts written out (``posts.FAST = True``) and plain (``False``), interleaved over ``args.repeats`` timed
+    rounds after an untimed one; the bitwise check compares fresh rules' first steps."""
+    net = make_net(args, data)
+    x, y = data.x_train[:args.batch].to(args.device), data.y_train[:args.batch].to(args.device)
+    rules = dict(PC=lambda: pc_rule(args), BP=lambda: BP(loss=mulocal_loss(args)))
+    before = posts.FAST
+    try:
+        outs = {}
+        for fast in (False, True):
+            posts.FAST = fast
+            for name, make in rules.items():
+                outs[name, fast] = make().step(net, x, y)
+        equal = {name: all(torch.equal(p, q) for p, q in zip([*outs[name, False][0], outs[name, False][1]],
+                                                             [*outs[name, True][0], outs[name, True][1]]))
+                 for name in rules}
+        steps = {name: make() for name, make in rules.items()}
+        times = {(name, fast): [] for name in rules for fast in (False, True)}
+        for r in range(args.repeats + 1):
+            for fast in ((False, True) if r % 2 else (True, False)):  # alternate which goes first
+                posts.FAST = fast
+                for name, rule in steps.items():
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    rule.step(net, x, y)
+                    sync(args.device)
+                    if r:
+                        times[name, fast].append(1000 * (time.perf_counter() - t0))
+    finally:
+        posts.FAST = before
+    ms = {f"{name} {'written' if fast else 'vjp'}": statistics.median(t) for (name, fast), t in times.items()}
+    # the speed-up within each round (both paths run back to back), median over rounds: what load drifts leave alone
+    ratio = {name: statistics.median(p / q for p, q in zip(times[name, False], times[name, True])) for name in rules}
+    return dict(ms=ms, spread={f"{name} {'written' if fast else 'vjp'}": [min(t), max(t)]
+                              for (name, fast), t in times.items()},
+                pc_bp={kind: ms[f"PC {kind}"] / ms[f"BP {kind}"] for kind in ("vjp", "written")},
+                speedup_per_round=ratio, bitwise_equal=equal, repeats=args.repeats)
+
+
+def print_compare(r: dict) -> None:
+    print_header(f"bench_conv --compare-posts: {r['arch']} width {r['width']} (channels {r['channels']}), "
+                 f"{r['activation']}, T = {r['T']}, batch {r['batch']}, one PC step and one BP step, median of "
+                 f"{r['posts']['repeats']} interleaved rounds", r,
+                 f"; threads {r['threads'] or 'default'}; load average {r['env']['load_average_start']} -> "
+                 f"{r['env']['load_average_end']}")
+    c = r["posts"]
+    print(f"bitwise equal (gradients and loss, written vs vjp): "
+          f"{', '.join(f'{k} {v}' for k, v in c['bitwise_equal'].items())}\n")
+    hdr = f"{'pooled posts':<14} | {'PC ms':>8} {'BP ms':>8} {'PC / BP':>8} | PC range, BP range (ms)"
+    print(hdr)
+    print("-" * len(hdr))
+    for kind, label in (("vjp", "torch.func.vjp"), ("written", "written out")):
+        pc, bp = c["ms"][f"PC {kind}"], c["ms"][f"BP {kind}"]
+        (p0, p1), (b0, b1) = c["spread"][f"PC {kind}"], c["spread"][f"BP {kind}"]
+        print(f"{label:<14} | {pc:>8.1f} {bp:>8.1f} {c['pc_bp'][kind]:>8.2f} | {p0:.0f}-{p1:.0f}, {b0:.0f}-{b1:.0f}")
+    print(f"speed-up (vjp / written): of the medians PC {c['ms']['PC vjp'] / c['ms']['PC written']:.2f}x, "
+          f"BP {c['ms']['BP vjp'] / c['ms']['BP written']:.2f}x; median of the rounds' PC "
+          f"{c['speedup_per_round']['PC']:.2f}x, BP {c['speedup_per_round']['BP']:.2f}x")
+
+
 # ------------------------------------------------------------------------------------------- data
 def get_data(args) -> tuple[Dataset, str, str]:
     """The data set with the subsets asked for; FashionMNIST falls back to random data of its shape."""
@@ -255,14 +324,29 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=3, help="steps of the agreement check (default 3)")
     p.add_argument("--skip-bp", action="store_true", help="time PC only")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one mulocal PC step")
+    p.add_argument("--compare-posts", action="store_true", help="only time one mulocal PC and BP step with the "
+                   "pooled posts written out and through torch.func.vjp, interleaved (no training, no PCX)")
+    p.add_argument("--repeats", type=int, default=8, help="--compare-posts: timed rounds (median; default 8)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device, "bench_conv")
-    if min(args.T, args.batch, args.epochs, args.width, args.check_steps) < 1 or args.threads < 0:
-        p.error("--T, --batch, --epochs, --width and --check-steps must be >= 1, --threads >= 0")
+    if min(args.T, args.batch, args.epochs, args.width, args.check_steps, args.repeats) < 1 or args.threads < 0:
+        p.error("--T, --batch, --epochs, --width, --check-steps and --repeats must be >= 1, --threads >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_posts:
+        load_start = load_average()
+        data, data_desc, note = get_data(args)
+        c = compare_posts(args, data)
+        blocks, _ = zoo.vgg_plan(args.arch, data.x_train.shape[1:])
+        result = dict(benchmark="bench_conv --compare-posts", arch=args.arch, width=args.width,
+                      channels=[m * args.width for m, _, _ in blocks], activation=args.activation, T=args.T,
+                      batch=args.batch, dataset=data_desc, dataset_note=note, threads=args.threads,
+                      env=environment(args.device, load_average_start=load_start, load_average_end=load_average()),
+                      posts=c)
+        emit(result, args.json, print_compare)
+        return 0 if all(c["bitwise_equal"].values()) else 1
 
     t_start, load_start = time.perf_counter(), load_average()
     data, data_desc, note = get_data(args)

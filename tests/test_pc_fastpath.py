@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 
-from mulocal import zoo
+from mulocal import posts, zoo
 from mulocal.adapter import ModuleNet
 from mulocal.algos.pc import PC
 from mulocal.algos.pc import state
@@ -194,6 +194,7 @@ def _counts(monkeypatch, shortcuts, T, status=True):
     monkeypatch.setattr(net, "predict", count("predict", predict))
     for layer in net.layers:
         monkeypatch.setattr(layer, "backward_input", count("back", layer.backward_input))
+    monkeypatch.setattr(posts, "post_vjp", count("post", posts.post_vjp))  # a pooled post's vjp, written out
     monkeypatch.setattr(state, "SHORTCUTS", shortcuts)
     PC(loss="mse", T=T, inference="parallel", kappa=0.1, momentum=0.3, no_status=not status).step(net, x, y)
     return n

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import posts
 from .errors import CheckpointError, ConfigError
 from .layers import Branch, Conv, ConvBranch, Dense
 from .param import Parameterization, check_width, layer_roles
@@ -137,9 +138,17 @@ class Net:
         a = self.post(l, u)
         return a, self.linearize(l, u, a)
 
+    def _pooled(self, l: int) -> posts.Pooled | None:
+        """The pooled post (``posts.Pooled``: act, then k x k pooling) that post_l is, or None (another post)."""
+        return None
+
     def _post_vjp(self, l: int, u: torch.Tensor):
-        """(post(l, u), g -> (d a_l / d u_l)^T g) from one evaluation of the post: ``torch.func.vjp`` returns its
-        primal output with the pullback."""
+        """(post(l, u), g -> (d a_l / d u_l)^T g) from one evaluation of the post: a pooled post written out
+        (``posts.post_vjp``, bitwise the same numbers), any other by ``torch.func.vjp``, which returns its primal
+        output with the pullback."""
+        spec = self._pooled(l)
+        if posts.applies(spec, u):
+            return posts.post_vjp(spec, u)
         a, vjp = torch.func.vjp(lambda w: self.post(l, w), u)
         return a, lambda g: vjp(g)[0]
 
@@ -303,8 +312,13 @@ class CNN(Net):
     def post(self, l, u):
         if l == 0:
             return u
+        if posts.applies(spec := self._pooled(l), u):
+            return posts.post(spec, u)
         a = self._pool(self.phi(u))
         return a.flatten(2) if l == self.depth - 1 else a
+
+    def _pooled(self, l):
+        return posts.native(self.activation, self.pool, l == self.depth - 1) if l > 0 else None
 
     def _needs_vjp(self, l):
         return True  # every post pools
@@ -367,8 +381,13 @@ class ResCNN(_Residual, Net):
             K, B = u.shape[:2]
             y = F.avg_pool2d(u.reshape(K * B, *u.shape[2:]), self.in_pool)
             return y.reshape(K, B, *y.shape[1:])
+        if posts.applies(spec := self._pooled(l), u):
+            return posts.post(spec, u)
         a = self.phi(u)
         return a if l < self.depth - 1 else self._pool(a).flatten(2)
+
+    def _pooled(self, l):
+        return posts.native(self.activation, self.pool, True) if l == self.depth - 1 else None
 
     def _needs_vjp(self, l):
         return l == self.depth - 1  # the readout's input is pooled

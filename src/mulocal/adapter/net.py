@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import posts
 from ..errors import ConfigError
 from ..layers import Branch, Dense
 from ..nets import Net
@@ -61,6 +62,7 @@ class ModuleNet(Net):
         self._res = [u.residual for u in units]
         self._posts = [list(prefix)] + [list(u.post) + list(nxt.prefix) for u, nxt in zip(units, units[1:])]
         self._lin = [self._elementwise(m) for m in self._posts]
+        self._pools = [posts.from_modules(m) for m in self._posts]  # pooled posts: written out (posts.py)
         self.init(seeds if seeds is not None else range(K))
         probe = torch.zeros(K, 2, *self.input_shape, dtype=dtype, device=self.device)
         self._u_shapes = {}
@@ -136,11 +138,16 @@ class ModuleNet(Net):
         mods = self._posts[l]
         if not mods:
             return u
+        if posts.applies(self._pools[l], u):
+            return posts.post(self._pools[l], u)
         K, B = u.shape[:2]
         y = u.reshape(K * B, *u.shape[2:])
         for m in mods:
             y = m(y)
         return y.reshape(K, B, *y.shape[1:])
+
+    def _pooled(self, l):
+        return self._pools[l]
 
     def _needs_vjp(self, l):
         return self._lin[l] is None  # other modules than one elementwise activation (a pooled post)
