@@ -168,7 +168,8 @@ def test_reset_stale_takes_over_only_dead_runners(tmp_path):
 
 # ------------------------------------------------------------------------------------------ memory planning
 @pytest.mark.parametrize("arch,shape,depth", [("mlp", (7,), 3), ("mlp", (1, 6, 6), 4), ("cnn", (2, 8, 8), 3),
-                                              ("cnn", (1, 12, 12), 4), ("resmlp", (7,), 5), ("rescnn", (2, 8, 8), 5)])
+                                              ("cnn", (1, 12, 12), 4), ("resmlp", (7,), 5), ("rescnn", (2, 8, 8), 5),
+                                              ("rescnn", (1, 10, 10), 4)])  # an odd stream side (5 x 5)
 @pytest.mark.parametrize("bias", [True, False])
 def test_planned_sizes_are_the_built_nets(arch, shape, depth, bias):
     """nets.sizes (the sweep's memory plan) = the parameters of the built net and its activations per sample."""

@@ -369,7 +369,7 @@ class ResCNN(_Residual, Net):
         for _ in range(depth - 2):
             self.layers.append(ConvBranch("hidden", self.width, self.width, k, K, bias, rule, dtype, self.device))
         self.spatial = (hs // 2, ws // 2)
-        fan = self.width * hs // 2 * (ws // 2)
+        fan = self.width * (hs // 2) * (ws // 2)
         self.layers.append(Dense("output", fan, self.out_dim, K, bias, self.param.rule("output", fan, self.width),
                                  dtype, self.device))
         self.init(seeds if seeds is not None else range(K))
