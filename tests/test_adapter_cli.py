@@ -142,3 +142,16 @@ def test_the_readmes_own_model_example_runs(tmp_path):
         p = _cli(tmp_path, *args.split())
         assert p.returncode == 0, (args, p.stderr[-2000:])
     assert (tmp_path / "runs" / "mycnn" / "transfer.png").exists()
+
+
+@pytest.mark.parametrize("arch", ["vgg5", "vgg7"])
+def test_a_zoo_cell_records_its_own_net(arch):
+    """A zoo net's cell records what its run takes: mupc's T = the model's number of weight layers (counted on the
+    nn.Module), and TP's conv feedback loss (its units above the first are convs)."""
+    from torch import nn
+    from mulocal import zoo
+    make = zoo.factory(arch, INPUT_SHAPES["fashion-mnist"], "relu", 10)
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in make(8).modules())
+    pc = resolved_algo(default_cell(algo="pc", arch=arch, dataset="fashion-mnist", algo_options={"inference": "mupc"}))
+    assert pc["T"] == layers
+    assert resolved_algo(default_cell(algo="dtp", arch=arch, dataset="fashion-mnist"))["conv_fb_loss"] == "position_mean"
