@@ -24,6 +24,7 @@ from mulocal.data import Dataset, load_dataset
 from mulocal.errors import ConfigError, DataError
 
 BATCH = 128
+DEPTH = 3  # weight layers of the MLP 784 -> M -> M -> 10 of bench_pc, bench_step and bench_tp
 SPREAD_WARN = 1.5  # repeats of one measurement differing by more than this factor get a warning
 BUSY_HINT = ("the machine may be busy (other processes compete with torch's threads), so compare with care "
              "or rerun")

@@ -20,14 +20,14 @@ training set; mulocal runs use muP, ``preset("mup", "sgd")``, and the learning r
    (every gamma and multiplier 1: the model PCX writes). mulocal: ``PC(T=5, inference="parallel",
    kappa=h_lr)`` with its defaults otherwise (the inference status on), trained by the ``Trainer``; PCX:
    ``benchmarks/_pcx_side.py`` run in a child process with that Python (one ``pxf.jit``-compiled training
-   step per batch, the loss summed on the device). Before timing, both start from the same weights (written
-   to an .npz in a temporary folder) and train ``--check-steps`` (default 5) identical batches: the
-   feed-forward losses of every step must agree to 1e-4 relative (and the weights after them), else the
-   script stops with status 1. The timed repeats alternate mulocal / PCX; the table gives the s/epoch of
-   each (best repeat, 469 steps) and the ratio mulocal / PCX of this run. Without ``--pcx-python`` the
-   mulocal side is measured alone and the table says that PCX was not run.
+   step per batch, the loss summed on the device; ``_pcx_compare.py`` starts it and holds mulocal's side of the
+   check). Before timing, both start from the same weights (written to an .npz in a temporary folder) and train
+   ``--check-steps`` (default 5) identical batches: the feed-forward losses of every step must agree to 1e-4
+   relative (and the weights after them), else the script stops with status 1. The timed repeats alternate
+   mulocal / PCX; the table gives the s/epoch of each (best repeat, 469 steps) and the ratio mulocal / PCX of
+   this run. Without ``--pcx-python`` the mulocal side is measured alone and the table says that PCX was not run.
 3. In the same run, the mulocal PC of the PCX-size model with its own defaults (muP, sequential and
-   parallel inference) and a naive eager-torch PC of that configuration written in this file
+   parallel inference) and a naive eager-torch PC of that configuration (``_naive_pc.py``)
    (``nn.Linear`` layers; value nodes are tensors with ``requires_grad``; T inference steps of
    SGD with step size 1 = 1/gamma on the values, using ``torch.autograd.grad`` of the energy;
    then the weight update from autograd of the energy and ``torch.optim.SGD``), its seconds
@@ -61,36 +61,26 @@ Run (a default run takes about 2 minutes on 2 CPU cores):
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from _common import PCXSide as _PCXChild
-from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
+from _common import (BATCH, BUSY_HINT, DEPTH, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
-                     resolve_device, shuffled_steps, KeptTrainer)
+                     resolve_device, KeptTrainer)
+from _naive_pc import check_naive, time_naive
+from _pcx_compare import (AGREE_RTOL, PCX_T, PCX_WIDTH, _flat, agreement, agrees, mulocal_check, pcx_rule,
+                          start_pcx)
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
 from mulocal.data import Dataset
 from mulocal.nets import build
-from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import preset
 from mulocal.train import COMPILE_MODES, Trainer, TrainConfig
 
-DEPTH = 3
 N_EVAL = 256  # test samples kept for the Trainer's end-of-epoch evaluation (not timed)
-PCX_WIDTH, PCX_T = 512, 5
-AGREE_RTOL = 1e-4  # mulocal and PCX must compute the same losses (and weights) to this, relative
-PCX_SIDE = Path(__file__).resolve().parent / "_pcx_side.py"
-PCX_TIME_SAMPLES = 16384  # training samples the PCX side draws its shuffled batches from (its gather costs the same)
 
 
 # ------------------------------------------------------------------------------------- mulocal
@@ -130,158 +120,6 @@ def compiled_job(data: Dataset, width: int, make_rule, lr: float, steps: int, wa
         seconds = kept()
         return seconds, kept.result["replicas"][0]["status"], dict(kept.trainer.compile_info)
     return job
-
-
-# --------------------------------------------------------------------------------------- naive
-class NaivePC:
-    """Predictive coding the straightforward eager-PyTorch way: autograd on the energy.
-
-    Value nodes v_1..v_{L-1} are the hidden pre-activations, initialised by a feed-forward pass;
-    with mu_l = W_l tanh(v_{l-1}) (v_0 = x, not squashed) and f = W_L tanh(v_{L-1}) the energy is
-
-        E = sum_{l<L} 1/2 ||v_l - mu_l||^2 + CE(f, y)        (summed over the batch, gamma_l = 1)
-
-    Inference: T steps v <- v - 1 * dE/dv (step size kappa = 1/gamma = 1; summing over the batch
-    keeps each sample's step independent of B). Learning: autograd of E / B with respect to the
-    weights at the final values, then ``torch.optim.SGD``.
-    """
-
-    def __init__(self, in_dim: int, width: int, n_classes: int, T: int, lr: float, seed: int = 0,
-                 device: str = "cpu"):
-        torch.manual_seed(seed)
-        dims = [in_dim] + [width] * (DEPTH - 1) + [n_classes]
-        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(DEPTH)).to(device)
-        self.T = T
-        self.opt = torch.optim.SGD(self.layers.parameters(), lr=lr)
-
-    def energy(self, x: torch.Tensor, values: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        a, E = x, 0.0
-        for layer, v in zip(self.layers[:-1], values):
-            E = E + 0.5 * (v - layer(a)).pow(2).sum()
-            a = torch.tanh(v)
-        return E + F.cross_entropy(self.layers[-1](a), y, reduction="sum")
-
-    def compute_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Inference, then leave dE/dW in the parameters' ``.grad``; returns the feed-forward batch loss."""
-        x = x.flatten(1)
-        with torch.no_grad():  # forward initialisation of the value nodes
-            a, values = x, []
-            for layer in self.layers[:-1]:
-                values.append(layer(a))
-                a = torch.tanh(values[-1])
-            ff_loss = F.cross_entropy(self.layers[-1](a), y)
-        values = [v.requires_grad_(True) for v in values]
-        for _ in range(self.T):
-            grads = torch.autograd.grad(self.energy(x, values, y), values)
-            with torch.no_grad():
-                for v, g in zip(values, grads):
-                    v.sub_(g)
-        self.opt.zero_grad(set_to_none=True)
-        (self.energy(x, [v.detach() for v in values], y) / x.shape[0]).backward()
-        return ff_loss
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.compute_grads(x, y)
-        self.opt.step()
-        return loss
-
-
-def time_naive(data: Dataset, width: int, T: int, lr: float, steps: int, warmup: int, seed: int = 0,
-               device: str = "cpu") -> float:
-    """Seconds for ``steps`` steps of :class:`NaivePC` (after ``warmup`` untimed ones)."""
-    model = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr, seed, device)
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    train = shuffled_steps(lambda idx: model.step(x[idx], y[idx]).item(), len(x), seed, device)
-    if warmup:
-        train(warmup)
-    return train(steps)
-
-
-def check_naive(data: Dataset, width: int, T: int, device: str = "cpu") -> dict:
-    """Same weights (SP, gamma = 1): naive autograd PC vs mulocal's parallel PC on one batch."""
-    net = build("mlp", data.input_shape, data.n_classes, width, preset("sp", "sgd"), depth=DEPTH, K=1, seeds=[0],
-                device=device)
-    naive = NaivePC(math.prod(data.input_shape), width, data.n_classes, T, lr=0.0, device=device)
-    with torch.no_grad():
-        for layer, lin in zip(net.layers, naive.layers):
-            lin.weight.copy_(layer.weight[0])
-            lin.bias.copy_(layer.bias[0])
-    x, y = data.x_train[:BATCH].to(device), data.y_train[:BATCH].to(device)
-    grads_mu, _ = PC(T=T, inference="parallel", fpa=False, kappa=1.0).step(net, x, y)  # the naive loop's step
-    naive.compute_grads(x, y)
-    grads_nv = [p.grad for lin in naive.layers for p in (lin.weight, lin.bias)]
-    diff = max((gm[0] - gn).abs().max().item() for gm, gn in zip(grads_mu, grads_nv))
-    scale = max(gm.abs().max().item() for gm in grads_mu)
-    return dict(width=width, T=T, max_abs_grad_diff=diff, max_abs_grad=scale, rel=diff / scale if scale else diff)
-
-
-# ----------------------------------------------------------------------------------------- PCX
-def pcx_rule(h_lr: float) -> PC:
-    """mulocal's PC of the PCX comparison: T = 5 parallel steps of size h_lr, its other defaults."""
-    return PC(T=PCX_T, inference="parallel", kappa=h_lr)
-
-
-def agreement(ours, theirs) -> dict:
-    """How far two sequences of numbers (losses, weights flattened) are apart: the largest absolute difference,
-    and relative to the largest magnitude of ``theirs`` (so one value near 0 does not blow the ratio up)."""
-    a = torch.as_tensor(ours, dtype=torch.float64).flatten()
-    b = torch.as_tensor(theirs, dtype=torch.float64).flatten()
-    if a.shape != b.shape:
-        raise ValueError(f"cannot compare {tuple(a.shape)} numbers with {tuple(b.shape)}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return dict(max_abs=math.inf, max_rel=math.inf, n=a.numel())
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    scale = b.abs().max().item() if b.numel() else 0.0
-    return dict(max_abs=diff, max_rel=diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf), n=a.numel())
-
-
-def _flat(arrays) -> torch.Tensor:
-    """numpy arrays -> one flat float64 tensor."""
-    return torch.cat([torch.as_tensor(a, dtype=torch.float64).flatten() for a in arrays])
-
-
-def agrees(check: dict, rtol: float = AGREE_RTOL) -> bool:
-    """Whether an :func:`agreement` is within ``rtol`` relative (nan and inf never agree)."""
-    return check["max_rel"] <= rtol
-
-
-def mulocal_check(data: Dataset, width: int, h_lr: float, lr: float, steps: int, device: str = "cpu"):
-    """(initial weights, feed-forward loss of each of ``steps`` training steps on the first batches in order,
-    weights after them): mulocal's side of the agreement check (SP, K = 1, seed 0), numpy arrays of layer order
-    W1 b1 W2 b2 W3 b3."""
-    net = build("mlp", data.input_shape, data.n_classes, width, preset("sp", "sgd"), depth=DEPTH, K=1, seeds=[0],
-                device=device)
-    init = [p[0].detach().cpu().numpy().copy() for p in net.params()]
-    rule, opt = pcx_rule(h_lr), LayerwiseOptimizer.for_net(net, [lr], "sgd")
-    losses = []
-    for s in range(steps):
-        sl = slice(s * BATCH, (s + 1) * BATCH)
-        grads, loss = rule.step(net, data.x_train[sl].to(device), data.y_train[sl].to(device))
-        opt.step(grads)
-        losses.append(float(loss[0]))
-    return init, losses, [p[0].detach().cpu().numpy() for p in net.params()]
-
-
-class PCXSide(_PCXChild):
-    """The PCX child process (``_pcx_side.py`` run with ``python``): ``_common.PCXSide``'s protocol."""
-
-    def __init__(self, python: str, npz: Path, out: Path):
-        super().__init__(python, PCX_SIDE, npz, out)
-
-
-def start_pcx(python: str, data: Dataset, tmp: Path, init: list, h_lr: float, lr: float, check_steps: int) -> PCXSide:
-    """Write the .npz (initial weights, the check batches, the timing samples, the settings) and start PCX."""
-    import numpy as np
-    n_time = min(len(data.x_train), PCX_TIME_SAMPLES)
-    flat = data.x_train.flatten(1)
-    names = ("W1", "b1", "W2", "b2", "W3", "b3")
-    npz = tmp / "pcx_input.npz"
-    np.savez(npz, **dict(zip(names, init)),
-             x_check=flat[:check_steps * BATCH].view(check_steps, BATCH, -1).float().numpy(),
-             y_check=data.y_train[:check_steps * BATCH].view(check_steps, BATCH).numpy(),
-             x_time=flat[:n_time].float().numpy(), y_time=data.y_train[:n_time].numpy(),
-             T=PCX_T, h_lr=h_lr, w_lr=lr, batch=BATCH)
-    return PCXSide(python, npz, tmp / "pcx_after_check.npz")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -518,7 +356,7 @@ def print_table(r: dict) -> None:
     print("-" * len(hdr))
     for name, d in (("mulocal PC (sequential inference)", x["mulocal_sequential"]),
                     ("mulocal PC (parallel inference)", x["mulocal_parallel"]),
-                    ("naive eager-torch PC (autograd, this file)", x["naive"])):
+                    ("naive PC (autograd, benchmarks/_naive_pc.py)", x["naive"])):
         print(f"{name:<44} | {d['epoch_s']:>8.2f} {d['ms_per_step']:>8.2f}")
     print(f"mulocal / naive: {x['ratio_mulocal_over_naive']:.2f} (sequential), "
           f"{x['ratio_mulocal_parallel_over_naive']:.2f} (parallel; the naive code's inference is parallel)")

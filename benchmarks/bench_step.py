@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 
-from _common import (BATCH, BUSY_HINT, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
+from _common import (BATCH, BUSY_HINT, DEPTH, SPREAD_WARN, add_data_args, add_device_arg, add_timing_args, emit,
                      environment, interleaved, load_average, load_data, make_parser, parse_ints, print_header,
                      resolve_device, spread, KeptTrainer)
 from mulocal.algos import make_algo
@@ -39,7 +39,6 @@ from mulocal.nets import build
 from mulocal.param import preset
 from mulocal.train import COMPILE_MODES, TrainConfig
 
-DEPTH = 3
 RULES = {"bp": ("bp", {}), "pc": ("pc", {"T": 5, "inference": "parallel"}),
          "dtp": ("dtp", {"noise_rng": "counter"}), "dtp-host": ("dtp", {"noise_rng": "host"})}
 

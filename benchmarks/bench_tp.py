@@ -69,7 +69,7 @@ import time
 
 import torch
 
-from _common import (BATCH, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
+from _common import (BATCH, DEPTH, SPREAD_WARN, add_data_args, add_timing_args, emit, environment, interleaved,
                      load_average, load_data, make_parser, parse_ints, per_epoch, print_header, spread, sync)
 from mulocal.algos import make_algo
 from mulocal.algos.tp import NOISE_RNGS, TargetRule
@@ -78,7 +78,6 @@ from mulocal.nets import build
 from mulocal.optim import LayerwiseOptimizer
 from mulocal.param import preset
 
-DEPTH = 3
 SEED = 0
 FB_ITERS = 1
 PHASES = ("forward", "feedback", "targets", "local_grads")  # the keys TargetRule.step writes into algo.timings

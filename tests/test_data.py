@@ -1,4 +1,5 @@
-"""Tests for mulocal.data: IDX I/O, directory search, loading, splits, CIFAR pickles, synthetic data."""
+"""Tests for mulocal.data and mulocal.datafiles: IDX I/O, directory search, loading, splits, CIFAR pickles, synthetic
+data."""
 
 import io
 import pickle
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mulocal import data
-from mulocal.data import (Dataset, check, find_data_dir, load_dataset, read_idx, synthetic_teacher,
-                          write_idx)
+from mulocal import datafiles
+from mulocal.data import Dataset, load_dataset, synthetic_teacher
+from mulocal.datafiles import check, find_data_dir, read_idx, write_idx
 from mulocal.errors import ConfigError, DataError
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -167,7 +168,7 @@ def test_download_failure_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(datafiles.urllib.request, "urlopen", offline)
     target = tmp_path / "dl"
     with pytest.raises(DataError) as err:
         load_dataset("fashion-mnist", data_dir=target, download=True)
@@ -186,7 +187,7 @@ def serve_from(monkeypatch, files: dict[str, bytes]) -> list[str]:
         requested.append(url)
         return io.BytesIO(files[url.rsplit("/", 1)[-1]])
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(datafiles.urllib.request, "urlopen", fake_urlopen)
     return requested
 
 
@@ -194,18 +195,18 @@ def test_fetch_idx_downloads_validates_and_skips(tmp_path, monkeypatch):
     src = make_fake_mnist(tmp_path / "mirror")
     requested = serve_from(monkeypatch, {p.name: p.read_bytes() for p in src.iterdir()})
     dest = tmp_path / "dest"
-    assert data.fetch("fashion-mnist", data_dir=dest) == dest
+    assert datafiles.fetch("fashion-mnist", data_dir=dest) == dest
     assert len(requested) == 4 and all(u.startswith("http://fashion-mnist.s3-website") for u in requested)
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in src.iterdir())  # no .part left
     assert load_dataset("fashion-mnist", data_dir=dest, download=False).x_train.shape[0] == 50
-    data.fetch("fashion-mnist", data_dir=dest)
+    datafiles.fetch("fashion-mnist", data_dir=dest)
     assert len(requested) == 4  # already present and valid: nothing downloaded
 
 
 def test_fetch_rejects_corrupt_download(tmp_path, monkeypatch):
     serve_from(monkeypatch, {"train-images-idx3-ubyte.gz": b"<html>not found</html>"})
     with pytest.raises(DataError, match="downloaded data is unusable.*train-images-idx3-ubyte.gz"):
-        data.fetch("mnist", data_dir=tmp_path / "dest")
+        datafiles.fetch("mnist", data_dir=tmp_path / "dest")
 
 
 def test_fetch_cifar_extracts_archive(tmp_path, monkeypatch):
@@ -215,7 +216,7 @@ def test_fetch_cifar_extracts_archive(tmp_path, monkeypatch):
         tar.add(folder, arcname="cifar-10-batches-py")
     serve_from(monkeypatch, {"cifar-10-python.tar.gz": buf.getvalue()})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    got = data.fetch("cifar10")
+    got = datafiles.fetch("cifar10")
     assert got == tmp_path / "cache" / "mulocal" / "cifar10" / "cifar-10-batches-py"
     assert load_dataset("cifar10", download=False).x_test.shape == (4, 3, 32, 32)
 

@@ -20,7 +20,8 @@ from mulocal.config import config_hash
 from mulocal.sweep.table import format_table
 from mulocal.sweep.transfer import analyze, best_of_curve, mean_curve
 from mulocal.errors import ConfigError, MulocalError
-from mulocal.sweep.store import Store, StoreError
+from mulocal.sweep.schema import StoreError
+from mulocal.sweep.store import Store
 from mulocal.sweep import expand, load_spec_file, plan, run_sweep
 
 TINY = dict(dataset="synthetic", train_subset=256, test_subset=128, epochs=1, batch_size=64)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .algos import check_algo, defaults_of, make_algo, options_of
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .param import ADAMW_HINT, BASE_WIDTH, preset
 from .util import COMPILE_MODES, DEFAULT_LR  # noqa: F401 (the command line reads them here)
 
@@ -254,15 +254,13 @@ def resolved_algo(cell: dict) -> dict:
 def validate(cell: dict) -> tuple:
     """Raise ConfigError for a configuration that cannot run, before anything trains; else return its
     (Parameterization, learning rule)."""
-    from .data import DATASETS
+    from .datafiles import DATASETS
     from .losses import check_loss
     from .nets import ACTIVATIONS, ARCHS
     from .optim import OPTIMIZERS, check_hyper
     for key, allowed in (("arch", ARCHS), ("activation", ACTIVATIONS), ("dtype", DTYPES), ("dataset", DATASETS),
                          ("optimizer", OPTIMIZERS)):
-        if cell[key] not in allowed:
-            raise ConfigError(f"unknown {key} '{cell[key]}'; choose one of {', '.join(allowed)}"
-                              + (f" ({ADAMW_HINT})" if cell[key] == "adamw" else ""))
+        check_choice(key, cell[key], allowed, hint=ADAMW_HINT if cell[key] == "adamw" else "")
     check_hyper(*(cell.get(k, FIELDS[k].default) for k in ("adam_eps", "weight_decay", "weight_decay_mode")))
     check_algo(cell["algo"])
     check_loss(cell["loss"])

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import read_checkpoint
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, check_choice
 from .nets import CNN, MLP, Net, ResCNN, ResMLP
 from .param import Parameterization
 from .train import evaluate
@@ -164,8 +164,7 @@ def module_source(module: nn.Sequential) -> str:
 
 def export(net: Net, k: int, path: str, fmt: str = "state-dict") -> nn.Sequential:
     """Write replica ``k`` of ``net`` to ``path`` in ``fmt`` (FORMATS); returns the plain module."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    check_choice("export format", fmt, FORMATS)
     module = plain_module(net, k)
     if fmt == "state-dict":
         torch.save(module.state_dict(), path)

@@ -24,7 +24,7 @@ import math
 import time
 from typing import Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice, choice_error
 
 SINKS = ("jsonl", "tensorboard", "mlflow", "wandb")
 ID_COLUMNS = ("epoch", "replica", "seed", "lr")  # a row's identity and hyperparameters, not metrics
@@ -258,8 +258,7 @@ def parse_spec(text: str) -> tuple[str, str | None]:
     ``wandb[:PROJECT]``, ``jsonl:FILE`` (the first colon separates: an MLflow URI keeps its own)."""
     kind, sep, target = str(text).partition(":")
     kind = kind.strip().lower()
-    if kind not in SINKS:
-        raise ConfigError(f"unknown logger '{kind}' in --log {text}; choose one of {', '.join(SINKS)} (KIND:TARGET)")
+    check_choice("logger", kind, SINKS, where=f"in --log {text}", hint="KIND:TARGET")
     target = target.strip() if sep else ""
     if not target and kind in ("tensorboard", "jsonl"):
         raise ConfigError(f"--log {kind} needs a {'folder' if kind == 'tensorboard' else 'file'}: "
@@ -277,7 +276,7 @@ def make_logger(kind: str, target: str | None, run_name: str = "mulocal") -> Log
         return MLflowLogger(target, run_name=run_name)
     if kind == "wandb":
         return WandbLogger(target or "mulocal", run_name=run_name)
-    raise ConfigError(f"unknown logger '{kind}'; choose one of {', '.join(SINKS)}")
+    raise choice_error("logger", kind, SINKS)
 
 
 def run_name(cell: dict) -> str:

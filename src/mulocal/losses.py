@@ -9,15 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import check_choice, choice_error
 
 LOSSES = ("ce", "mse")
 
 
 def check_loss(kind: str) -> str:
-    if kind not in LOSSES:
-        raise ConfigError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
-    return kind
+    return check_choice("loss", kind, LOSSES)
 
 
 def labels(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ def loss_and_grad(f: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Te
     if kind == "mse":
         diff = f - target
         return 0.5 * diff.pow(2).sum(-1).mean(-1), diff
-    raise ConfigError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
+    raise choice_error("loss", kind, LOSSES)
 
 
 def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import posts
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, choice_error
 from .layers import Branch, Conv, ConvBranch, Dense
 from .param import Parameterization, check_width, layer_roles
 from .streams import generator
@@ -44,7 +44,7 @@ def act_fn(name: str):
         return torch.relu, lambda u: (u > 0).to(u.dtype)
     if name == "linear":
         return (lambda u: u), (lambda u: torch.ones_like(u))
-    raise ConfigError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+    raise choice_error("activation", name, ACTIVATIONS)
 
 
 class Net:
@@ -398,7 +398,8 @@ class ResCNN(_Residual, Net):
                     pool=self.pool, in_pool=self.in_pool)
 
 
-ARCHS = ("mlp", "cnn", "resmlp", "rescnn", "vgg5", "vgg7")  # vgg5 / vgg7: zoo.py nets, built through the adapter
+NATIVE_ARCHS = ("mlp", "cnn", "resmlp", "rescnn")  # what ``build`` builds
+ARCHS = NATIVE_ARCHS + ("vgg5", "vgg7")  # vgg5 / vgg7: zoo.py nets, built through the adapter
 RESIDUAL_ARCHS = ("resmlp", "rescnn")  # nets with residual blocks (``Net.residual_net`` from depth 3)
 
 
@@ -448,4 +449,7 @@ def build(arch: str, input_shape: Sequence[int], out_dim: int, width: int, param
         return ResCNN(input_shape, width, out_dim, depth, param, activation, bias, K, seeds, dtype=dtype, device=device)
     if arch == "cnn":
         return CNN(input_shape, width, out_dim, depth, param, activation, bias, K, seeds, dtype=dtype, device=device)
-    raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
+    if arch in ARCHS:
+        raise ConfigError(f"architecture '{arch}' is a zoo net: build it with zoo.factory and adapter.ModuleNet "
+                          f"(as config.Run.build_net does)")
+    raise choice_error("architecture", arch, NATIVE_ARCHS)

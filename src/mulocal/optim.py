@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .nets import Net
 from .util import DEFAULT_LR  # noqa: F401 (the base learning rate when none is given)
 
@@ -35,9 +35,7 @@ def check_hyper(eps: float = 1e-8, weight_decay: float = 0.0, weight_decay_mode:
         if isinstance(v, bool) or not math.isfinite(x) or not ok(x):
             raise ConfigError(f"{what} must be {'positive' if what.endswith('eps') else 'non-negative'} and finite, "
                               f"got {v!r}")
-    if weight_decay_mode not in WEIGHT_DECAY_MODES:
-        raise ConfigError(f"unknown weight decay mode '{weight_decay_mode}'; choose one of "
-                          f"{', '.join(WEIGHT_DECAY_MODES)} (decoupled with adam: AdamW)")
+    check_choice("weight decay mode", weight_decay_mode, WEIGHT_DECAY_MODES, hint="decoupled with adam: AdamW")
 
 
 def replica_lrs(lr, K: int) -> torch.Tensor:
@@ -64,8 +62,7 @@ class LayerwiseOptimizer:
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, weight_decay_mode: str = "l2", eps_scales: Sequence[float] | None = None,
                  wd_scales: Sequence[float] | None = None):
-        if kind not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
+        check_choice("optimizer", kind, OPTIMIZERS)
         if not 0 <= momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
         check_hyper(eps, weight_decay, weight_decay_mode)

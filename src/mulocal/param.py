@@ -54,7 +54,7 @@ so every preset equals its depth-free version there (tested: ``tests/test_depth.
 
 PC is stable for gbar_L >= -1 (the inference perturbation of v_{L-1} scales like M^{-1-gbar_L});
 ``preset(..., algo="pc")`` with gbar_L < -1 warns (``UnstableParameterizationWarning``, see
-:func:`instability`) and still builds it.
+``stability.instability``) and still builds it.
 
 Biases start at zero. A bias is a vector-like parameter (its fan-in is 1), so its
 learning-rate exponent is set separately: ``c_bias = (hidden/input-layer biases, output bias)``.
@@ -87,11 +87,11 @@ values eps and wd are the run's ``adam_eps`` and ``weight_decay``):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
-from .errors import ConfigError, UnstableParameterizationWarning
+from .describe import resolved_table
+from .errors import ConfigError, check_choice, choice_error, finite_number
+from .stability import warn_if_unstable
 
 OPTIMIZERS = ("sgd", "adam")
 ROLES = ("input", "hidden", "output")
@@ -194,9 +194,8 @@ class Parameterization:
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, finite_number(value, f"parameterization '{self.name}': {key}"))
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"parameterization '{self.name}': unknown optimizer '{self.optimizer}'; choose one of "
-                              f"{', '.join(OPTIMIZERS)}")
+        if self.optimizer is not None:
+            check_choice("optimizer", self.optimizer, OPTIMIZERS, prefix=f"parameterization '{self.name}'")
         if self.sigma <= 0 or self.gamma_L_prime <= 0:
             raise ConfigError(f"parameterization '{self.name}': sigma and gamma_L_prime must be positive")
 
@@ -230,9 +229,7 @@ class Parameterization:
         ``residual=True`` (a residual block of a net with ``depth`` weight layers) adds the depth
         factors: the branch multiplier d^-alpha and the branch LR factor d^-c_H on weight and bias.
         """
-        if role not in ROLES:
-            raise ConfigError(f"unknown layer role '{role}'; choose one of {', '.join(ROLES)}")
-        r = ROLES.index(role)
+        r = ROLES.index(check_choice("layer role", role, ROLES))
         m = self.width_mult(width)
         std = self.sigma / math.sqrt(fan_in) * m ** (-(self.b[r] - B_SP[r]))
         mult = m ** (-(self.a[r] - A_SP[r]))
@@ -291,39 +288,8 @@ class Parameterization:
         return d
 
     def describe(self, width: int, depth: int = 3, in_dim: int = 784, out_dim: int = 10, lr: float = 1.0) -> str:
-        """A readable table of what this parameterization resolves to at ``width``."""
-        m = self.width_mult(width)
-        lines = [
-            f"{self.name}: width {width}, base width {self.base_width} (m = {m:g})"
-            + (f"; {self.note}" if self.note else ""),
-            f"  b = {_fmt(self.b)}  c = {_fmt(self.c)}  a = {_fmt(self.a)}  c_bias = {_fmt(self.c_bias)}",
-        ]
-        if self.gamma_bar_L or self.gamma_L_prime != 1.0:
-            lines.append(f"  PC: gamma_L = {self.gamma_L_prime:g} * m^{-self.gamma_bar_L:g} = {self.gamma_L(width):.4g}")
-        lines.append(f"  {'layer':<6}{'role':<8}{'shape':>14}{'init std':>12}{'mult':>9}{'lr':>12}{'bias lr':>12}"
-                     f"{'eps x':>9}{'wd x':>11}{'bias wd x':>11}")
-        for i, (role, fi, fo) in enumerate(layer_shapes(depth, in_dim, width, out_dim), start=1):
-            r = self.rule(role, fi, width)
-            lines.append(
-                f"  {i:<6}{role:<8}{f'{fo}x{fi}':>14}{r.init_std:>12.4g}{r.multiplier:>9.4g}"
-                f"{lr * r.lr_scale:>12.4g}{lr * r.bias_lr_scale:>12.4g}"
-                f"{r.eps_scale:>9.4g}{r.wd_scale:>11.4g}{r.bias_wd_scale:>11.4g}"
-            )
-        wd = ("independent (w = -c: lr x wd x is the base lr, the decay per step lr * wd at every width)"
-              if self.wd_exponents is None
-              else f"wd * m^-w, w = {_fmt(self.wd_exponents)}")
-        lines.append(f"  eps x: Adam's eps_l = eps * m^-e, e = {_fmt(self.eps_exponents)}")
-        lines.append(f"  wd x: decoupled weight decay (weight_decay_mode decoupled): {wd}")
-        if depth > 3:  # what a residual net of this depth adds to each block (resmlp / rescnn)
-            b = self.rule("hidden", width, width, depth=depth, residual=True)
-            lines.append(f"  residual net (resmlp, rescnn) of depth {depth}: d = {self.depth_mult(depth):g} blocks / base "
-                         f"(H_0 = {self.base_depth}); each block's branch multiplier a = d^-{self.depth_alpha:g} = "
-                         f"{b.branch:.4g}, its LR {lr * b.lr_scale:.4g} (x d^-{self.depth_lr_exponent():g})")
-        return "\n".join(lines)
-
-
-def _fmt(t: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in t) + ")"
+        """A readable table of what this resolves to at ``width`` on an MLP (``describe.resolved_table``)."""
+        return resolved_table(self, width, layer_shapes(depth, in_dim, width, out_dim), depth, lr)
 
 
 def check_width(width) -> int:
@@ -414,7 +380,7 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
     exponents by it (c = c_SGD - gbar_L). Overrides are applied afterwards and never re-derive
     anything: ``preset("mup").with_(gamma_bar_L=-1)`` keeps SGD's c (the unstable control).
     With ``algo="pc"``, a gbar_L < -1 warns (``UnstableParameterizationWarning``, still built):
-    PC's inference perturbation then grows with width (:func:`instability`).
+    PC's inference perturbation then grows with width (``stability.instability``).
     """
     if not isinstance(name, str):
         raise ConfigError(f"preset name must be a string, got {name!r}")
@@ -422,47 +388,12 @@ def preset(name: str, optimizer: str = "sgd", gamma_bar_L: float = 0.0, algo: st
     for opt in OPTIMIZERS:
         if key.endswith("-" + opt) and key[: -len(opt) - 1] in PRESETS:
             key, optimizer = key[: -len(opt) - 1], opt
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}"
-                          + (f" ({ADAMW_HINT})" if optimizer == "adamw" else ""))
-    if key not in PRESETS:
-        raise ConfigError(f"unknown parameterization preset '{name}'; choose one of {', '.join(sorted(PRESETS))}")
+    check_choice("optimizer", optimizer, OPTIMIZERS, hint=ADAMW_HINT if optimizer == "adamw" else "")
+    if key not in PRESETS:  # the name as given, not its key (lower case, the optimizer taken off)
+        raise choice_error("parameterization preset", name, sorted(PRESETS))
     g = finite_number(gamma_bar_L, "gamma_bar_L")
     base = PRESETS[key](optimizer, g, algo)
     base = base.with_(optimizer=optimizer) if base.optimizer is None else base
     out = base.with_(**overrides) if overrides else base
     warn_if_unstable(out, algo)
     return out
-
-
-def finite_number(value, what: str) -> float:
-    """``value`` as a finite float, else a ConfigError naming ``what``."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{what} must be finite, got {value!r}")
-    return out
-
-
-def instability(param: Parameterization, algo: str) -> str | None:
-    """One line saying why ``param`` is outside the stable range of the learning rule ``algo``, or None.
-
-    PC: the inference perturbation of v_{L-1} is gamma_L W_L^T e_L ~ M^{-gbar_L} M^{-1} under muP
-    (b_L = 1), so it scales like M^{-1 - gbar_L} and grows with width for gbar_L < -1: the stable
-    range is gbar_L >= -1 (-1 is the maximal, Theta(1), perturbation).
-    """
-    g = float(param.gamma_bar_L)
-    if str(algo).lower() == "pc" and g < -1:
-        return (f"gamma_bar_L = {g:g} < -1 is unstable for PC: the inference perturbation of v_(L-1) scales like "
-                f"M^(-1 - gbar_L) = M^{-1 - g:g}, which grows with width (stable range: gbar_L >= -1)")
-    return None
-
-
-def warn_if_unstable(param: Parameterization, algo: str) -> None:
-    """Warn (:class:`UnstableParameterizationWarning`, not an error: it still runs) when
-    :func:`instability` finds a reason."""
-    reason = instability(param, algo)
-    if reason:
-        warnings.warn(reason, UnstableParameterizationWarning, stacklevel=3)

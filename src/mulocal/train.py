@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .checkpoint import load_checkpoint, read_checkpoint
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, check_choice
 from .loggers import JsonlLogger, Logger
 from .losses import check_loss, loss_value
 from .nets import Net
@@ -97,8 +97,8 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "epochs" else 1):
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {v!r}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer is not None:
+            check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_hyper(self.adam_eps, self.weight_decay, self.weight_decay_mode)
         check_compile(self.compile)
         if self.diverge_factor is not None and not (math.isfinite(self.diverge_factor) and self.diverge_factor >= 0):

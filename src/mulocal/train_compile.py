@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import ConfigError
+from .errors import check_choice
 from .util import COMPILE_MODES
 
 CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-safe, side stream) before its capture
@@ -21,9 +21,7 @@ CAPTURE_WARMUP = 2  # compile="cuda-graph": eager steps of a batch shape (graph-
 
 def check_compile(mode: str) -> str:
     """``mode`` if it is one of COMPILE_MODES, else a ConfigError naming them."""
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"unknown compile mode '{mode}'; choose one of {', '.join(COMPILE_MODES)}")
-    return mode
+    return check_choice("compile mode", mode, COMPILE_MODES)
 
 
 @contextmanager

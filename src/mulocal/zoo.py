@@ -25,7 +25,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 # (channel multiple of width, 2 x 2 max pooling after the activation, padding of the 3 x 3 conv): PCX's blocks
 VGG_BLOCKS = {
@@ -39,9 +39,7 @@ ACTIVATION_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "linear": nn.Identity, "
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATION_MODULES:
-        raise ConfigError(f"unknown activation '{name}' for a zoo net; choose one of {', '.join(ACTIVATION_MODULES)}")
-    return ACTIVATION_MODULES[name]()
+    return ACTIVATION_MODULES[check_choice("activation", name, ACTIVATION_MODULES, where="for a zoo net")]()
 
 
 def _check_shape(arch: str, in_shape) -> tuple[int, int, int]:
@@ -63,8 +61,7 @@ def vgg_plan(arch: str, in_shape: Sequence[int]) -> tuple[list[tuple[int, bool, 
     """The blocks of ``arch`` for ``in_shape`` as (channel multiple, pool, padding), with the padding of PCX's
     unpadded convs raised to 1 where the maps would vanish (the first such conv first), and the spatial size of
     the last map (h, w)."""
-    if arch not in VGG_BLOCKS:
-        raise ConfigError(f"unknown zoo architecture '{arch}'; choose one of {', '.join(ZOO)}")
+    check_choice("zoo architecture", arch, ZOO)
     _, h, w = _check_shape(arch, in_shape)
     blocks = [list(b) for b in VGG_BLOCKS[arch]]
     unpadded = [i for i, b in enumerate(blocks) if b[2] == 0]
@@ -121,8 +118,7 @@ def vgg7(width: int, in_shape: Sequence[int] = (1, 28, 28), activation: str = "r
 
 def factory(arch: str, in_shape: Sequence[int], activation: str = "relu", n_classes: int = 10, bias: bool = True):
     """``make(width) -> nn.Sequential`` of a zoo architecture for one input shape (what ``ModuleNet`` takes)."""
-    if arch not in VGG_BLOCKS:
-        raise ConfigError(f"unknown zoo architecture '{arch}'; choose one of {', '.join(ZOO)}")
+    check_choice("zoo architecture", arch, ZOO)
     _activation(activation)
     vgg_plan(arch, in_shape)  # a ConfigError now, not inside the adapter's reading
     shape = tuple(int(s) for s in in_shape)
@@ -136,8 +132,7 @@ def factory(arch: str, in_shape: Sequence[int], activation: str = "relu", n_clas
 
 def weight_layers(arch: str) -> int:
     """Number of weight layers of ``arch`` (convs + the readout): 5 for vgg5, 7 for vgg7."""
-    if arch not in VGG_BLOCKS:
-        raise ConfigError(f"unknown zoo architecture '{arch}'; choose one of {', '.join(ZOO)}")
+    check_choice("zoo architecture", arch, ZOO)
     return len(VGG_BLOCKS[arch]) + 1
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from .declared import RULES
 from .options import Option
 
@@ -38,8 +38,7 @@ def __getattr__(attr: str):
 
 
 def _known(name: str) -> None:
-    if name not in RULES:
-        raise ConfigError(f"unknown algorithm '{name}'; choose one of {', '.join(sorted(RULES))}")
+    check_choice("algorithm", name, sorted(RULES))
 
 
 def check_algo(name: str) -> type:

@@ -243,7 +243,7 @@ def cmd_describe(args) -> dict:
 
 
 def cmd_data(args) -> dict:
-    from .. import data as D
+    from .. import datafiles as D
     if args.action == "fetch":
         path = D.fetch(args.name, args.data_dir)
         out = {"name": args.name, "dir": str(path), "ok": True}

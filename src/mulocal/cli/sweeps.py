@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..config import DTYPES, FIELDS, config_hash
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..sweep.spec import ALIASES, EXECUTORS, LISTS, RUN_KEYS  # the parsers' names: no torch (the rest on use)
 from .flags import add_algo_options, add_compile_flag, add_fields, list_of, scoped_algo_options, split_items
 from .paths import checked_dir, out_dir, out_file
@@ -275,9 +275,7 @@ def add_reproduce(m: argparse.ArgumentParser) -> None:
     from ..experiments.reproduce import NAMES
 
     def experiment(text: str) -> str:
-        if text not in NAMES + ("all",):
-            raise argparse.ArgumentTypeError(f"unknown experiment '{text}'; choose one of {', '.join(NAMES)}, or all")
-        return text
+        return check_choice("experiment", text, NAMES, also=("all",), error=argparse.ArgumentTypeError)
     m.add_argument("name", type=experiment, metavar="NAME",
                    help=f"the experiment: {', '.join(NAMES)}, or all of them: all")
     m.add_argument("--budget", default="small", help="small (2-6 min each on 2 CPU cores, the CNN about 30) or paper (GPU)")

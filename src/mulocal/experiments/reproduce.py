@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, MulocalError
+from ..errors import ConfigError, MulocalError, check_choice
 from ..util import json_safe, rule_label
 from .grids import family_entry, say_verdicts, sweep_until_bracketed
 
@@ -76,13 +76,12 @@ def run(name: str, budget: str = "small", out_dir: str = "runs/reproduce", devic
         workers: int | None = None, json_mode: bool = False, compile: str = "off", dtype: str | None = None) -> dict:
     """One experiment into ``out_dir/name`` (``compile``: TrainConfig.compile for the sweeps' tasks; ``dtype``: the
     cells' dtype instead of the experiment's float32, e.g. tf32 on a GPU: cells of their own in the store)."""
-    if name not in NAMES:
-        raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}")
+    check_choice("experiment", name, NAMES)
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose small or paper")
     from ..config import DTYPES, check_device
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if dtype is not None:
+        check_choice("dtype", dtype, DTYPES)
     if name in ANALYSES and ((device or "cpu") != "cpu" or dtype is not None):
         what = f"--device {device}" if (device or "cpu") != "cpu" else f"--dtype {dtype}"
         raise ConfigError(f"{name} runs on the CPU only (float64 analyses): drop {what}")

@@ -8,6 +8,7 @@ One concern a module:
     executors.py  inline, local process pool, Ray
     runner.py     ``run_sweep(spec, store, SweepOptions)``: add, claim, run, record; the summary
     store.py      the SQLite store (one row per cell, resumable, kill -9 safe)
+    schema.py     the store's file: its schema, created or checked when it is opened
     transfer.py   the muTransfer analysis: best LR per width, slope, penalty
 
 All learning rates and seeds of one configuration train together as the K replicas of one batched model;
@@ -24,7 +25,7 @@ from .plan import plan, replica_bytes  # eager (torch-free): a lazy name 'plan' 
 _WHERE = {"EXECUTORS": "spec", "make_executor": "executors",
           "SweepOptions": "runner", "format_summary": "runner", "run_sweep": "runner", "ALIASES": "spec",
           "LISTS": "spec", "RUN_KEYS": "spec", "expand": "spec", "load_spec_file": "spec", "normalize_spec": "spec",
-          "Store": "store", "StoreError": "store", "run_task": "worker"}
+          "Store": "store", "StoreError": "schema", "run_task": "worker"}
 
 
 def __getattr__(name: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from .spec import EXECUTORS  # noqa: F401 (the executors' names live with the spec: no torch to read them)
 from .worker import init_worker, ray_task, run_task
 
@@ -164,8 +164,7 @@ def make_executor(executor: str, workers: int | None, ray_address: str | None = 
     (None: cores // workers; in this process: unchanged). ``on_progress(task id, fraction)``: the progress of the
     tasks while they train (in this process and the local pool; Ray tasks report only when they end)."""
     cores = os.cpu_count() or 1
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
+    check_choice("executor", executor, EXECUTORS)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     if threads is not None and threads < 1:

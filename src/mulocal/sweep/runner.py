@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import check_device, config_hash, group_of, load_data, validate
-from ..errors import ConfigError, MulocalError
+from ..errors import ConfigError, MulocalError, check_choice
 from ..train_compile import check_compile
 from .executors import EXECUTORS, check_reachable, make_executor
 from .plan import data_key, device_budget, gpu_count, plan
@@ -47,8 +47,7 @@ class SweepOptions:
         mr = self.max_replicas
         if isinstance(mr, bool) or not isinstance(mr, int) or mr < 1:
             raise ConfigError(f"max replicas must be a positive integer, got {mr!r}")
-        if self.executor not in EXECUTORS:
-            raise ConfigError(f"unknown executor '{self.executor}'; choose one of {', '.join(EXECUTORS)}")
+        check_choice("executor", self.executor, EXECUTORS)
         for name, v, lo in (("workers", self.workers, 0), ("threads", self.threads, 1)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")

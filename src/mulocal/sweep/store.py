@@ -13,7 +13,8 @@ exception in the worker) is run again by the next sweep.
 
 Every row keeps the cell's configuration, its hash, the status, the final metrics, the
 per-epoch history (JSON), the wall time and replica count of the batched run that trained it,
-timestamps, the host and the library version. ``export_csv`` writes it all out.
+timestamps, the host and the library version; ``export_csv`` writes it all out. The file, its schema and the
+checks when it is opened: ``schema.py``.
 """
 from __future__ import annotations
 
@@ -28,51 +29,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..config import canonical_json, config_hash, family_of, group_of  # noqa: F401 (re-exported)
-from ..errors import MulocalError
+from .schema import COLUMNS, STATUSES, StoreError, Transaction, connect
 
-FORMAT = "mulocal-sweep-store"
-SCHEMA_VERSION = 1
-STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINISHED = ("done", "diverged")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cells (
-    hash          TEXT PRIMARY KEY,
-    group_hash    TEXT NOT NULL,
-    family_hash   TEXT NOT NULL,
-    config        TEXT NOT NULL,
-    width         INTEGER NOT NULL,
-    lr            REAL NOT NULL,
-    seed          INTEGER NOT NULL,
-    status        TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'diverged', 'failed')),
-    train_loss    REAL,
-    test_loss     REAL,
-    test_accuracy REAL,
-    epochs_run    INTEGER,
-    history       TEXT,
-    seconds       REAL,
-    replicas      INTEGER,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    owner         TEXT,
-    host          TEXT,
-    version       TEXT,
-    error         TEXT,
-    created       REAL NOT NULL,
-    started       REAL,
-    finished      REAL
-);
-CREATE INDEX IF NOT EXISTS cells_status ON cells (status);
-CREATE INDEX IF NOT EXISTS cells_group ON cells (group_hash);
-"""
-
-COLUMNS = ("hash", "group_hash", "family_hash", "config", "width", "lr", "seed", "status", "train_loss",
-           "test_loss", "test_accuracy", "epochs_run", "history", "seconds", "replicas", "attempts", "owner",
-           "host", "version", "error", "created", "started", "finished")
-
-
-class StoreError(MulocalError):
-    """The store file is missing, corrupt, foreign, or from a newer mulocal."""
 
 
 def _finite_or_none(v):
@@ -105,95 +64,11 @@ class Store:
 
     def __init__(self, path, create: bool = True, readonly: bool = False):
         self.path, self.readonly = Path(path), bool(readonly)
-        if self.path.is_dir():
-            raise StoreError(f"{self.path} is a directory, not a sweep store")
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if not exists and (not create or readonly):
-            raise StoreError(f"no sweep store at {self.path}")
-        if not exists:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create the folder of {self.path}: {e}") from None
-        folder = self.path.resolve().parent
-        folder_ro = not os.access(folder, os.W_OK)
-        if folder_ro and not readonly:
-            raise StoreError(f"cannot write the sweep store {self.path}: its folder {folder} is read-only")
-        try:
-            if readonly:  # a WAL database in a read-only folder can only be opened as immutable
-                uri = f"{self.path.resolve().as_uri()}?{'immutable=1' if folder_ro else 'mode=ro'}"
-                self.db = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
-            else:
-                self.db = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open sweep store {self.path}: {e}") from None
-        try:
-            self._check_and_init(exists)
-        except sqlite3.DatabaseError as e:
-            self.db.close()
-            raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it may be corrupt or "
-                             f"another kind of file: give another --store path") from None
-        except StoreError:
-            self.db.close()
-            raise
-
-    def _check_and_init(self, exists: bool) -> None:
-        db = self.db
-        db.execute("PRAGMA busy_timeout = 60000")
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if exists and not tables and not self.readonly:
-            exists = False  # an empty database: another sweep is creating this store right now; create it too
-        if exists:
-            if "meta" not in tables:
-                found = ", ".join(sorted(tables)) or "no tables"
-                raise StoreError(f"{self.path} is a SQLite database but not a mulocal sweep store ({found})")
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("format") != FORMAT:
-                raise StoreError(f"{self.path} is a SQLite database but not a mulocal sweep store "
-                                 f"(format {meta.get('format')!r})")
-            try:
-                version = int(meta.get("schema_version", "0"))
-            except ValueError:
-                version = -1
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} was written by a newer mulocal (store schema {version}, this one "
-                                 f"reads {SCHEMA_VERSION}): upgrade mulocal")
-            if version != SCHEMA_VERSION or "cells" not in tables:
-                raise StoreError(f"{self.path} has an unknown store layout (schema {meta.get('schema_version')!r})")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise StoreError(f"{self.path} is corrupt (SQLite quick_check: {check})")
-        elif tables:
-            raise StoreError(f"{self.path} is a SQLite database but not a mulocal sweep store")
-        if self.readonly:
-            return
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        if not exists:
-            from .. import __version__
-            with self._tx():
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                               [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)),
-                                ("created", repr(time.time())), ("created_by", __version__)])
+        self.db = connect(self.path, create, self.readonly)
 
     # ---------------------------------------------------------------- helpers
-    class _Tx:
-        def __init__(self, store):
-            self.store = store
-
-        def __enter__(self):
-            self.store.db.execute("BEGIN IMMEDIATE")
-            return self.store.db
-
-        def __exit__(self, et, ev, tb):
-            self.store.db.execute("COMMIT" if et is None else "ROLLBACK")
-            return False
-
     def _tx(self):
-        return Store._Tx(self)
+        return Transaction(self.db)
 
     def _run(self, fn):
         """Run ``fn()`` and turn SQLite failures into one-line StoreErrors."""
@@ -424,4 +299,4 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-__all__ = ["Store", "StoreError", "canonical_json", "config_hash", "group_of", "family_of", "STATUSES"]
+__all__ = ["Store", "canonical_json", "config_hash", "group_of", "family_of"]

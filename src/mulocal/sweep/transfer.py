@@ -218,9 +218,8 @@ def analyze(rows: Sequence[dict], metric: str = "train_loss", n_boot: int = 200,
             axis: str = "width") -> dict:
     """The transfer report of store rows (``Store.rows()``): per family, per-width (or, ``axis="depth"``,
     per-depth) curves and best learning rates, and the transfer metrics. See the module docstring."""
-    from ..errors import ConfigError
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    from ..errors import ConfigError, check_choice
+    check_choice("metric", metric, METRICS)
     if axis not in AXES:
         raise ConfigError(f"unknown transfer axis '{axis}'; choose width or depth")
     fams: dict[str, tuple[dict, list]] = {}

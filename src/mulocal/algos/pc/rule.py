@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, check_choice
 from ...losses import check_loss
 from ...nets import Net
 from ...streams import generators
@@ -100,12 +100,9 @@ class PC:
         self.loss = check_loss(loss)
         if T is not None and (isinstance(T, bool) or not isinstance(T, int) or T < 1):
             raise ConfigError(f"number of inference steps T must be a positive integer, got {T!r}")
-        if inference not in INFERENCE:
-            raise ConfigError(f"unknown inference '{inference}'; choose one of {', '.join(INFERENCE)}")
-        if init not in INITS:
-            raise ConfigError(f"unknown value initialisation '{init}'; choose one of {', '.join(INITS)}")
-        if parallel_step not in PARALLEL_STEPS:
-            raise ConfigError(f"unknown parallel_step '{parallel_step}'; choose one of {', '.join(PARALLEL_STEPS)}")
+        check_choice("inference", inference, INFERENCE)
+        check_choice("value initialisation", init, INITS)
+        check_choice("parallel_step", parallel_step, PARALLEL_STEPS)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
             raise ConfigError(f"power_iters must be a positive integer, got {power_iters!r}")
         if not 0 <= momentum < 1:

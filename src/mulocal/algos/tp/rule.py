@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError, check_choice
 from ...layers import Dense
 from ...nets import Net
 from ...optim import LayerwiseOptimizer
@@ -35,12 +35,9 @@ class TP(FeedbackTraining, FeedbackNoise, TargetRule):
                  fb_lr: float = 0.01, fb_optimizer: str = "sgd", ridge: float = 1e-3, pretrain_epochs: int = 0,
                  record: bool = False):
         super().__init__(loss, beta, record)
-        if feedback not in FEEDBACK:
-            raise ConfigError(f"unknown feedback '{feedback}'; choose one of {', '.join(FEEDBACK)}")
-        if fb_loss not in FB_LOSSES:
-            raise ConfigError(f"unknown feedback loss '{fb_loss}'; choose one of {', '.join(FB_LOSSES)}")
-        if noise_rng not in NOISE_RNGS:
-            raise ConfigError(f"unknown noise_rng '{noise_rng}'; choose one of {', '.join(NOISE_RNGS)}")
+        check_choice("feedback", feedback, FEEDBACK)
+        check_choice("feedback loss", fb_loss, FB_LOSSES)
+        check_choice("noise_rng", noise_rng, NOISE_RNGS)
         if isinstance(fb_iters, bool) or not isinstance(fb_iters, int) or fb_iters < 0:
             raise ConfigError(f"feedback iterations must be a non-negative integer, got {fb_iters!r}")
         if not ridge > 0:
