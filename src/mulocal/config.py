@@ -213,6 +213,20 @@ def resolved_param(cell: dict) -> dict:
     return jsonable(d)
 
 
+def _net_facts(cell: dict) -> tuple[bool, int, str, int]:
+    """(residual net, weight units, arch and depth for ``cell_facts``): a user's model, a zoo net or a native one."""
+    if cell.get("model"):
+        from .adapter import structure
+        residual, units, conv = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
+                                          cell["depth"])
+        return residual, units, "cnn" if conv else "mlp", 3
+    if cell["arch"] in ZOO_ARCHS:
+        from .zoo import weight_layers
+        return False, weight_layers(cell["arch"]), "cnn", 3
+    from .nets import RESIDUAL_ARCHS
+    return cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], cell["arch"], cell["depth"]
+
+
 def resolved_algo(cell: dict) -> dict:
     """The learning rule's constructor defaults with the cell's options and loss applied (recorded likewise)."""
     given = cell.get("algo_options") or {}
@@ -220,24 +234,12 @@ def resolved_algo(cell: dict) -> dict:
     out.update(given, loss=cell["loss"])
     resolve = getattr(check_algo(cell["algo"]), "resolve_options", None)  # what "auto" options become on this net
     facts = getattr(check_algo(cell["algo"]), "cell_facts", None)  # what the rule's numbers mean on this net
-    if cell.get("model") and (resolve or facts):  # a user's model: residual units, number of units, conv feedback
-        from .adapter import structure
-        residual, units, conv = structure(cell["model"], INPUT_SHAPES[cell["dataset"]], param_of(cell).base_width,
-                                          cell["depth"])
-    if resolve is not None and cell.get("model"):
-        out = resolve(out, residual, units, param_of(cell))
-    elif resolve is not None and cell["arch"] in ZOO_ARCHS:  # zoo.py's nets: plain, their own number of layers
-        from .zoo import weight_layers
-        out = resolve(out, False, weight_layers(cell["arch"]), param_of(cell))
-    elif resolve is not None:
-        from .nets import RESIDUAL_ARCHS
-        out = resolve(out, cell["arch"] in RESIDUAL_ARCHS and cell["depth"] > 2, cell["depth"], param_of(cell))
-    if facts is not None and not cell.get("model") and cell["arch"] in ZOO_ARCHS:  # conv units above the first
-        out.update(facts(out, "cnn", 3))
-    elif facts is not None and not cell.get("model"):  # the native nets (``arch``)
-        out.update(facts(out, cell["arch"], cell["depth"]))
-    elif facts is not None:  # a user's model: conv feedback where a conv unit sits above the first
-        out.update(facts(out, "cnn" if conv else "mlp", 3))
+    if resolve is not None or facts is not None:
+        residual, units, kind, depth = _net_facts(cell)
+        if resolve is not None:
+            out = resolve(out, residual, units, param_of(cell))
+        if facts is not None:
+            out.update(facts(out, kind, depth))
     keep = getattr(check_algo(cell["algo"]), "hash_defaults", lambda o: ())(out)  # the rule's say
     for name, o in options_of(cell["algo"]).items():  # implicit options at their default: as before they existed
         if o.implicit and name not in given and name not in keep:
