@@ -33,7 +33,7 @@ t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/gpu.txt" 2>&1
 if part tests; then
   "$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_capture.py tests/test_noise.py \
-    tests/test_batching.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
+    tests/test_batching.py tests/test_pooled_post.py -k "cuda or gpu" -rs > "$OUT/tests.txt" 2>&1
   echo "[gpu_check] tests done after $(( $(date +%s) - t0 )) s" >&2
 fi
 if part step; then

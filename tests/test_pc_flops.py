@@ -31,7 +31,7 @@ SHAPE = (1, 28, 28)
 B = 4
 
 
-def layer_macs(module: nn.Module, width: int) -> list[int]:
+def layer_macs(module: nn.Module) -> list[int]:
     """Per-sample multiply-adds of each weight layer of ``module`` in order, from its output shapes (forward hooks)."""
     macs = []
 
@@ -71,23 +71,27 @@ def vgg():
     net = ModuleNet(make, SHAPE, 16, preset("sp", "adam"), K=1, seeds=[0])
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(B, *SHAPE, generator=g), torch.randint(0, 10, (B,), generator=g)
-    return net, layer_macs(make(16), 16), x, y
+    return net, layer_macs(make(16)), x, y
 
 
 def test_bp_runs_three_products_per_layer(vgg):
+    """BP: the forward, the weight gradient, and W^T delta for every layer above the first."""
     net, m, x, y = vgg
     assert counted(make_algo("bp", loss="mse"), net, x, y) == B * (3 * sum(m) - m[0])
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("status", [False, True])
 def test_pc_runs_the_wavefront_floor(vgg, T, status):
+    """PC, PCX's parallel inference from F-ini: exactly the wavefront's products (a layer too many or too few, or
+    the status' residual spent without the status, fails)."""
     net, m, x, y = vgg
     pc = PC(loss="mse", T=T, inference="parallel", kappa=0.01, momentum=0.3, no_status=not status)
     assert counted(pc, net, x, y) == B * pc_floor(m, T, status)
 
 
 def test_plain_schedule_runs_every_layer(vgg, monkeypatch):
+    """Without the shortcuts every layer moves at every step: the count the wavefront saves against."""
     net, m, x, y = vgg
     monkeypatch.setattr(state, "SHORTCUTS", False)
     pc = PC(loss="mse", T=4, inference="parallel", kappa=0.01, momentum=0.3, no_status=True)
@@ -95,8 +99,9 @@ def test_plain_schedule_runs_every_layer(vgg, monkeypatch):
 
 
 def test_pc_over_bp_floor_at_pcx_settings():
-    """The ratio docs/conv.md states for VGG-5 at width 32 (PCX's T = 7): 3.77 without the status, 4.10 with it."""
-    m = layer_macs(zoo.factory("vgg5", SHAPE, "gelu", 10)(32), 32)
+    """A check of docs/conv.md's numbers (from the formulas above, which the tests above tie to the code): the
+    floor of PC / BP on VGG-5 at width 32, PCX's T = 7, is 3.77 without the status and 4.10 with it."""
+    m = layer_macs(zoo.factory("vgg5", SHAPE, "gelu", 10)(32))
     bp = 3 * sum(m) - m[0]
     assert pc_floor(m, 7, False) / bp == pytest.approx(3.77, abs=0.005)
     assert pc_floor(m, 7, True) / bp == pytest.approx(4.10, abs=0.005)

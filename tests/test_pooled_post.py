@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mulocal import posts, zoo
+from mulocal.errors import ConfigError
 from mulocal.adapter import ModuleNet
 from mulocal.algos.bp import BP
 from mulocal.algos.pc import PC
@@ -182,12 +183,13 @@ def test_user_model_pooled_posts_are_bitwise_the_vjp_and_the_written_post(act, p
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_vgg5_posts_are_bitwise_the_vjp(act, monkeypatch):
+@pytest.mark.parametrize("width", [2, 16])  # 16: 16-128 channels, the kernels' vectorized loops (not only their tails)
+def test_vgg5_posts_are_bitwise_the_vjp(act, width, monkeypatch):
     """PCX's VGG-5 (``zoo``, 28 x 28 -> 14 -> 7 -> 3 -> 1: the 7 x 7 map pooled with its last row and column
     dropped, the last post flattened): every post written out, bitwise torch.func.vjp's, float32 and float64."""
     gen = torch.Generator().manual_seed(12)
     for dtype in (F32, F64):
-        net = _module_net(zoo.factory("vgg5", (1, 28, 28), act), (1, 28, 28), dtype, width=2)
+        net = _module_net(zoo.factory("vgg5", (1, 28, 28), act), (1, 28, 28), dtype, width=width)
         for l in range(1, net.depth):
             assert net._pooled(l) == posts.Pooled(act, "max", (2, 2), flatten=l == net.depth - 1), l
             _check_bitwise(net, l, _ties((2, 3, *net._u_shapes[l]), dtype, gen), gen, monkeypatch)
@@ -341,3 +343,27 @@ def test_fast_off_and_other_dtypes_take_the_plain_path(monkeypatch):
         net.post(1, u)
     assert not posts.applies(net._pooled(1), u.to(torch.bfloat16))
     assert posts.applies(net._pooled(1), u) and not posts.applies(None, u)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_cuda_vgg5_posts_are_bitwise_the_vjp(act, monkeypatch):
+    """On a GPU the written-out posts run the contiguous kernels autograd runs: bitwise torch.func.vjp's there too
+    (benchmarks/gpu_check.sh runs this)."""
+    gen = torch.Generator().manual_seed(13)
+    net = ModuleNet(zoo.factory("vgg5", (1, 28, 28), act), (1, 28, 28), 16, preset("mup", "adam", base_width=2), K=2,
+                    seeds=[0, 1], device="cuda")
+    for l in range(1, net.depth):
+        u = _ties((2, 3, *net._u_shapes[l]), F32, gen).to("cuda")
+        a_ref, back_ref = _plain(net, l, u)
+        a, back = net.post_lin(l, u)
+        g = torch.randn(a_ref.shape, generator=gen).to("cuda")
+        assert torch.equal(a, a_ref) and torch.equal(back(g), back_ref(g)), l
+
+
+def test_a_pooled_post_names_its_activation_and_pooling():
+    """An activation or pooling the written-out post does not compute is refused, not computed as another."""
+    with pytest.raises(ConfigError, match="unknown activation of a pooled post 'sigmoid'"):
+        posts.native("sigmoid", "max")
+    with pytest.raises(ConfigError, match="unknown pooling 'lp'"):
+        posts.Pooled("relu", "lp", (2, 2))
