@@ -138,9 +138,11 @@ class Net:
         a = self.post(l, u)
         return a, self.linearize(l, u, a)
 
+    _pools: Sequence = ()  # per layer l: the pooled post (posts.Pooled) that post_l is, or None; built once
+
     def _pooled(self, l: int) -> posts.Pooled | None:
         """The pooled post (``posts.Pooled``: act, then k x k pooling) that post_l is, or None (another post)."""
-        return None
+        return self._pools[l] if l < len(self._pools) else None
 
     def _post_vjp(self, l: int, u: torch.Tensor):
         """(post(l, u), g -> (d a_l / d u_l)^T g) from one evaluation of the post: a pooled post written out
@@ -307,6 +309,8 @@ class CNN(Net):
         self.spatial = (h, w)
         rule = self.param.rule("output", c * h * w, self.width)
         self.layers.append(Dense("output", c * h * w, self.out_dim, K, bias, rule, dtype, self.device))
+        self._pools = [None] + [posts.native(self.activation, self.pool, l == self.depth - 1)
+                                for l in range(1, self.depth)]
         self.init(seeds if seeds is not None else range(K))
 
     def post(self, l, u):
@@ -316,9 +320,6 @@ class CNN(Net):
             return posts.post(spec, u)
         a = self._pool(self.phi(u))
         return a.flatten(2) if l == self.depth - 1 else a
-
-    def _pooled(self, l):
-        return posts.native(self.activation, self.pool, l == self.depth - 1) if l > 0 else None
 
     def _needs_vjp(self, l):
         return True  # every post pools
@@ -372,6 +373,8 @@ class ResCNN(_Residual, Net):
         fan = self.width * (hs // 2) * (ws // 2)
         self.layers.append(Dense("output", fan, self.out_dim, K, bias, self.param.rule("output", fan, self.width),
                                  dtype, self.device))
+        self._pools = [posts.native(self.activation, self.pool, True) if l == self.depth - 1 else None
+                       for l in range(self.depth)]
         self.init(seeds if seeds is not None else range(K))
 
     def post(self, l, u):
@@ -385,9 +388,6 @@ class ResCNN(_Residual, Net):
             return posts.post(spec, u)
         a = self.phi(u)
         return a if l < self.depth - 1 else self._pool(a).flatten(2)
-
-    def _pooled(self, l):
-        return posts.native(self.activation, self.pool, True) if l == self.depth - 1 else None
 
     def _needs_vjp(self, l):
         return l == self.depth - 1  # the readout's input is pooled

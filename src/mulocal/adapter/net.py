@@ -146,9 +146,6 @@ class ModuleNet(Net):
             y = m(y)
         return y.reshape(K, B, *y.shape[1:])
 
-    def _pooled(self, l):
-        return self._pools[l]
-
     def _needs_vjp(self, l):
         return self._lin[l] is None  # other modules than one elementwise activation (a pooled post)
 
